@@ -1,0 +1,25 @@
+# make run   - set up .venv, train on PathMNIST (downloads it on first use), then evaluate
+# make demo  - the same end to end, offline, on the SYNTHETIC dataset (not PathMNIST)
+# make test  - set up .venv and run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup run demo test clean-demo
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+run: setup
+	$(PY) train.py
+	@if [ -f evaluate.py ]; then $(PY) evaluate.py; fi
+
+demo: setup
+	$(PY) train.py --synthetic --epochs 8 --out runs/synthetic
+	@if [ -f evaluate.py ]; then $(PY) evaluate.py --checkpoint runs/synthetic/best.pt; fi
+
+test: setup
+	$(PY) -m pytest -q

@@ -1,0 +1,373 @@
+"""data.py: PathMNIST (MedMNIST v2) as uint8 tensors, batch augmentation, and a synthetic stand-in.
+
+    python data.py                      # download data/pathmnist.npz if missing, verify MD5, summarise
+    python data.py --size 64            # the MedMNIST+ 64x64 file instead
+    python data.py --synthetic          # write/summarise the offline SYNTHETIC dataset (not PathMNIST)
+
+The real file comes from medmnist.INFO (URL and MD5). It is verified before every use, downloaded
+only when missing, and never replaced silently. Each split is loaded once into uint8 tensors of shape
+(N, 3, H, W); images become float [0, 1] only per batch. Normalisation is not done here: the model
+holds the training-split mean/std (see model.py), so every tool feeds it plain [0, 1] pixels.
+
+The synthetic dataset exists for offline runs and tests. It has PathMNIST's keys, dtypes and layout,
+its class evidence sits inside a known rectangle per image (saved as `<split>_masks`), and it is named
+synthetic wherever it appears. It is only used when asked for (--synthetic).
+"""
+import argparse
+import contextlib
+import os
+import socket
+import sys
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from medmnist.info import INFO as MEDMNIST_INFO
+from torchvision.datasets.utils import calculate_md5, download_url
+
+FLAG = "pathmnist"
+INFO = MEDMNIST_INFO[FLAG]
+CLASS_NAMES = [INFO["label"][str(i)] for i in range(len(INFO["label"]))]
+SIZES = (28, 64, 128, 224)
+SPLITS = ("train", "val", "test")
+SYNTHETIC_COUNTS = {"train": 6000, "val": 1000, "test": 1000}
+DOWNLOAD_TIMEOUT_S = 60  # Zenodo sometimes stalls (MedMNIST #21/#22); fail instead of hanging
+
+
+class DataError(Exception):
+    """Bad or missing data; the message is a paragraph meant for the user."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 (N, 3, H, W)
+    labels: torch.Tensor  # int64 (N,)
+    masks: torch.Tensor | None = None  # bool (N, H, W): where the class evidence is (synthetic only)
+
+    def __len__(self):
+        return len(self.labels)
+
+
+@dataclass
+class Dataset:
+    name: str
+    size: int
+    synthetic: bool
+    path: str
+    md5: str
+    class_names: list
+    train: Split
+    val: Split
+    test: Split
+
+    def provenance(self):
+        """What a checkpoint, DB row or plot records to say which data it came from."""
+        return {"dataset": self.name, "size": self.size, "synthetic": self.synthetic,
+                "file": os.path.basename(self.path), "md5": self.md5}
+
+
+# ----------------------------------------------------------------------------- files
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; on success rename it over `path`, on error delete it.
+
+    A crash or Ctrl-C therefore never leaves half a file under the final name. The temporary name
+    keeps the suffix so that savers which infer a format from it (matplotlib, np.savez) still work.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def real_source(size):
+    """(file name, URL, MD5) of the official PathMNIST file at this size."""
+    check_size(size)
+    suffix = "" if size == 28 else f"_{size}"
+    return f"{FLAG}{suffix}.npz", INFO[f"url{suffix}"], INFO[f"MD5{suffix}"]
+
+
+def synthetic_file_name(size):
+    return f"{FLAG}_synthetic" + ("" if size == 28 else f"_{size}") + ".npz"
+
+
+def check_size(size):
+    if size not in SIZES:
+        raise DataError(f"--size {size} is not available: PathMNIST comes in sizes {SIZES}.")
+
+
+def manual_download_help(path, url, md5):
+    return (f"Download it by hand and put it at {path}:\n"
+            f"    URL: {url}\n    MD5: {md5}\n"
+            f"(for example: curl -L -o {path} '{url}' && md5sum {path}). "
+            f"To try the project offline instead, run the synthetic demo: make demo "
+            f"(or python train.py --synthetic).")
+
+
+def fetch(data_dir, size=28):
+    """Path of a verified PathMNIST file, downloading it only if it is missing."""
+    name, url, md5 = real_source(size)
+    path = Path(data_dir) / name
+    if not path.exists():
+        download(url, path, md5)
+    actual = calculate_md5(path)
+    if actual != md5:
+        raise DataError(
+            f"{path} has MD5 {actual}, but PathMNIST ({name}) has MD5 {md5}. The file is corrupt, "
+            f"truncated or another version, so it is not used. Delete it and rerun to download it "
+            f"again. " + manual_download_help(path, url, md5))
+    return path
+
+
+def download(url, path, md5):
+    """Download to a partial file, check its MD5, then rename: a failed download leaves no file."""
+    part = path.with_name(path.name + ".part")
+    print(f"Downloading PathMNIST to {path} from {url}", file=sys.stderr)
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        download_url(url, str(path.parent), filename=part.name, md5=md5)
+        if calculate_md5(part) != md5:
+            raise OSError("the downloaded file's MD5 does not match")
+        os.replace(part, path)
+    except (OSError, RuntimeError, ValueError) as e:  # URLError and timeouts are OSErrors
+        raise DataError(f"{path} is missing and downloading it failed ({e}). "
+                        + manual_download_help(path, url, md5)) from e
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+        part.unlink(missing_ok=True)
+
+
+def load(data_dir="data", size=28, synthetic=False):
+    """The dataset as uint8 tensors. Real PathMNIST unless `synthetic` is asked for explicitly."""
+    check_size(size)
+    if synthetic:
+        path = Path(data_dir) / synthetic_file_name(size)
+        if not path.exists():
+            print(f"Writing the SYNTHETIC dataset (not PathMNIST) to {path}", file=sys.stderr)
+            write_synthetic(path, size)
+        name = f"{FLAG}-synthetic"
+        class_names = [f"synthetic-{i}" for i in range(len(CLASS_NAMES))]
+    else:
+        path = fetch(data_dir, size)
+        name, class_names = FLAG, list(CLASS_NAMES)
+    splits = read_npz(path, size, len(class_names))
+    return Dataset(name=name, size=size, synthetic=synthetic, path=str(path),
+                   md5=calculate_md5(path), class_names=class_names, **splits)
+
+
+def read_npz(path, size, n_classes):
+    """Validate a MedMNIST-format npz and return {split: Split}; any defect raises DataError."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} does not exist.")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {s: read_split(npz, s, size, n_classes, path) for s in SPLITS}
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
+        raise DataError(
+            f"{path} could not be read as an npz archive ({type(e).__name__}: {e}). It is probably "
+            f"truncated by an interrupted download or corrupt. Delete it and rerun.") from e
+
+
+def read_split(npz, split, size, n_classes, path):
+    keys = [f"{split}_images", f"{split}_labels"]
+    missing = [k for k in keys if k not in npz.files]
+    if missing:
+        raise DataError(f"{path} lacks {missing}; a MedMNIST npz has train/val/test _images and "
+                        f"_labels (it has {sorted(npz.files)}). Is it the right file?")
+    images, labels = npz[keys[0]], npz[keys[1]]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
+        raise DataError(f"{path}: {keys[0]} is {images.dtype} {images.shape}; expected uint8 "
+                        f"(N, {size}, {size}, 3). Check --size matches the file.")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.shape not in ((len(images), 1), (len(images),)):
+        raise DataError(f"{path}: {keys[1]} is {labels.dtype} {labels.shape}; expected integers of "
+                        f"shape ({len(images)}, 1), one per image.")
+    labels = labels.reshape(-1).astype(np.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+        raise DataError(f"{path}: {keys[1]} holds values from {labels.min()} to {labels.max()}; "
+                        f"PathMNIST labels run from 0 to {n_classes - 1}.")
+    masks = None
+    if f"{split}_masks" in npz.files:
+        masks = npz[f"{split}_masks"]
+        if masks.shape != images.shape[:3]:
+            raise DataError(f"{path}: {split}_masks is {masks.shape}; expected {images.shape[:3]}.")
+        masks = torch.from_numpy(masks.astype(bool))
+    return Split(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+                 torch.from_numpy(labels), masks)
+
+
+# ----------------------------------------------------------------------------- batches
+
+def to_unit(images):
+    """uint8 images -> float32 in [0, 1] (what the model takes)."""
+    return images.float().div_(255)
+
+
+def channel_stats(images, chunk=8192):
+    """Per-channel mean and std of uint8 (N, 3, H, W) images on the [0, 1] scale, in chunks."""
+    total = torch.zeros(3, dtype=torch.float64)
+    total_sq = torch.zeros(3, dtype=torch.float64)
+    for i in range(0, len(images), chunk):
+        x = to_unit(images[i:i + chunk]).double()
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += x.pow(2).sum(dim=(0, 2, 3))
+    n = len(images) * images.shape[2] * images.shape[3]
+    mean = total / n
+    std = (total_sq / n - mean ** 2).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def batches(split, batch_size, device="cpu", generator=None, colour=0.0):
+    """Yield (float [0,1] images, labels) on `device`.
+
+    With a `generator` the order is shuffled and each batch is augmented: a random one of the 8
+    flips/rotations (tissue has no orientation) and, if `colour` > 0, stain/colour jitter.
+    """
+    n = len(split)
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for i in range(0, n, batch_size):
+        idx = order[i:i + batch_size]
+        x = to_unit(split.images[idx].to(device, non_blocking=True))
+        if generator is not None:
+            x = random_dihedral(x, generator)
+            if colour > 0:
+                x = colour_jitter(x, generator, colour)
+        yield x, split.labels[idx].to(device, non_blocking=True)
+
+
+def dihedral(x, k):
+    """The k-th (0..7) of the 8 flips/rotations of square images: rot90 k%4 times, then flip if k>=4."""
+    x = torch.rot90(x, k % 4, dims=(-2, -1))
+    return x.flip(-1) if k >= 4 else x
+
+
+def random_dihedral(x, generator):
+    """A random element of the dihedral group per image, from three random reflections.
+
+    Transpose, vertical and horizontal flips generate all 8 symmetries of a square, so three masked
+    selects cover the group exactly, without per-image Python loops.
+    """
+    def pick():
+        return (torch.rand(len(x), generator=generator) < 0.5).view(-1, 1, 1, 1).to(x.device)
+    x = torch.where(pick(), x.transpose(-2, -1), x)
+    x = torch.where(pick(), x.flip(-2), x)
+    return torch.where(pick(), x.flip(-1), x)
+
+
+# Ruifrok & Johnston's H&E-DAB stain vectors (the ones skimage.color.rgb2hed uses).
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+
+
+def colour_jitter(x, generator, strength=1.0):
+    """Stain jitter in HED space, then per-channel RGB scale and shift.
+
+    The test split comes from another clinical centre with a different stain; published results
+    name colour shift as the main source of test errors (stroma read as smooth muscle). HED jitter
+    (Tellez et al., 2019) varies haematoxylin and eosin amounts as a real stain does; the RGB
+    scale/shift covers scanner colour balance. `strength` scales both ranges (1.0 = defaults).
+    """
+    b = len(x)
+
+    def uniform(half_width, shape):
+        u = torch.rand(shape, generator=generator) * 2 - 1
+        return (u * half_width * strength).to(x.device)
+
+    od = -torch.log(x.clamp_min(1e-6))                      # optical density per RGB channel
+    hed = torch.einsum("bchw,cd->bdhw", od, HED_FROM_RGB.to(x.device))
+    hed = hed * (1 + uniform(0.05, (b, 3, 1, 1))) + uniform(0.05, (b, 3, 1, 1))
+    x = torch.exp(-torch.einsum("bchw,cd->bdhw", hed, RGB_FROM_HED.to(x.device)))
+    x = x * (1 + uniform(0.1, (b, 3, 1, 1))) + uniform(0.05, (b, 3, 1, 1))
+    return x.clamp_(0, 1)
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+# Nine classes as (colour, texture) pairs: colours repeat across classes and so do textures, so a
+# model must use both, and both live only inside the evidence mask.
+SYNTHETIC_COLOURS = np.array([[150, 60, 140], [205, 95, 125], [105, 45, 115], [235, 195, 215],
+                              [175, 115, 180]], dtype=np.float32)
+SYNTHETIC_CLASSES = [(0, 0), (1, 1), (2, 2), (3, 3), (4, 0), (0, 2), (1, 3), (2, 0), (4, 1)]
+SYNTHETIC_TEST_STAIN = np.array([0.93, 1.0, 1.06], dtype=np.float32)  # the "other centre" shift
+
+
+def write_synthetic(path, size=28, counts=None, seed=0):
+    """Write a learnable, MedMNIST-format SYNTHETIC npz, with evidence masks, atomically."""
+    counts = counts or SYNTHETIC_COUNTS
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split in SPLITS:
+        images, labels, masks = synthetic_split(rng, counts[split], size, shifted=(split == "test"))
+        arrays.update({f"{split}_images": images, f"{split}_labels": labels, f"{split}_masks": masks})
+    with atomic_path(path) as tmp:
+        np.savez_compressed(tmp, **arrays)
+
+
+def synthetic_split(rng, n, size, shifted=False):
+    labels = rng.integers(0, len(SYNTHETIC_CLASSES), size=n)
+    py, px = np.mgrid[0:size, 0:size]
+    yy, xx = py * (28 / size), px * (28 / size)  # texture coordinates: patterns scale with size
+    # Textures have no fixed orientation (neither has tissue, and training rotates images), so
+    # stripes run across or down at random; the class is told by their spacing.
+    across = rng.random(n)[:, None, None] < 0.5
+    coord = np.where(across, yy[None], xx[None])
+    textures = np.stack([np.sin(2 * np.pi * coord / 3.5),                             # fine stripes
+                         np.sin(2 * np.pi * coord / 7.0),                             # coarse stripes
+                         np.broadcast_to(np.sin(np.pi * xx / 2) * np.sin(np.pi * yy / 2), coord.shape),  # dots
+                         np.zeros_like(coord)], axis=1)                               # flat
+    # Class-independent background: pinkish tissue with smooth blotches and pixel noise.
+    blotches = rng.normal(0, 18, size=(n, 3, 4, 4)).astype(np.float32)
+    blotches = torch.nn.functional.interpolate(torch.from_numpy(blotches), size=(size, size),
+                                               mode="bicubic", align_corners=False).numpy()
+    base = np.array([225, 165, 195], np.float32) + rng.normal(0, 10, (n, 3))
+    images = base[:, :, None, None] + blotches
+    # The evidence: a rectangle covering roughly 15-35% of the image.
+    h = rng.integers(int(0.4 * size), int(0.6 * size) + 1, n)[:, None, None]
+    w = rng.integers(int(0.4 * size), int(0.6 * size) + 1, n)[:, None, None]
+    top, left = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+    masks = (py >= top) & (py < top + h) & (px >= left) & (px < left + w)
+    colour_idx, texture_idx = np.array(SYNTHETIC_CLASSES)[labels].T
+    colour = SYNTHETIC_COLOURS[colour_idx] + rng.normal(0, 10, (n, 3))
+    evidence = colour[:, :, None, None] + 35 * textures[np.arange(n), texture_idx][:, None]
+    images = np.where(masks[:, None], evidence, images) + rng.normal(0, 12, (n, 3, size, size))
+    if shifted:
+        images = images * SYNTHETIC_TEST_STAIN[None, :, None, None]
+    images = np.clip(images, 0, 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
+    return images, labels.reshape(-1, 1), masks.astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Fetch, verify and summarise PathMNIST (or write the "
+                                "synthetic stand-in).")
+    p.add_argument("--data-dir", default="data", help="folder holding the npz files (default: data)")
+    p.add_argument("--size", type=int, default=28, choices=SIZES, help="image size: 28 (MedMNIST v2) "
+                   "or 64/128/224 (MedMNIST+) (default: 28)")
+    p.add_argument("--synthetic", action="store_true", help="use the offline SYNTHETIC dataset, not "
+                   "PathMNIST (written on first use)")
+    args = p.parse_args(argv)
+    try:
+        ds = load(args.data_dir, args.size, args.synthetic)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    print(f"{ds.name} {ds.size}x{ds.size}  file {ds.path}  MD5 {ds.md5}")
+    for s in SPLITS:
+        split = getattr(ds, s)
+        counts = torch.bincount(split.labels, minlength=len(ds.class_names)).tolist()
+        print(f"  {s:5s} {len(split):6d} images  per class {counts}")
+    mean, std = channel_stats(ds.train.images)
+    print(f"  train mean {[round(m, 4) for m in mean]}  std {[round(s, 4) for s in std]}")
+
+
+if __name__ == "__main__":
+    main()

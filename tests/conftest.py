@@ -1,0 +1,47 @@
+"""Shared fixtures: small SYNTHETIC datasets written by data.py, and one short training run."""
+import numpy as np
+import pytest
+import torch
+
+import data
+import train
+
+SMALL = {"train": 1500, "val": 300, "test": 300}
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def syn_dir(tmp_path_factory):
+    """A data dir holding a small synthetic npz under the name train.py --synthetic looks for."""
+    d = tmp_path_factory.mktemp("data")
+    data.write_synthetic(d / data.synthetic_file_name(28), 28, counts=SMALL, seed=0)
+    return d
+
+
+def train_args(data_dir, out, *extra):
+    return ["--synthetic", "--data-dir", str(data_dir), "--out", str(out),
+            "--images", str(out / "images"), "--threads", "2", *extra]
+
+
+@pytest.fixture(scope="session")
+def trained_run(syn_dir, tmp_path_factory):
+    """Run folder of a 4-epoch training run on the small synthetic set."""
+    out = tmp_path_factory.mktemp("run")
+    train.main(train_args(syn_dir, out, "--epochs", "4"))
+    return out
+
+
+def write_npz(path, size=28, n=6, **override):
+    """A tiny MedMNIST-format npz; keyword arguments replace (or, set to None, drop) arrays."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split in data.SPLITS:
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 9, (n, 1))
+    arrays.update(override)
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return path

@@ -1,0 +1,129 @@
+"""model.py: shapes at several sizes, cost budget, and the checkpoint format."""
+import argparse
+import pickle
+
+import pytest
+import torch
+
+import model as model_lib
+
+ORIGINAL_PARAMS, ORIGINAL_MACS = 871_145, 19_500_000
+
+
+@pytest.mark.parametrize("size", [28, 64])
+def test_model_gives_one_logit_per_class_at_any_size(size):
+    net = model_lib.build(n_classes=9).eval()
+    assert net(torch.rand(2, 3, size, size)).shape == (2, 9)
+
+
+def test_class_count_comes_from_the_config():
+    assert model_lib.build(n_classes=4).eval()(torch.rand(1, 3, 28, 28)).shape == (1, 4)
+
+
+def test_model_costs_at_most_half_the_original():
+    rows = model_lib.layer_costs(model_lib.build(), 28)
+    _, _, params, macs = rows[-1]
+    assert params <= ORIGINAL_PARAMS / 2
+    assert macs <= ORIGINAL_MACS / 2
+    assert params == sum(r[2] for r in rows[:-1])
+    assert macs == sum(r[3] for r in rows[:-1])
+
+
+def test_model_normalises_with_its_stored_mean_and_std():
+    net = model_lib.build(mean=[0.2, 0.4, 0.6], std=[0.5, 0.25, 0.1]).eval()
+    x = torch.rand(1, 3, 28, 28)
+    expected = (x - torch.tensor([0.2, 0.4, 0.6]).view(1, 3, 1, 1)) / torch.tensor([0.5, 0.25, 0.1]).view(1, 3, 1, 1)
+    assert torch.allclose(net.normalize(x), expected)
+
+
+def test_predict_logits_with_tta_averages_the_eight_symmetries():
+    torch.manual_seed(0)
+    net = model_lib.build().eval()
+    images = torch.randint(0, 256, (5, 3, 28, 28), dtype=torch.uint8)
+    plain = model_lib.predict_logits(net, images, batch_size=2)
+    tta = model_lib.predict_logits(net, images, batch_size=2, tta=True)
+    assert plain.shape == tta.shape == (5, 9)
+    rotated = model_lib.predict_logits(net, torch.rot90(images, 1, (-2, -1)), tta=True)
+    assert torch.allclose(tta, rotated, atol=1e-5)  # TTA output is rotation invariant
+    assert not torch.allclose(plain, tta)
+
+
+def test_checkpoint_round_trip_restores_weights_and_metadata(tmp_path):
+    torch.manual_seed(0)
+    net = model_lib.build(mean=[0.1, 0.2, 0.3], std=[0.3, 0.2, 0.1]).eval()
+    meta = {"class_names": ["a"] * 9, "history": [{"epoch": 1, "val_acc": 0.5}],
+            "provenance": {"md5": "abc", "synthetic": True}}
+    model_lib.save_checkpoint(tmp_path / "c.pt", net, meta)
+    loaded, loaded_meta = model_lib.load_checkpoint(tmp_path / "c.pt")
+    x = torch.rand(3, 3, 28, 28)
+    assert torch.equal(loaded(x), net(x))
+    assert loaded_meta == meta
+    assert not loaded.training
+    assert loaded.config["mean"] == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_checkpoint_save_leaves_no_temporary_files(tmp_path):
+    model_lib.save_checkpoint(tmp_path / "c.pt", model_lib.build(), {})
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model_lib.save_checkpoint(tmp_path / "c.pt", model_lib.build(), {"run": 1})
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        model_lib.save_checkpoint(tmp_path / "c.pt", model_lib.build(), {"run": 2})
+    assert model_lib.load_checkpoint(tmp_path / "c.pt")[1] == {"run": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_arbitrary_pickle_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": model_lib.FORMAT, "meta": argparse.Namespace(x=1)}, path)
+    with pytest.raises(model_lib.CheckpointError, match="refused on purpose"):
+        model_lib.load_checkpoint(path)
+
+
+def test_plain_pickle_file_is_refused(tmp_path):
+    path = tmp_path / "p.pt"
+    path.write_bytes(pickle.dumps(argparse.Namespace(a=1)))
+    with pytest.raises(model_lib.CheckpointError):
+        model_lib.load_checkpoint(path)
+
+
+def test_bare_state_dict_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save(model_lib.build().state_dict(), path)
+    with pytest.raises(model_lib.CheckpointError, match="not a pathmnist-xai-checkpoint"):
+        model_lib.load_checkpoint(path)
+
+
+def test_text_file_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    with pytest.raises(model_lib.CheckpointError):
+        model_lib.load_checkpoint(path)
+
+
+def test_missing_checkpoint_tells_the_user_to_train(tmp_path):
+    with pytest.raises(model_lib.CheckpointError, match="python train.py"):
+        model_lib.load_checkpoint(tmp_path / "none.pt")
+
+
+def test_weights_for_another_config_are_refused(tmp_path):
+    path = tmp_path / "c.pt"
+    model_lib.save_checkpoint(path, model_lib.build(channels=[8, 8, 8, 8, 8]), {})
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["channels"] = [16, 16, 16, 16, 16]
+    torch.save(payload, path)
+    with pytest.raises(model_lib.CheckpointError, match="do not fit"):
+        model_lib.load_checkpoint(path)
+
+
+def test_newer_checkpoint_version_is_refused(tmp_path):
+    path = tmp_path / "c.pt"
+    model_lib.save_checkpoint(path, model_lib.build(), {})
+    payload = torch.load(path, weights_only=True)
+    payload["version"] = model_lib.VERSION + 1
+    torch.save(payload, path)
+    with pytest.raises(model_lib.CheckpointError, match="version"):
+        model_lib.load_checkpoint(path)

@@ -1,0 +1,232 @@
+"""train.py: train the lightweight CNN on PathMNIST.
+
+    python train.py                          # PathMNIST 28x28; downloads data/pathmnist.npz on first use
+    python train.py --size 64 --device cuda  # a MedMNIST+ size on a GPU
+    python train.py --synthetic --epochs 10  # offline demo on the SYNTHETIC dataset (not PathMNIST)
+    python train.py --resume                 # continue <out>/last.pt after Ctrl-C or a crash
+
+Adam, with ReduceLROnPlateau and early stopping both watching the *validation* loss (the original
+script watched training accuracy). Every epoch writes <out>/last.pt and <out>/history.csv; the best
+epoch on validation loss is kept as <out>/best.pt; the end writes <images>/accuracy_epoch.png.
+"""
+import argparse
+import csv
+import io
+import math
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import data  # noqa: E402
+import model as model_lib  # noqa: E402
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+MIN_IMPROVEMENT = 1e-4  # a val-loss drop smaller than this does not count as progress
+
+
+class TrainingError(Exception):
+    """Training cannot go on (a NaN loss, a resume that does not fit); meant for the user."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--epochs", type=int, default=25, help="maximum number of epochs")
+    p.add_argument("--batch-size", type=int, default=128, help="images per training batch")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam's initial learning rate")
+    p.add_argument("--patience", type=int, default=5, help="stop after this many epochs without a "
+                   "lower validation loss; the learning rate halves after half as many")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling, augmentation "
+                   "and dropout; the same seed on the same device gives the same history")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, "
+                   "cuda:N or mps")
+    p.add_argument("--data-dir", default="data", help="folder holding the PathMNIST npz files")
+    p.add_argument("--size", type=int, default=28, choices=data.SIZES, help="image size: 28 "
+                   "(MedMNIST v2) or 64/128/224 (MedMNIST+ files)")
+    p.add_argument("--out", default="runs/pathmnist", help="run folder for best.pt, last.pt and "
+                   "history.csv")
+    p.add_argument("--images", default="images", help="folder for the training-curve plot")
+    p.add_argument("--synthetic", action="store_true", help="train on the offline SYNTHETIC "
+                   "dataset instead of PathMNIST (for demos and tests; never a PathMNIST result)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt with its "
+                   "optimizer, scheduler, early-stopping and RNG state")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--colour-jitter", type=float, default=1.0, help="strength of the stain/colour "
+                   "augmentation (0 turns it off; flips/rotations always apply)")
+    return p.parse_args(argv)
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def train_epoch(model, split, opt, gen, args, device, epoch):
+    model.train()
+    loss_sum, correct = 0.0, 0
+    bar = tqdm(data.batches(split, args.batch_size, device, gen, args.colour_jitter),
+               total=math.ceil(len(split) / args.batch_size), desc=f"epoch {epoch}",
+               unit="batch", leave=False, disable=None)
+    for x, y in bar:
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"The training loss became {loss.item()} in epoch {epoch}. The run "
+                                f"stopped; last.pt still holds the previous epoch. Lower --lr "
+                                f"(now {args.lr}) and check the data for corrupt images.")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return loss_sum / len(split), correct / len(split)
+
+
+@torch.no_grad()
+def evaluate_split(model, split, batch_size, device):
+    logits = model_lib.predict_logits(model, split.images, batch_size=4 * batch_size, device=device)
+    loss = F.cross_entropy(logits, split.labels).item()
+    return loss, (logits.argmax(1) == split.labels).float().mean().item()
+
+
+def write_history(path, history):
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    with data.atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+def plot_history(history, path, title):
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, style in (("train", "-o"), ("val", "-s")):
+        ax_acc.plot(epochs, [h[f"{key}_acc"] for h in history], style, label=key, ms=3)
+        ax_loss.plot(epochs, [h[f"{key}_loss"] for h in history], style, label=key, ms=3)
+    for ax, name in ((ax_acc, "accuracy"), (ax_loss, "cross-entropy loss")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    with data.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out)
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+    ds = data.load(args.data_dir, args.size, args.synthetic)
+    label = f"{ds.name} {ds.size}x{ds.size}" + (" (SYNTHETIC data, not PathMNIST)" if ds.synthetic else "")
+    print(f"Training on {label}: {len(ds.train)} train / {len(ds.val)} val images, device {device}")
+
+    gen = torch.Generator().manual_seed(args.seed)  # shuffling and augmentation
+    if args.resume:
+        state = model_lib.read_checkpoint(out / "last.pt")
+        check_resumable(state, ds, args)
+        net = model_lib.build(state["config"])
+        net.load_state_dict(state["state_dict"])
+        meta, ts = state["meta"], state["train_state"]
+    else:
+        mean, std = data.channel_stats(ds.train.images)
+        net = model_lib.build(n_classes=len(ds.class_names), mean=mean, std=std)
+        meta = {"class_names": ds.class_names, "provenance": ds.provenance(), "settings": vars(args),
+                "history": [], "best_epoch": None, "torch": str(torch.__version__)}
+        ts = None
+    net.to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5,
+                                                       patience=max(1, args.patience // 2))
+    best_loss, bad_epochs, start = math.inf, 0, 1
+    if ts is not None:
+        opt.load_state_dict(ts["optimizer"])
+        sched.load_state_dict(ts["scheduler"])
+        best_loss, bad_epochs, start = ts["best_val_loss"], ts["bad_epochs"], ts["epoch"] + 1
+        torch.set_rng_state(ts["rng_torch"])
+        gen.set_state(ts["rng_generator"])
+        print(f"Resuming {out / 'last.pt'} after epoch {ts['epoch']}")
+    history = meta["history"]
+    params = model_lib.count_params(net)
+    print(f"Model: {params:,} parameters; normalisation mean {[round(m, 4) for m in net.config['mean']]} "
+          f"std {[round(s, 4) for s in net.config['std']]}")
+
+    epoch = start - 1
+    try:
+        for epoch in range(start, args.epochs + 1):
+            if bad_epochs >= args.patience:
+                break
+            t0 = time.perf_counter()
+            train_loss, train_acc = train_epoch(net, ds.train, opt, gen, args, device, epoch)
+            val_loss, val_acc = evaluate_split(net, ds.val, args.batch_size, device)
+            seconds = time.perf_counter() - t0
+            row = {"epoch": epoch, "train_loss": round(train_loss, 6), "train_acc": round(train_acc, 6),
+                   "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 6),
+                   "lr": opt.param_groups[0]["lr"], "seconds": round(seconds, 3)}
+            history.append(row)
+            sched.step(val_loss)
+            improved = val_loss < best_loss - MIN_IMPROVEMENT
+            if improved:
+                best_loss, bad_epochs, meta["best_epoch"] = val_loss, 0, epoch
+            else:
+                bad_epochs += 1
+            print(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.4f}  val loss "
+                  f"{val_loss:.4f} acc {val_acc:.4f}  lr {row['lr']:.2e}  {seconds:.1f}s "
+                  f"({len(ds.train) / seconds:.0f} img/s){'  *best' if improved else ''}")
+            train_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                           "epoch": epoch, "best_val_loss": best_loss, "bad_epochs": bad_epochs,
+                           "rng_torch": torch.get_rng_state(), "rng_generator": gen.get_state()}
+            if improved:
+                model_lib.save_checkpoint(out / "best.pt", net, meta)
+            model_lib.save_checkpoint(out / "last.pt", net, meta, train_state)
+            write_history(out / "history.csv", history)
+    except KeyboardInterrupt:
+        print(f"\nInterrupted during epoch {epoch}. {out / 'last.pt'} holds the last finished epoch; "
+              f"continue with: python train.py --resume (and the same flags).", file=sys.stderr)
+    if bad_epochs >= args.patience:
+        print(f"Early stop: no lower validation loss for {args.patience} epochs.")
+    if history:
+        plot_path = Path(args.images) / "accuracy_epoch.png"
+        plot_history(history, plot_path, f"Training on {label}")
+        print(f"Best epoch {meta['best_epoch']} (val loss {best_loss:.4f}) -> {out / 'best.pt'}; "
+              f"curves -> {plot_path}")
+    return history
+
+
+def check_resumable(state, ds, args):
+    """Refuse a resume onto different data: the history would stop meaning anything."""
+    if state.get("train_state") is None:
+        raise TrainingError(f"{args.out}/last.pt has no training state to resume from.")
+    if state["meta"]["provenance"] != ds.provenance():
+        raise TrainingError(f"{args.out}/last.pt was trained on {state['meta']['provenance']}, not on "
+                            f"{ds.provenance()}. Resume with the same --size/--synthetic/--data-dir, "
+                            f"or start a new run with another --out.")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (data.DataError, model_lib.CheckpointError, TrainingError) as e:
+        sys.exit(f"error: {e}")
