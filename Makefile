@@ -15,11 +15,12 @@ $(VENV)/.installed: requirements.txt
 
 run: setup
 	$(PY) train.py
-	@if [ -f evaluate.py ]; then $(PY) evaluate.py; fi
+	$(PY) evaluate.py
 
 demo: setup
 	$(PY) train.py --synthetic --epochs 8 --out runs/synthetic
-	@if [ -f evaluate.py ]; then $(PY) evaluate.py --checkpoint runs/synthetic/best.pt; fi
+	$(PY) evaluate.py --checkpoint runs/synthetic/best.pt
+	$(PY) db.py runs/synthetic/explanations.db
 
 test: setup
 	$(PY) -m pytest -q

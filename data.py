@@ -164,6 +164,17 @@ def load(data_dir="data", size=28, synthetic=False):
                    md5=calculate_md5(path), class_names=class_names, **splits)
 
 
+def load_matching(provenance, data_dir="data"):
+    """The dataset a checkpoint or DB run was made from, refusing a file with another MD5."""
+    ds = load(data_dir, provenance["size"], provenance["synthetic"])
+    if ds.md5 != provenance["md5"]:
+        raise DataError(
+            f"{ds.path} has MD5 {ds.md5}, but the model was trained and explained on a file with MD5 "
+            f"{provenance['md5']} ({provenance['file']}). Its metrics would not describe that model's "
+            f"data. Point --data-dir at the original file, or retrain on this one.")
+    return ds
+
+
 def read_npz(path, size, n_classes):
     """Validate a MedMNIST-format npz and return {split: Split}; any defect raises DataError."""
     path = Path(path)

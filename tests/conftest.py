@@ -45,3 +45,12 @@ def write_npz(path, size=28, n=6, **override):
     arrays.update(override)
     np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
     return path
+
+
+@pytest.fixture(scope="session")
+def evaluated_run(trained_run, syn_dir):
+    """The trained run after `evaluate.py --explain 60`: (run dir, metrics)."""
+    import evaluate
+    metrics = evaluate.main(["--checkpoint", str(trained_run / "best.pt"), "--data-dir", str(syn_dir),
+                             "--explain", "60", "--images", str(trained_run / "images")])
+    return trained_run, metrics

@@ -1,0 +1,294 @@
+"""db.py: the SQLite store of Integrated Gradients attributions (stdlib sqlite3).
+
+    python db.py runs/pathmnist/explanations.db      # runs, rows per class, accuracy, mean |delta|
+
+Schema version 1 (kept in PRAGMA user_version; WAL journal, foreign keys on):
+
+runs: one row per (checkpoint, IG settings); rerunning evaluate.py with both unchanged reuses it.
+    run_id             INTEGER PRIMARY KEY
+    checkpoint_sha256  TEXT     SHA-256 of the checkpoint file
+    checkpoint_path    TEXT     where it was when the run was made
+    model_config       TEXT     JSON: the model config stored in the checkpoint
+    class_names        TEXT     JSON list: the class names, by label
+    dataset            TEXT     'pathmnist' or 'pathmnist-synthetic'
+    size               INTEGER  image side in pixels
+    data_file, data_md5 TEXT    the npz file name and its MD5
+    synthetic          INTEGER  1 for the synthetic dataset
+    ig_settings        TEXT     JSON: n_steps, method, baseline, target, output, attr_dtype
+    metrics            TEXT     JSON: the latest test metrics for this checkpoint (NULL before)
+    created_at, updated_at TEXT UTC, ISO 8601
+
+explanations: one row per explained image, keyed by (run_id, split, image_index).
+    image_index        INTEGER  index into that split of the dataset npz
+    true_label, pred_label, target INTEGER  (target: the class that was explained)
+    confidence         REAL     softmax probability of pred_label
+    probs              BLOB     float32 little-endian, one per class
+    attribution        BLOB     raw little-endian array of attr_dtype, C order, shape attr_shape
+    attr_dtype         TEXT     'float16' or 'float32'
+    attr_shape         TEXT     e.g. '3,28,28' (channels, height, width)
+    delta              REAL     Captum's convergence delta: sum(attribution) - (score - baseline_score)
+    score, baseline_score REAL  the explained output at the image and at the IG baseline
+
+Reading an attribution needs only sqlite3 and numpy:
+    blob, dtype, shape = con.execute("SELECT attribution, attr_dtype, attr_shape FROM explanations "
+                                     "WHERE run_id=? AND split=? AND image_index=?", (1, "test", 0)).fetchone()
+    a = np.frombuffer(blob, dtype=np.dtype(dtype).newbyteorder("<")).reshape([int(s) for s in shape.split(",")])
+"""
+import argparse
+import json
+import sqlite3
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE runs (
+    run_id INTEGER PRIMARY KEY,
+    checkpoint_sha256 TEXT NOT NULL,
+    checkpoint_path TEXT NOT NULL,
+    model_config TEXT NOT NULL,
+    class_names TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    data_file TEXT NOT NULL,
+    data_md5 TEXT NOT NULL,
+    synthetic INTEGER NOT NULL,
+    ig_settings TEXT NOT NULL,
+    metrics TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    UNIQUE (checkpoint_sha256, ig_settings)
+);
+CREATE TABLE explanations (
+    run_id INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
+    split TEXT NOT NULL,
+    image_index INTEGER NOT NULL,
+    true_label INTEGER NOT NULL,
+    pred_label INTEGER NOT NULL,
+    target INTEGER NOT NULL,
+    confidence REAL NOT NULL,
+    probs BLOB NOT NULL,
+    attribution BLOB NOT NULL,
+    attr_dtype TEXT NOT NULL,
+    attr_shape TEXT NOT NULL,
+    delta REAL NOT NULL,
+    score REAL NOT NULL,
+    baseline_score REAL NOT NULL,
+    PRIMARY KEY (run_id, split, image_index)
+);
+CREATE INDEX explanations_by_true ON explanations (run_id, split, true_label);
+CREATE INDEX explanations_by_pred ON explanations (run_id, split, pred_label);
+"""
+EXPLANATION_COLUMNS = ("run_id", "split", "image_index", "true_label", "pred_label", "target",
+                       "confidence", "probs", "attribution", "attr_dtype", "attr_shape", "delta",
+                       "score", "baseline_score")
+ORDERS = {"index": "image_index", "confidence": "confidence", "-confidence": "confidence DESC"}
+
+
+class DBError(Exception):
+    """A path that is not our database, or one of another schema version; meant for the user."""
+
+
+def now():
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def connect(path, create=True):
+    """Open (or create) an attribution store, checking that it is one and of a known version."""
+    path = Path(path)
+    if not create and not path.is_file():
+        raise DBError(f"No database at {path}. Run `python evaluate.py` to create one, or pass --db.")
+    if path.is_dir():
+        raise DBError(f"{path} is a folder, not an SQLite database file.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=30)
+    conn.row_factory = sqlite3.Row
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        raise DBError(f"{path} is not an SQLite database ({e}). Pass the explanations.db written by "
+                      f"evaluate.py, or a new path to create one.") from e
+    if version == 0 and not tables:
+        with conn:
+            conn.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+    elif version != SCHEMA_VERSION or not {"runs", "explanations"} <= tables:
+        conn.close()
+        newer = "a newer version of this code" if version > SCHEMA_VERSION else "something else"
+        raise DBError(f"{path} has schema version {version} and tables {sorted(tables)}; this code "
+                      f"reads version {SCHEMA_VERSION}. It was written by {newer}: use that, or "
+                      f"give evaluate.py a new --db path.")
+    conn.execute("PRAGMA journal_mode = WAL")  # readers never block the writer; crash-safe
+    conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; a power cut loses at most the last batch
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+# ----------------------------------------------------------------------------- arrays
+
+def encode_array(a, dtype="float16"):
+    """(bytes, dtype name, shape text) of a numpy array stored little-endian in C order."""
+    a = np.ascontiguousarray(a, dtype=np.dtype(dtype).newbyteorder("<"))
+    return a.tobytes(), np.dtype(dtype).name, ",".join(str(s) for s in a.shape)
+
+
+def decode_array(blob, dtype, shape):
+    return np.frombuffer(blob, dtype=np.dtype(dtype).newbyteorder("<")).reshape(
+        [int(s) for s in shape.split(",")])
+
+
+# ----------------------------------------------------------------------------- writing
+
+def run_id_for(conn, checkpoint_sha256, checkpoint_path, model_config, class_names, provenance,
+               ig_settings):
+    """The run for this checkpoint and these IG settings, created on first use."""
+    settings = json.dumps(ig_settings, sort_keys=True)
+    with conn:
+        conn.execute(
+            "INSERT OR IGNORE INTO runs (checkpoint_sha256, checkpoint_path, model_config, class_names, "
+            "dataset, size, data_file, data_md5, synthetic, ig_settings, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (checkpoint_sha256, str(checkpoint_path), json.dumps(model_config, sort_keys=True),
+             json.dumps(list(class_names)), provenance["dataset"], provenance["size"], provenance["file"], provenance["md5"],
+             int(provenance["synthetic"]), settings, now(), now()))
+    return conn.execute("SELECT run_id FROM runs WHERE checkpoint_sha256 = ? AND ig_settings = ?",
+                        (checkpoint_sha256, settings)).fetchone()[0]
+
+
+def done_indices(conn, run_id, split):
+    return {r[0] for r in conn.execute(
+        "SELECT image_index FROM explanations WHERE run_id = ? AND split = ?", (run_id, split))}
+
+
+def insert_explanations(conn, rows):
+    """Insert a batch of explanation dicts in one transaction; rows already stored are kept."""
+    placeholders = ", ".join("?" * len(EXPLANATION_COLUMNS))
+    with conn:
+        cur = conn.executemany(
+            f"INSERT OR IGNORE INTO explanations ({', '.join(EXPLANATION_COLUMNS)}) VALUES ({placeholders})",
+            [tuple(row[c] for c in EXPLANATION_COLUMNS) for row in rows])
+    return cur.rowcount
+
+
+def set_metrics(conn, run_id, metrics):
+    with conn:
+        conn.execute("UPDATE runs SET metrics = ?, updated_at = ? WHERE run_id = ?",
+                     (json.dumps(metrics, sort_keys=True), now(), run_id))
+
+
+# ----------------------------------------------------------------------------- reading
+
+def get_run(conn, run_id=None):
+    """A run as a dict (JSON columns parsed, plus a `provenance` dict); the latest if run_id is None."""
+    if run_id is None:
+        row = conn.execute("SELECT * FROM runs ORDER BY run_id DESC LIMIT 1").fetchone()
+    else:
+        row = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    if row is None:
+        raise DBError("The database holds no runs yet." if run_id is None else f"No run {run_id} in the database.")
+    run = dict(row)
+    for key in ("model_config", "class_names", "ig_settings", "metrics"):
+        run[key] = json.loads(run[key]) if run[key] else None
+    run["provenance"] = {"dataset": run["dataset"], "size": run["size"], "file": run["data_file"],
+                         "md5": run["data_md5"], "synthetic": bool(run["synthetic"])}
+    return run
+
+
+def row_to_dict(row):
+    d = dict(row)
+    if "attribution" in d:
+        d["attribution"] = decode_array(d["attribution"], d["attr_dtype"], d["attr_shape"])
+    if "probs" in d:
+        d["probs"] = np.frombuffer(d["probs"], dtype="<f4")
+    return d
+
+
+def get_explanation(conn, run_id, split, image_index):
+    row = conn.execute("SELECT * FROM explanations WHERE run_id = ? AND split = ? AND image_index = ?",
+                       (run_id, split, image_index)).fetchone()
+    if row is None:
+        raise DBError(f"Run {run_id} has no stored explanation for {split} image {image_index}.")
+    return row_to_dict(row)
+
+
+def attribution(conn, run_id, split, image_index):
+    """One stored attribution as a numpy array of shape (C, H, W)."""
+    return get_explanation(conn, run_id, split, image_index)["attribution"]
+
+
+def find(conn, run_id, split="test", misclassified=None, true_label=None, pred_label=None,
+         min_confidence=None, max_confidence=None, order="index", limit=None, with_arrays=False):
+    """Stored explanations matching every filter given, as dicts (arrays decoded if with_arrays)."""
+    where, params = ["run_id = ?", "split = ?"], [run_id, split]
+    if misclassified is not None:
+        where.append("true_label != pred_label" if misclassified else "true_label = pred_label")
+    for clause, value in (("true_label = ?", true_label), ("pred_label = ?", pred_label),
+                          ("confidence >= ?", min_confidence), ("confidence <= ?", max_confidence)):
+        if value is not None:
+            where.append(clause)
+            params.append(value)
+    columns = "*" if with_arrays else ", ".join(c for c in EXPLANATION_COLUMNS
+                                                if c not in ("probs", "attribution"))
+    sql = f"SELECT {columns} FROM explanations WHERE {' AND '.join(where)} ORDER BY {ORDERS[order]}"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(int(limit))
+    return [row_to_dict(r) for r in conn.execute(sql, params)]
+
+
+def class_attributions(conn, run_id, label, split="test"):
+    """Every stored attribution of one true class, stacked into (N, C, H, W)."""
+    rows = conn.execute("SELECT attribution, attr_dtype, attr_shape FROM explanations "
+                        "WHERE run_id = ? AND split = ? AND true_label = ? ORDER BY image_index",
+                        (run_id, split, label)).fetchall()
+    return np.stack([decode_array(*r) for r in rows]) if rows else np.empty((0,))
+
+
+def summary(conn):
+    """A human-readable summary of every run in the store."""
+    lines = []
+    for (run_id,) in conn.execute("SELECT run_id FROM runs ORDER BY run_id").fetchall():
+        run = get_run(conn, run_id)
+        tag = " (SYNTHETIC data, not PathMNIST)" if run["synthetic"] else ""
+        lines.append(f"run {run_id}: {run['dataset']} {run['size']}x{run['size']}{tag}, data MD5 "
+                     f"{run['data_md5']}, checkpoint sha256 {run['checkpoint_sha256'][:12]}…, "
+                     f"created {run['created_at']}")
+        lines.append(f"  IG settings: {json.dumps(run['ig_settings'], sort_keys=True)}")
+        if run["metrics"]:
+            m = run["metrics"]
+            lines.append(f"  test metrics: ACC {m.get('acc', float('nan')):.4f}  AUC {m.get('auc', float('nan')):.4f}"
+                         f"  (TTA {'on' if m.get('tta') else 'off'})")
+        stats = conn.execute(
+            "SELECT split, COUNT(*), AVG(true_label = pred_label), AVG(ABS(delta)), "
+            "AVG(ABS(delta) / MAX(ABS(score - baseline_score), 1e-12)) FROM explanations "
+            "WHERE run_id = ? GROUP BY split", (run_id,)).fetchall()
+        for split, n, acc, mean_delta, rel in stats:
+            lines.append(f"  {split}: {n} explanations, accuracy of stored rows {acc:.4f}, mean |delta| "
+                         f"{mean_delta:.3e}, mean relative completeness error {rel:.2%}")
+            per_class = conn.execute(
+                "SELECT true_label, COUNT(*), AVG(true_label = pred_label) FROM explanations "
+                "WHERE run_id = ? AND split = ? GROUP BY true_label ORDER BY true_label",
+                (run_id, split)).fetchall()
+            for label, count, class_acc in per_class:
+                name = run["class_names"][label]
+                lines.append(f"    {label} {name:38s} {count:6d} rows  accuracy {class_acc:.3f}")
+    return "\n".join(lines) if lines else "The database holds no runs yet."
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Summarise an attribution store written by evaluate.py.")
+    p.add_argument("db", help="path to the SQLite file (default location: <run dir>/explanations.db)")
+    args = p.parse_args(argv)
+    try:
+        conn = connect(args.db, create=False)
+    except DBError as e:
+        sys.exit(f"error: {e}")
+    print(summary(conn))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""explain.py: IG completeness and localisation, image files of every kind, the CLI."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import explain
+import model as model_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def net_and_test(trained_run, syn_dir):
+    net, meta = model_lib.load_checkpoint(trained_run / "best.pt")
+    return net, data.load_matching(meta["provenance"], syn_dir).test
+
+
+def test_delta_is_the_completeness_gap(net_and_test):
+    net, test = net_and_test
+    probs, targets, r = explain.explain_batch(net, test.images[:16], test.labels[:16], explain.DEFAULT_IG)
+    gap = r.attributions.sum(dim=(1, 2, 3)) - (r.score - r.baseline_score)
+    assert torch.allclose(gap, r.delta, atol=1e-4)
+
+
+def test_default_settings_keep_completeness_error_under_5_percent(net_and_test):
+    net, test = net_and_test
+    _, _, r = explain.explain_batch(net, test.images[:64], test.labels[:64], explain.DEFAULT_IG)
+    assert r.relative_error().mean() < 0.05
+
+
+def test_more_steps_shrink_the_completeness_error(net_and_test):
+    net, test = net_and_test
+    x = data.to_unit(test.images[:32])
+    errors = [explain.integrated_gradients(net, x, test.labels[:32], n_steps=n).relative_error().mean()
+              for n in (4, 32)]
+    assert errors[1] < errors[0] / 2
+
+
+def test_attribution_mass_falls_inside_the_evidence_mask_more_than_random(net_and_test):
+    net, test = net_and_test
+    n = 100
+    _, _, r = explain.explain_batch(net, test.images[:n], test.labels[:n], explain.DEFAULT_IG)
+    mass = r.attributions.abs().sum(1)  # (N, H, W)
+    masks = test.masks[:n].float()
+    ig_share = (mass * masks).sum((1, 2)) / mass.sum((1, 2))
+    random_maps = torch.rand(mass.shape, generator=torch.Generator().manual_seed(0))
+    random_share = (random_maps * masks).sum((1, 2)) / random_maps.sum((1, 2))
+    assert (ig_share > random_share).float().mean() >= 0.8
+    assert ig_share.mean() > random_share.mean() + 0.2
+
+
+def test_parameters_need_no_gradient_during_ig_and_get_theirs_back(net_and_test):
+    net, test = net_and_test
+    seen = []
+    def record(module, inputs, output):
+        if torch.is_grad_enabled():  # the passes that backpropagate, i.e. IG's
+            seen.append(module.weight.requires_grad)
+    hook = net.classifier.register_forward_hook(record)
+    explain.explain_batch(net, test.images[:2], test.labels[:2], explain.DEFAULT_IG)
+    hook.remove()
+    assert seen and not any(seen)
+    assert all(p.requires_grad for p in net.parameters())
+
+
+@pytest.mark.parametrize("baseline", explain.BASELINES)
+def test_every_baseline_has_the_input_shape_and_range(baseline):
+    net = model_lib.build(mean=[0.8, 0.6, 0.7])
+    x = torch.rand(2, 3, 28, 28)
+    b = explain.make_baseline(x, baseline, net)
+    assert b.shape == x.shape and b.min() >= 0 and b.max() <= 1
+
+
+def test_target_can_be_named_by_class_name_or_index():
+    names = data.CLASS_NAMES
+    assert explain.resolve_target("debris", names) == 2
+    assert explain.resolve_target("8", names) == 8
+    assert explain.resolve_target("pred", names) == "pred"
+    with pytest.raises(explain.ExplainError, match="not 'pred'"):
+        explain.resolve_target("tumour", names)
+
+
+# ----------------------------------------------------------------------------- image files
+
+def test_png_is_read_in_true_colours_at_the_model_size(tmp_path):
+    Image.new("RGB", (224, 224), (200, 100, 50)).save(tmp_path / "a.png")
+    img = explain.read_image(tmp_path / "a.png", 28)
+    assert img.shape == (3, 28, 28) and img.dtype == torch.uint8
+    assert img[:, 14, 14].tolist() == [200, 100, 50]
+
+
+def test_grayscale_jpeg_becomes_three_equal_channels(tmp_path):
+    Image.new("L", (100, 60), 90).save(tmp_path / "g.jpg")
+    img = explain.read_image(tmp_path / "g.jpg", 28)
+    assert img.shape == (3, 28, 28)
+    assert torch.equal(img[0], img[1]) and torch.equal(img[1], img[2])
+
+
+def test_transparent_pixels_of_rgba_become_white_glass(tmp_path):
+    arr = np.zeros((50, 50, 4), np.uint8)
+    arr[..., :3] = (150, 50, 150)
+    arr[:, 25:, 3] = 255  # left half transparent
+    Image.fromarray(arr, "RGBA").save(tmp_path / "t.png")
+    img = explain.read_image(tmp_path / "t.png", 28)
+    assert img[:, 14, 2].tolist() == [255, 255, 255]
+    assert img[:, 14, 25].tolist() == [150, 50, 150]
+
+
+def test_16_bit_tiff_is_rescaled_not_clipped(tmp_path):
+    arr = np.full((64, 64), 32896, np.uint16)  # half of 65535, i.e. 128 in 8 bits
+    Image.fromarray(arr).save(tmp_path / "d.tif")
+    img = explain.read_image(tmp_path / "d.tif", 28)
+    assert img.unique().tolist() == [128]
+
+
+def test_non_square_images_are_centre_cropped(tmp_path):
+    arr = np.zeros((40, 120, 3), np.uint8)
+    arr[:, 40:80] = 255  # only the centre square is white
+    Image.fromarray(arr).save(tmp_path / "w.png")
+    assert explain.read_image(tmp_path / "w.png", 28).float().mean() > 250
+
+
+def test_non_image_file_is_an_explain_error(tmp_path):
+    (tmp_path / "x.png").write_text("not an image")
+    with pytest.raises(explain.ExplainError, match="could not be read as an image"):
+        explain.read_image(tmp_path / "x.png", 28)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "explain.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180)
+
+
+def test_cli_explains_png_gray_jpeg_rgba_and_16_bit_tiff(tmp_path, trained_run, syn_dir):
+    test = data.load(syn_dir, 28, synthetic=True).test
+    rgb = test.images[0].permute(1, 2, 0).numpy()
+    Image.fromarray(rgb).resize((224, 224), Image.BICUBIC).save(tmp_path / "rgb.png")
+    Image.fromarray(rgb).convert("L").save(tmp_path / "gray.jpg")
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])).save(tmp_path / "rgba.png")
+    Image.fromarray(np.asarray(Image.fromarray(rgb).convert("L")).astype(np.uint16) * 257).save(tmp_path / "d16.tif")
+    files = [str(tmp_path / n) for n in ("rgb.png", "gray.jpg", "rgba.png", "d16.tif")]
+    result = run_cli(*files, "--checkpoint", str(trained_run / "best.pt"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("top-3:") == 4
+    for stem in ("rgb", "gray", "rgba", "d16"):
+        assert (tmp_path / "out" / f"{stem}_ig.png").stat().st_size > 0
+
+
+def test_cli_rerenders_a_stored_explanation(tmp_path, evaluated_run, syn_dir):
+    run_dir, metrics = evaluated_run
+    import db
+    conn = db.connect(run_dir / "explanations.db", create=False)
+    index = db.find(conn, metrics["ig"]["run_id"], limit=1)[0]["image_index"]
+    result = run_cli("--db", str(run_dir / "explanations.db"), "--index", str(index),
+                     "--data-dir", str(syn_dir), "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert len(list(tmp_path.glob("*_ig.png"))) == 1
+
+
+def test_cli_non_image_file_exits_1_with_a_paragraph(tmp_path, trained_run):
+    (tmp_path / "notes.png").write_text("hello")
+    result = run_cli(str(tmp_path / "notes.png"), "--checkpoint", str(trained_run / "best.pt"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "could not be read as an image" in result.stderr
+
+
+def test_cli_missing_checkpoint_tells_the_user_to_train(tmp_path):
+    Image.new("RGB", (28, 28)).save(tmp_path / "a.png")
+    result = run_cli(str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "none.pt"))
+    assert result.returncode == 1 and "python train.py" in result.stderr
