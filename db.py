@@ -28,6 +28,7 @@ explanations: one row per explained image, keyed by (run_id, split, image_index)
     attr_shape         TEXT     e.g. '3,28,28' (channels, height, width)
     delta              REAL     Captum's convergence delta: sum(attribution) - (score - baseline_score)
     score, baseline_score REAL  the explained output at the image and at the IG baseline
+    n_steps            INTEGER  integration steps used for this image
 
 Reading an attribution needs only sqlite3 and numpy:
     blob, dtype, shape = con.execute("SELECT attribution, attr_dtype, attr_shape FROM explanations "
@@ -77,6 +78,7 @@ CREATE TABLE explanations (
     delta REAL NOT NULL,
     score REAL NOT NULL,
     baseline_score REAL NOT NULL,
+    n_steps INTEGER NOT NULL,
     PRIMARY KEY (run_id, split, image_index)
 );
 CREATE INDEX explanations_by_true ON explanations (run_id, split, true_label);
@@ -84,7 +86,7 @@ CREATE INDEX explanations_by_pred ON explanations (run_id, split, pred_label);
 """
 EXPLANATION_COLUMNS = ("run_id", "split", "image_index", "true_label", "pred_label", "target",
                        "confidence", "probs", "attribution", "attr_dtype", "attr_shape", "delta",
-                       "score", "baseline_score")
+                       "score", "baseline_score", "n_steps")
 ORDERS = {"index": "image_index", "confidence": "confidence", "-confidence": "confidence DESC"}
 
 

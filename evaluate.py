@@ -44,15 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--explain", default="500", help="how many test images to explain with IG: a "
                    "number, 'all', or 0 to skip")
     p.add_argument("--db", help="SQLite store for the explanations (default: <run dir>/explanations.db)")
-    p.add_argument("--n-steps", type=int, default=explain.DEFAULT_IG["n_steps"], help="IG integration steps")
-    p.add_argument("--method", default=explain.DEFAULT_IG["method"], choices=explain.METHODS,
-                   help="IG integration rule")
-    p.add_argument("--baseline", default=explain.DEFAULT_IG["baseline"], choices=explain.BASELINES,
-                   help="IG reference image: training mean colour, black, white or blurred input")
+    explain.add_ig_arguments(p)
     p.add_argument("--target", default=explain.DEFAULT_IG["target"], help="class to explain: 'pred', "
                    "'true', or a class index or name")
-    p.add_argument("--output", default=explain.DEFAULT_IG["output"], choices=explain.OUTPUTS,
-                   help="explain the class logit or its softmax probability")
     p.add_argument("--attr-dtype", default="float16", choices=("float16", "float32"),
                    help="precision of the stored attributions")
     p.add_argument("--ig-batch", type=int, default=32, help="images per IG batch (and per DB transaction)")
@@ -152,15 +146,23 @@ def explanation_indices(n_images, how_many):
 
 
 def explanation_rows(run_id, split_name, indices, labels, probs, targets, result, dtype):
+    """DB rows for one explained batch."""
+    # Whole-batch conversions: indexing torch tensors element by element costs microseconds each,
+    # and numpy's float16 conversion of the tiny values IG produces (float16 subnormals) runs in slow
+    # software, 35x slower than torch's (same bits either way).
+    attributions = result.attributions.to(getattr(torch, dtype)).numpy()
+    probs32 = probs.numpy().astype("<f4")
+    columns = zip(indices, labels.tolist(), probs.argmax(1).tolist(), targets.tolist(),
+                  probs.max(1).values.tolist(), result.delta.tolist(), result.score.tolist(),
+                  result.baseline_score.tolist(), result.n_steps.tolist())
     rows = []
-    for i, index in enumerate(indices):
-        blob, dt, shape = db.encode_array(result.attributions[i].numpy(), dtype)
+    for i, (index, true, pred, target, confidence, delta, score, base, steps) in enumerate(columns):
+        blob, dt, shape = db.encode_array(attributions[i], dtype)
         rows.append({"run_id": run_id, "split": split_name, "image_index": int(index),
-                     "true_label": int(labels[i]), "pred_label": int(probs[i].argmax()),
-                     "target": int(targets[i]), "confidence": float(probs[i].max()),
-                     "probs": probs[i].numpy().astype("<f4").tobytes(), "attribution": blob,
-                     "attr_dtype": dt, "attr_shape": shape, "delta": float(result.delta[i]),
-                     "score": float(result.score[i]), "baseline_score": float(result.baseline_score[i])})
+                     "true_label": true, "pred_label": pred, "target": target, "confidence": confidence,
+                     "probs": probs32[i].tobytes(), "attribution": blob, "attr_dtype": dt,
+                     "attr_shape": shape, "delta": delta, "score": score, "baseline_score": base,
+                     "n_steps": steps})
     return rows
 
 
@@ -226,9 +228,7 @@ def main(argv=None):
     run_dir = Path(args.checkpoint).parent
     if args.explain != "all" and not args.explain.isdigit():
         raise explain.ExplainError(f"--explain {args.explain!r}: give a number of images, 'all', or 0.")
-    settings = {"n_steps": args.n_steps, "method": args.method, "baseline": args.baseline,
-                "output": args.output, "target": explain.resolve_target(args.target, ds.class_names),
-                "attr_dtype": args.attr_dtype}
+    settings = {**explain.ig_settings(args, ds.class_names), "attr_dtype": args.attr_dtype}
 
     logits = model_lib.predict_logits(net, ds.test.images, args.batch_size, args.device, tta=args.tta)
     probs = torch.softmax(logits, 1).numpy()
@@ -247,7 +247,8 @@ def main(argv=None):
     indices = explanation_indices(len(ds.test), args.explain)
     try:
         if indices:
-            explain_into_db(net, ds.test, indices, settings, conn, run_id, args)
+            explain_into_db(model_lib.fused_for_inference(net), ds.test, indices, settings, conn,
+                            run_id, args)
     except KeyboardInterrupt:
         print(f"\nInterrupted. Every finished batch is stored in run {run_id}; rerun the same command "
               f"to compute the rest.", file=sys.stderr)

@@ -24,7 +24,7 @@ def fake_rows(run_id, indices, seed=0, dtype="float16"):
                      "pred_label": int(probs.argmax()), "target": int(probs.argmax()),
                      "confidence": float(probs.max()), "probs": probs.tobytes(), "attribution": blob,
                      "attr_dtype": dt, "attr_shape": shape, "delta": 0.01 * i, "score": 2.0,
-                     "baseline_score": 0.5})
+                     "baseline_score": 0.5, "n_steps": 8})
     return rows
 
 

@@ -42,6 +42,17 @@ def test_more_steps_shrink_the_completeness_error(net_and_test):
     assert errors[1] < errors[0] / 2
 
 
+def test_refinement_brings_every_image_within_tolerance_or_to_max_steps(net_and_test):
+    net, test = net_and_test
+    settings = {**explain.DEFAULT_IG, "n_steps": 4, "max_steps": 32, "tolerance": 0.02}
+    _, targets, r = explain.explain_batch(net, test.images[:48], test.labels[:48], settings)
+    within = r.relative_error() <= 0.02
+    assert torch.all(within | (r.n_steps == 32))
+    assert set(r.n_steps.tolist()) <= {4, 8, 16, 32} and len(set(r.n_steps.tolist())) > 1
+    fixed = explain.integrated_gradients(net, data.to_unit(test.images[:48]), targets, n_steps=4)
+    assert r.relative_error().mean() < fixed.relative_error().mean()
+
+
 def test_attribution_mass_falls_inside_the_evidence_mask_more_than_random(net_and_test):
     net, test = net_and_test
     n = 100

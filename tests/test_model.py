@@ -48,6 +48,19 @@ def test_predict_logits_with_tta_averages_the_eight_symmetries():
     assert not torch.allclose(plain, tta)
 
 
+def test_folding_batchnorm_keeps_the_function():
+    torch.manual_seed(0)
+    net = model_lib.build()
+    net.train()
+    for _ in range(3):  # give BatchNorm non-trivial running statistics
+        net(torch.rand(16, 3, 28, 28))
+    net.eval()
+    fused = model_lib.fused_for_inference(net)
+    x = torch.rand(8, 3, 28, 28)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert torch.allclose(fused(x), net(x), atol=1e-4)
+
+
 def test_checkpoint_round_trip_restores_weights_and_metadata(tmp_path):
     torch.manual_seed(0)
     net = model_lib.build(mean=[0.1, 0.2, 0.3], std=[0.3, 0.2, 0.1]).eval()

@@ -1,0 +1,31 @@
+"""bench.py: the quick mode runs end to end and reports every key (no timing assertions)."""
+import json
+import math
+
+import bench
+
+KEYS = ("train_speedup", "ig_speedup", "ig_rel_delta", "db_write_speedup", "db_bytes_ratio",
+        "read_class_ms", "macs_ratio")
+
+
+def test_quick_benchmark_reports_every_key(tmp_path, capsys):
+    bench.main(["--quick", "--json", str(tmp_path / "b.json")])
+    results = json.loads((tmp_path / "b.json").read_text())
+    for key in KEYS:
+        assert math.isfinite(results[key]) and results[key] > 0, key
+    assert "ratio" in capsys.readouterr().out
+
+
+def test_original_model_is_the_one_the_issue_describes():
+    name, shape, params, macs = bench.model_lib.layer_costs(bench.original_model())[-1]
+    assert params == 871_145 and shape == (9,)
+    assert round(macs / 1e6, 1) == 19.5
+
+
+def test_original_storage_round_trips_its_base64_text(tmp_path):
+    import numpy as np
+    arrays = np.random.default_rng(0).normal(size=(5, 3, 28, 28)).astype(np.float32)
+    labels = np.array([1, 2, 1, 0, 1])
+    bench.original_store(tmp_path / "o.db", arrays, labels, labels)
+    back = bench.original_read_class(tmp_path / "o.db", 1)
+    assert len(back) == 3 and np.array_equal(back[0], arrays[0])
