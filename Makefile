@@ -1,11 +1,12 @@
 # make run   - set up .venv, train on PathMNIST (downloads it on first use), then evaluate
 # make demo  - the same end to end, offline, on the SYNTHETIC dataset (not PathMNIST)
 # make test  - set up .venv and run the test suite
+# make bench - speed and storage against the original approach, side by side (a few minutes)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run demo test clean-demo
+.PHONY: setup run demo test bench
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -24,3 +25,6 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench.py

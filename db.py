@@ -2,7 +2,8 @@
 
     python db.py runs/pathmnist/explanations.db      # runs, rows per class, accuracy, mean |delta|
 
-Schema version 1 (kept in PRAGMA user_version; WAL journal, foreign keys on):
+Schema version 2 (kept in PRAGMA user_version; WAL journal, foreign keys on). Version 1 had the first
+two tables; opening a version-1 file migrates it in place (adds `quality`), keeping every row.
 
 runs: one row per (checkpoint, IG settings); rerunning evaluate.py with both unchanged reuses it.
     run_id             INTEGER PRIMARY KEY
@@ -30,6 +31,18 @@ explanations: one row per explained image, keyed by (run_id, split, image_index)
     score, baseline_score REAL  the explained output at the image and at the IG baseline
     n_steps            INTEGER  integration steps used for this image
 
+quality (v2): explanation quality per image and method, keyed by (run_id, split, image_index, method).
+    method             TEXT     'ig', or 'smoothgrad_ig:n=<samples>,sd=<stdev>'
+    relative_error     REAL     |delta| / |score - baseline_score| (completeness)
+    deletion_auc, insertion_auc (and *_random)  REAL  Petsiuk et al. 2018; random pixel order as reference
+    deletion_curve, insertion_curve (and *_random) BLOB  float32 probabilities at 0, 1/28, ..., 1 of the pixels
+    infidelity, sensitivity_max REAL  captum.metrics, Gaussian sd 0.05 / uniform radius 0.02 perturbations
+    randomization_spearman REAL  |map| rank correlation, original vs fully randomised model (Adebayo 2018)
+    randomization_spearman_signed REAL  the same without absolute values
+    randomization_input_spearman  REAL  |map| rank correlation with |x - baseline| (input-only reference)
+    randomization_stages TEXT  JSON list: the |map| correlation after each cascading stage, top layer first
+    mask_mass, mask_area REAL   synthetic data only: share of |map| inside the evidence mask, the mask's area
+
 Reading an attribution needs only sqlite3 and numpy:
     blob, dtype, shape = con.execute("SELECT attribution, attr_dtype, attr_shape FROM explanations "
                                      "WHERE run_id=? AND split=? AND image_index=?", (1, "test", 0)).fetchone()
@@ -44,8 +57,8 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMA_VERSION = 1
-SCHEMA = """
+SCHEMA_VERSION = 2
+SCHEMA_V1 = """
 CREATE TABLE runs (
     run_id INTEGER PRIMARY KEY,
     checkpoint_sha256 TEXT NOT NULL,
@@ -84,6 +97,23 @@ CREATE TABLE explanations (
 CREATE INDEX explanations_by_true ON explanations (run_id, split, true_label);
 CREATE INDEX explanations_by_pred ON explanations (run_id, split, pred_label);
 """
+QUALITY_CURVES = ("deletion_curve", "deletion_curve_random", "insertion_curve", "insertion_curve_random")
+QUALITY_VALUES = ("relative_error", "deletion_auc", "deletion_auc_random", "insertion_auc",
+                  "insertion_auc_random", "infidelity", "sensitivity_max", "randomization_spearman",
+                  "randomization_spearman_signed", "randomization_input_spearman", "mask_mass", "mask_area")
+# MIGRATIONS[v] takes a version-v database to version v + 1.
+MIGRATIONS = {1: """
+CREATE TABLE quality (
+    run_id INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
+    split TEXT NOT NULL,
+    image_index INTEGER NOT NULL,
+    method TEXT NOT NULL,
+""" + "".join(f"    {c} REAL{' NOT NULL' if not c.startswith('mask') else ''},\n" for c in QUALITY_VALUES)
+    + "".join(f"    {c} BLOB NOT NULL,\n" for c in QUALITY_CURVES) + """\
+    randomization_stages TEXT NOT NULL,
+    PRIMARY KEY (run_id, split, image_index, method)
+);
+"""}
 EXPLANATION_COLUMNS = ("run_id", "split", "image_index", "true_label", "pred_label", "target",
                        "confidence", "probs", "attribution", "attr_dtype", "attr_shape", "delta",
                        "score", "baseline_score", "n_steps")
@@ -92,6 +122,10 @@ ORDERS = {"index": "image_index", "confidence": "confidence", "-confidence": "co
 
 class DBError(Exception):
     """A path that is not our database, or one of another schema version; meant for the user."""
+
+
+def table_names(conn):
+    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
 
 
 def now():
@@ -110,20 +144,22 @@ def connect(path, create=True):
     conn.row_factory = sqlite3.Row
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        tables = table_names(conn)
     except sqlite3.DatabaseError as e:
         conn.close()
         raise DBError(f"{path} is not an SQLite database ({e}). Pass the explanations.db written by "
                       f"evaluate.py, or a new path to create one.") from e
-    if version == 0 and not tables:
-        with conn:
-            conn.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
-    elif version != SCHEMA_VERSION or not {"runs", "explanations"} <= tables:
+    if version == 0 and not tables:  # a new file
+        conn.executescript(f"BEGIN; {SCHEMA_V1} PRAGMA user_version = 1; COMMIT;")
+        version, tables = 1, table_names(conn)
+    if not 1 <= version <= SCHEMA_VERSION or not {"runs", "explanations"} <= tables:
         conn.close()
         newer = "a newer version of this code" if version > SCHEMA_VERSION else "something else"
         raise DBError(f"{path} has schema version {version} and tables {sorted(tables)}; this code "
-                      f"reads version {SCHEMA_VERSION}. It was written by {newer}: use that, or "
+                      f"reads versions 1 to {SCHEMA_VERSION}. It was written by {newer}: use that, or "
                       f"give evaluate.py a new --db path.")
+    for v in range(version, SCHEMA_VERSION):  # each step in one transaction: all of it or none
+        conn.executescript(f"BEGIN; {MIGRATIONS[v]} PRAGMA user_version = {v + 1}; COMMIT;")
     conn.execute("PRAGMA journal_mode = WAL")  # readers never block the writer; crash-safe
     conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; a power cut loses at most the last batch
     conn.execute("PRAGMA foreign_keys = ON")
@@ -176,6 +212,40 @@ def insert_explanations(conn, rows):
     return cur.rowcount
 
 
+def done_quality(conn, run_id, split, method):
+    return {r[0] for r in conn.execute(
+        "SELECT image_index FROM quality WHERE run_id = ? AND split = ? AND method = ?",
+        (run_id, split, method))}
+
+
+def insert_quality(conn, rows):
+    """Insert a batch of quality dicts (curves as float32 arrays, stages as a list) in one transaction."""
+    columns = ("run_id", "split", "image_index", "method") + QUALITY_VALUES + QUALITY_CURVES + (
+        "randomization_stages",)
+    encoded = [tuple(np.asarray(row[c], "<f4").tobytes() if c in QUALITY_CURVES
+                     else json.dumps([round(v, 6) for v in row[c]]) if c == "randomization_stages"
+                     else row.get(c) for c in columns) for row in rows]
+    with conn:
+        conn.executemany(f"INSERT OR IGNORE INTO quality ({', '.join(columns)}) "
+                         f"VALUES ({', '.join('?' * len(columns))})", encoded)
+
+
+def quality_rows(conn, run_id, split, method, image_indices):
+    """Stored quality rows for these images, curves decoded to float32 arrays, stages to a list."""
+    marks = ", ".join("?" * len(image_indices))
+    rows = conn.execute(f"SELECT * FROM quality WHERE run_id = ? AND split = ? AND method = ? "
+                        f"AND image_index IN ({marks}) ORDER BY image_index",
+                        (run_id, split, method, *image_indices)).fetchall()
+    out = []
+    for r in rows:
+        d = dict(r)
+        for c in QUALITY_CURVES:
+            d[c] = np.frombuffer(d[c], "<f4")
+        d["randomization_stages"] = json.loads(d["randomization_stages"])
+        out.append(d)
+    return out
+
+
 def set_metrics(conn, run_id, metrics):
     with conn:
         conn.execute("UPDATE runs SET metrics = ?, updated_at = ? WHERE run_id = ?",
@@ -223,9 +293,13 @@ def attribution(conn, run_id, split, image_index):
 
 
 def find(conn, run_id, split="test", misclassified=None, true_label=None, pred_label=None,
-         min_confidence=None, max_confidence=None, order="index", limit=None, with_arrays=False):
+         min_confidence=None, max_confidence=None, image_indices=None, order="index", limit=None,
+         with_arrays=False):
     """Stored explanations matching every filter given, as dicts (arrays decoded if with_arrays)."""
     where, params = ["run_id = ?", "split = ?"], [run_id, split]
+    if image_indices is not None:
+        where.append(f"image_index IN ({', '.join('?' * len(image_indices))})")
+        params += [int(i) for i in image_indices]
     if misclassified is not None:
         where.append("true_label != pred_label" if misclassified else "true_label = pred_label")
     for clause, value in (("true_label = ?", true_label), ("pred_label = ?", pred_label),
@@ -278,6 +352,13 @@ def summary(conn):
             for label, count, class_acc in per_class:
                 name = run["class_names"][label]
                 lines.append(f"    {label} {name:38s} {count:6d} rows  accuracy {class_acc:.3f}")
+        quality = conn.execute(
+            "SELECT method, COUNT(*), AVG(deletion_auc), AVG(deletion_auc_random), AVG(insertion_auc), "
+            "AVG(insertion_auc_random), AVG(randomization_spearman) FROM quality WHERE run_id = ? "
+            "GROUP BY method ORDER BY method", (run_id,)).fetchall()
+        for method, n, dele, dele_r, ins, ins_r, rho in quality:
+            lines.append(f"  quality {method}: {n} images, deletion AUC {dele:.3f} (random {dele_r:.3f}), "
+                         f"insertion AUC {ins:.3f} (random {ins_r:.3f}), randomised |map| Spearman {rho:.2f}")
     return "\n".join(lines) if lines else "The database holds no runs yet."
 
 

@@ -47,6 +47,12 @@ def parse_args(argv=None):
     explain.add_ig_arguments(p)
     p.add_argument("--target", default=explain.DEFAULT_IG["target"], help="class to explain: 'pred', "
                    "'true', or a class index or name")
+    p.add_argument("--quality", default="200", help="how many of the explained images get the "
+                   "quality checks (completeness, deletion/insertion, infidelity, sensitivity, "
+                   "randomisation; localisation on synthetic data): a number, 'all', or 0 to skip")
+    p.add_argument("--smooth", type=int, default=0, help="also compute SmoothGrad over IG (Captum's "
+                   "NoiseTunnel) with this many noisy samples for the quality images, and compare")
+    p.add_argument("--smooth-sd", type=float, default=0.1, help="SmoothGrad noise s.d. in [0, 1] pixel units")
     p.add_argument("--attr-dtype", default="float16", choices=("float16", "float32"),
                    help="precision of the stored attributions")
     p.add_argument("--ig-batch", type=int, default=32, help="images per IG batch (and per DB transaction)")
@@ -117,10 +123,7 @@ def plot_confusion(cm, class_names, path, title):
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    with data.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130)
-    plt.close(fig)
+    data.write_figure(fig, path, dpi=130)
 
 
 def write_json(path, obj):
@@ -199,6 +202,129 @@ def ig_summary(conn, run_id, indices):
             "share_within_5pct": float((rel <= 0.05).mean())} if rows else {"explained": 0}
 
 
+QUALITY_BATCH = 50  # images per quality transaction (sensitivity_max expands each 4x)
+SUMMARY_KEYS = ("deletion_auc", "deletion_auc_random", "insertion_auc", "insertion_auc_random",
+                "infidelity", "sensitivity_max", "randomization_spearman",
+                "randomization_spearman_signed", "randomization_input_spearman", "mask_mass", "mask_area")
+
+
+def quality_methods(args, settings):
+    """{method name: attribution function}: IG, plus SmoothGrad over IG with --smooth."""
+    methods = {"ig": explain.attribution_fn(settings)}
+    if args.smooth:
+        methods[f"smoothgrad_ig:n={args.smooth},sd={args.smooth_sd}"] = explain.attribution_fn(
+            settings, args.smooth, args.smooth_sd)
+    return methods
+
+
+def quality_into_db(net, fused, split, indices, settings, methods, conn, run_id, device):
+    """Quality measures for `indices` that are not stored yet, a batch per transaction."""
+    stages = explain.randomized_models(net)
+    for method, attribute in methods.items():
+        done = db.done_quality(conn, run_id, "test", method)
+        todo = [i for i in indices if i not in done]
+        if not todo:
+            continue
+        bar = tqdm(total=len(todo), unit="img", desc=f"quality {method}", disable=None)
+        for start in range(0, len(todo), QUALITY_BATCH):
+            rows = db.find(conn, run_id, "test", image_indices=todo[start:start + QUALITY_BATCH],
+                           with_arrays=True)
+            idx = torch.tensor([r["image_index"] for r in rows])
+            x = data.to_unit(split.images[idx].to(device))
+            target = torch.tensor([r["target"] for r in rows], device=device)
+            if method == "ig":
+                attributions = torch.from_numpy(np.stack([r["attribution"] for r in rows]).astype(np.float32))
+            else:
+                attributions = attribute(fused, x, target).cpu()
+            q = explain.quality_measures(fused, x, target, attributions, settings, attribute, stages,
+                                         masks=None if split.masks is None else split.masks[idx])
+            gap = torch.tensor([r["score"] - r["baseline_score"] for r in rows])
+            q["relative_error"] = (attributions.sum((1, 2, 3)) - gap).abs() / gap.abs().clamp_min(1e-12)
+            db.insert_quality(conn, [{"run_id": run_id, "split": "test", "image_index": int(i),
+                                      "method": method, **{k: v[j].tolist() for k, v in q.items()}}
+                                     for j, i in enumerate(idx.tolist())])
+            bar.update(len(rows))
+        bar.close()
+
+
+def quality_summary(conn, run_id, method, indices, settings):
+    """Means over the stored quality rows of `indices`, with the check verdicts."""
+    rows = db.quality_rows(conn, run_id, "test", method, indices)
+    if not rows:
+        return {"images": 0}
+    mean = lambda key: float(np.mean([r[key] for r in rows])) if rows[0][key] is not None else None  # noqa: E731
+    stages = np.mean([r["randomization_stages"] for r in rows], axis=0)
+    summary = {"images": len(rows), **{k: mean(k) for k in SUMMARY_KEYS},
+               "completeness_share": float(np.mean([r["relative_error"] <= settings["tolerance"] for r in rows])),
+               "mean_relative_error": mean("relative_error"),
+               "randomization_by_stage": dict(zip(["classifier"] + [f"features.{i}" for i in
+                                                   reversed(range(len(stages) - 1))], stages.tolist()))}
+    summary["randomization_check"] = explain.randomization_verdict(
+        summary["randomization_spearman"], summary["randomization_input_spearman"])
+    return summary
+
+
+def quality_warnings(summary, method, settings):
+    """Lines that tell the user which check went wrong and what to do."""
+    lines = []
+    if method == "ig" and summary["completeness_share"] < 0.95:
+        better = 2 * settings["max_steps"]
+        lines.append(f"warning: only {summary['completeness_share']:.0%} of images have a completeness "
+                     f"error within {settings['tolerance']:.0%}; rerun with --max-steps {better} "
+                     f"(and --n-steps {min(better, 2 * settings['n_steps'])} to start higher).")
+    if summary["deletion_auc"] >= summary["deletion_auc_random"]:
+        lines.append(f"warning: {method}: deleting pixels in attribution order lowers the class "
+                     f"probability no faster than a random order; the maps are not faithful here.")
+    if summary["insertion_auc"] <= summary["insertion_auc_random"]:
+        lines.append(f"warning: {method}: inserting pixels in attribution order raises the class "
+                     f"probability no faster than a random order; the maps are not faithful here.")
+    if summary["randomization_check"] == "failed":
+        lines.append(f"FAILED sanity check ({method}): with every weight randomised the maps keep a rank "
+                     f"correlation of {summary['randomization_spearman']:.2f} with the originals, above "
+                     f"what the input alone explains ({summary['randomization_input_spearman']:.2f}); "
+                     f"they depend too little on what the model learned.")
+    return lines
+
+
+def print_quality(summaries):
+    print("\nExplanation quality (means over the quality images; random order = reference):")
+    for method, q in summaries.items():
+        print(f"  {method} ({q['images']} images)")
+        print(f"    completeness: {q['completeness_share']:.1%} within tolerance, mean relative error "
+              f"{q['mean_relative_error']:.2%}")
+        print(f"    deletion AUC  {q['deletion_auc']:.3f}  (random {q['deletion_auc_random']:.3f}, lower is better)")
+        print(f"    insertion AUC {q['insertion_auc']:.3f}  (random {q['insertion_auc_random']:.3f}, higher is better)")
+        print(f"    infidelity {q['infidelity']:.4f}   sensitivity_max {q['sensitivity_max']:.4f}")
+        stages = "  ".join(f"{k} {v:.2f}" for k, v in q["randomization_by_stage"].items())
+        print(f"    randomisation Spearman |map|: {stages}")
+        print(f"      fully randomised {q['randomization_spearman']:.2f} (signed "
+              f"{q['randomization_spearman_signed']:.2f}; input-only reference "
+              f"{q['randomization_input_spearman']:.2f}) -> {q['randomization_check']}")
+        if q["mask_mass"] is not None:
+            print(f"    localisation: {q['mask_mass']:.1%} of |map| inside the evidence masks, which "
+                  f"cover {q['mask_area']:.1%} of the image")
+
+
+def quality_figures(conn, run_id, methods, indices, net, fused, split, settings, images_dir, tag):
+    curves = {}
+    for method in methods:
+        rows = db.quality_rows(conn, run_id, "test", method, indices)
+        curves[method] = {c: torch.from_numpy(np.stack([r[c] for r in rows])) for c in db.QUALITY_CURVES}
+    explain.plot_faithfulness(curves, Path(images_dir) / "faithfulness.png",
+                              f"Deletion and insertion, test split of {tag}")
+    row = db.find(conn, run_id, "test", image_indices=indices[:1], with_arrays=True)[0]
+    x = data.to_unit(split.images[row["image_index"]][None])
+    target = torch.tensor([row["target"]])
+    attribute = methods["ig"]
+    stages = explain.randomized_models(net)
+    maps = [("IG", torch.from_numpy(row["attribution"].astype(np.float32)))] + [
+        (f"random {name}", attribute(m, x, target)[0]) for name, m in stages]
+    rho = [float(explain.rank_correlation(maps[0][1][None], m[None])) for _, m in maps[1:]]
+    explain.plot_randomization(x[0], maps, rho, Path(images_dir) / "sanity_randomization.png",
+                               f"Cascading randomisation (top layer first), test image {row['image_index']} "
+                               f"of {tag}")
+
+
 def plot_ig_examples(conn, run_id, ds, path, title):
     """Per class: the most confident correct and misclassified stored explanation, if any."""
     panels = []
@@ -226,8 +352,10 @@ def main(argv=None):
     ds = data.load_matching(meta["provenance"], args.data_dir)
     tag = explain.dataset_tag(meta["provenance"])
     run_dir = Path(args.checkpoint).parent
-    if args.explain != "all" and not args.explain.isdigit():
-        raise explain.ExplainError(f"--explain {args.explain!r}: give a number of images, 'all', or 0.")
+    for flag in ("explain", "quality"):
+        value = getattr(args, flag)
+        if value != "all" and not value.isdigit():
+            raise explain.ExplainError(f"--{flag} {value!r}: give a number of images, 'all', or 0.")
     settings = {**explain.ig_settings(args, ds.class_names), "attr_dtype": args.attr_dtype}
 
     logits = model_lib.predict_logits(net, ds.test.images, args.batch_size, args.device, tta=args.tta)
@@ -254,6 +382,20 @@ def main(argv=None):
               f"to compute the rest.", file=sys.stderr)
         raise SystemExit(130)
     metrics["ig"] = {"run_id": run_id, "settings": settings, **ig_summary(conn, run_id, indices)}
+    quality_idx = indices[:len(indices) if args.quality == "all" else int(args.quality)]
+    if quality_idx:
+        methods = quality_methods(args, settings)
+        fused = model_lib.fused_for_inference(net)
+        quality_into_db(net, fused, ds.test, quality_idx, settings, methods, conn, run_id, args.device)
+        summaries = {m: quality_summary(conn, run_id, m, quality_idx, settings) for m in methods}
+        metrics.update(summaries.pop("ig"))  # IG's quality keys at the top level of metrics.json
+        metrics["quality_images"] = metrics.pop("images")
+        metrics.update(summaries)
+        print_quality({"ig": {**metrics, "images": metrics["quality_images"]}, **summaries})
+        for method, q in {"ig": metrics, **summaries}.items():
+            for line in quality_warnings(q, method, settings):
+                print(line)
+        quality_figures(conn, run_id, methods, quality_idx, net, fused, ds.test, settings, args.images, tag)
     db.set_metrics(conn, run_id, metrics)
     write_json(run_dir / "metrics.json", metrics)
     if indices:

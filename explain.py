@@ -17,6 +17,7 @@ sum(attributions) - (f(image) - f(baseline)).
 """
 import argparse
 import contextlib
+import copy
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -26,8 +27,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from captum.attr import IntegratedGradients  # noqa: E402
+from captum.attr import IntegratedGradients, NoiseTunnel  # noqa: E402
 from captum.attr import visualization as viz  # noqa: E402
+from captum.metrics import infidelity, sensitivity_max  # noqa: E402
 from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
 from torchvision.transforms.functional import gaussian_blur  # noqa: E402
 
@@ -193,6 +195,184 @@ def explain_batch(model, images_u8, labels, settings, device="cpu"):
     return torch.softmax(logits, 1).cpu(), targets.cpu(), result.cpu()
 
 
+# ----------------------------------------------------------------------------- quality
+
+CURVE_POINTS = 29  # deletion/insertion curves: 0, 1/28, ..., all of the pixels
+# The randomisation check fails when the fully randomised maps keep a rank correlation above 0.5
+# with the originals, unless that is within 0.1 of what |x - baseline| alone shares with them.
+RANDOMIZATION_FAIL, INPUT_MARGIN = 0.5, 0.1
+INFIDELITY_NOISE, SENSITIVITY_RADIUS = 0.05, 0.02  # in [0, 1] pixel units
+
+
+def attribution_fn(settings, smooth=0, smooth_stdev=0.1):
+    """(model, x, target) -> attributions: IG at a fixed settings["n_steps"], or, with `smooth`
+    samples, SmoothGrad over it (Captum's NoiseTunnel, Gaussian noise of `smooth_stdev`)."""
+    def chunk(x, copies=1):  # Captum refuses chunks smaller than the number of examples
+        return max(CPU_CHUNK, len(x) * copies) if x.device.type == "cpu" else None
+
+    def ig(model, x, target):
+        return integrated_gradients(model, x, target, baseline=settings["baseline"],
+                                    n_steps=settings["n_steps"], method=settings["method"],
+                                    output=settings["output"], internal_batch_size=chunk(x)).attributions
+
+    def smoothgrad_ig(model, x, target):
+        with input_gradients_only(model):
+            return NoiseTunnel(IntegratedGradients(forward_for(model, settings["output"]))).attribute(
+                x, nt_type="smoothgrad", nt_samples=smooth, stdevs=smooth_stdev,
+                baselines=make_baseline(x, settings["baseline"], model), target=target,
+                n_steps=settings["n_steps"], method=settings["method"],
+                internal_batch_size=chunk(x, smooth)).detach()
+    return smoothgrad_ig if smooth else ig
+
+
+def pixel_order(attributions, generator=None):
+    """(B, H*W) pixel indices, most positive channel-summed attribution first; random with a generator."""
+    b, _, h, w = attributions.shape
+    if generator is not None:
+        return torch.stack([torch.randperm(h * w, generator=generator) for _ in range(b)])
+    return attributions.sum(1).flatten(1).argsort(dim=1, descending=True, stable=True)
+
+
+@torch.no_grad()
+def perturbation_curves(model, x, baseline, order, target, insertion, points=CURVE_POINTS):
+    """Probability of `target` as pixels, in `order`, are deleted (set to the baseline) or inserted
+    (copied from x into the baseline): Petsiuk et al., 2018. Returns (B, points)."""
+    b, _, h, w = x.shape
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(h * w).expand(b, -1).contiguous())
+    rank = rank.view(b, 1, h, w).to(x.device)
+    start, end = (baseline, x) if insertion else (x, baseline)
+    rows = torch.arange(b, device=x.device)
+    curve = [torch.softmax(model(torch.where(rank < k, end, start)), 1)[rows, target]
+             for k in torch.linspace(0, h * w, points).round().long().tolist()]
+    return torch.stack(curve, 1).cpu()
+
+
+def curve_auc(curves):
+    """Area under each curve, with the fraction of pixels (0 to 1) on the x axis."""
+    return torch.trapezoid(curves, dx=1 / (curves.shape[1] - 1), dim=1)
+
+
+def mask_share(attributions, masks):
+    """(share of |attribution| inside the mask, the mask's share of the image) per image."""
+    mass = attributions.abs().sum(1)
+    masks = masks.to(mass.device, mass.dtype)
+    return (mass * masks).sum((1, 2)) / mass.sum((1, 2)).clamp_min(1e-12), masks.mean((1, 2))
+
+
+def rank_correlation(a, b, absolute=True):
+    """Per-image Spearman correlation of a and b summed over channels, of their absolute values by
+    default (Adebayo et al., 2018, report both)."""
+    def centred_ranks(t):
+        t = t.abs().sum(1) if absolute else t.sum(1)
+        r = t.flatten(1).argsort(1).argsort(1).double()
+        return r - r.mean(1, keepdim=True)
+    ra, rb = centred_ranks(a), centred_ranks(b)
+    return ((ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1)).clamp_min(1e-12)).float()
+
+
+def randomization_verdict(spearman, input_spearman):
+    """'failed' when fully randomised maps keep more of their ranking than the input alone explains."""
+    return "failed" if spearman > max(RANDOMIZATION_FAIL, input_spearman + INPUT_MARGIN) else "passed"
+
+
+def randomized_models(model, seed=0):
+    """[(stage, model)]: weights re-initialised cumulatively from the top layer down, each copy
+    BN-folded for IG. Seeded, and without touching the global RNG."""
+    stages = ["classifier"] + [f"features.{i}" for i in reversed(range(len(model.features)))]
+    out, rand = [], copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for stage in stages:
+            for m in rand.get_submodule(stage).modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.reset_running_stats()
+            out.append((stage, model_lib.fused_for_inference(rand)))
+    return out
+
+
+def quality_measures(model, x, target, attributions, settings, attribute, stages, masks=None, seed=0):
+    """Faithfulness and sanity measures of `attributions` (B, C, H, W) for images x, per image.
+
+    `model` is the (BN-folded) model explained; `attribute` recomputes maps (see attribution_fn)
+    for the randomised models in `stages` and for Captum's sensitivity_max.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # random orders and metric noise: the same on every rerun
+        gen = torch.Generator().manual_seed(seed)
+        base = make_baseline(x, settings["baseline"], model)
+        order, random_order = pixel_order(attributions), pixel_order(attributions, gen)
+        curves = {f"{kind}_curve{suffix}": perturbation_curves(model, x, base, o, target, kind == "insertion")
+                  for kind in ("deletion", "insertion")
+                  for suffix, o in (("", order), ("_random", random_order))}
+
+        def gaussian(inputs):
+            noise = torch.randn_like(inputs) * INFIDELITY_NOISE
+            return noise, inputs - noise
+        forward = forward_for(model, settings["output"])
+        infid = infidelity(forward, gaussian, x, attributions.to(x.device), target=target,
+                           n_perturb_samples=16, normalize=True)
+        def explanation(inputs, target):  # Captum passes and expects 1-tuples
+            return (attribute(model, inputs[0] if isinstance(inputs, tuple) else inputs, target),)
+        sens = sensitivity_max(explanation, x, target=target, perturb_radius=SENSITIVITY_RADIUS,
+                               n_perturb_samples=4)
+        randomized = [attribute(m, x, target).cpu() for _, m in stages]
+    by_stage = torch.stack([rank_correlation(attributions, a) for a in randomized], 1)
+    out = {**curves, "infidelity": infid.cpu(), "sensitivity_max": sens.cpu(),
+           "randomization_stages": by_stage, "randomization_spearman": by_stage[:, -1],
+           "randomization_spearman_signed": rank_correlation(attributions, randomized[-1], absolute=False),
+           # IG multiplies by (x - baseline), so maps from any weights share this much ranking with it
+           "randomization_input_spearman": rank_correlation(attributions, (x - base).cpu())}
+    for key in ("deletion", "insertion"):
+        for suffix in ("", "_random"):
+            out[f"{key}_auc{suffix}"] = curve_auc(curves[f"{key}_curve{suffix}"])
+    if masks is not None:
+        out["mask_mass"], out["mask_area"] = (t.cpu() for t in mask_share(attributions, masks))
+    return out
+
+
+def plot_faithfulness(curves, path, title):
+    """Mean deletion and insertion curves per method, with the random-order reference.
+
+    curves: {method: {"deletion_curve": (N, P), "deletion_curve_random": ..., "insertion_curve": ...}};
+    every method is scored on the same images with the same random order, so one reference is drawn.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, kind in zip(axes, ("deletion", "insertion")):
+        for method, c in curves.items():
+            frac = np.linspace(0, 1, c[f"{kind}_curve"].shape[1])
+            ax.plot(frac, c[f"{kind}_curve"].mean(0).numpy(), "-",
+                    label=f"{method} order (AUC {float(curve_auc(c[f'{kind}_curve']).mean()):.3f})")
+        reference = next(iter(curves.values()))[f"{kind}_curve_random"]
+        ax.plot(frac, reference.mean(0).numpy(), "--", color="grey",
+                label=f"random order (AUC {float(curve_auc(reference).mean()):.3f})")
+        ax.set_xlabel(f"fraction of pixels {'deleted (set to baseline)' if kind == 'deletion' else 'inserted into baseline'}")
+        ax.set_ylabel("probability of the explained class")
+        ax.set_title(f"{kind} ({'lower' if kind == 'deletion' else 'higher'} AUC is better)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    data.write_figure(fig, path, dpi=120)
+
+
+def plot_randomization(image, maps, correlations, path, title):
+    """One image, its IG map, and the maps after each cascading randomisation stage."""
+    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(1.7 * (len(maps) + 1), 2.3))
+    axes[0].imshow(np.clip(hwc(image), 0, 1))
+    axes[0].set_title("image", fontsize=7)
+    for ax, (name, attribution), rho in zip(axes[1:], maps, [None] + list(correlations)):
+        viz.visualize_image_attr(hwc(attribution).astype(np.float64), hwc(image), method="heat_map",
+                                 sign="absolute_value", plt_fig_axis=(fig, ax), use_pyplot=False)
+        ax.set_title(name if rho is None else f"{name}\nSpearman {rho:.2f}", fontsize=7)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=8)
+    data.write_figure(fig, path, dpi=130)
+
+
 # ----------------------------------------------------------------------------- image files
 
 def read_image(path, size):
@@ -262,10 +442,7 @@ def save_figure(panels, path, suptitle):
             ax.axis("on")
         draw_explanation(fig, row_axes, image, attribution, title)
     fig.suptitle(suptitle, fontsize=9)
-    fig.tight_layout()
-    with data.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130)
-    plt.close(fig)
+    data.write_figure(fig, path, dpi=130)
 
 
 def panel_title(class_names, true, pred, confidence):

@@ -123,10 +123,7 @@ def plot_history(history, path, title):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    with data.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    data.write_figure(fig, path, dpi=120)
 
 
 def main(argv=None):

@@ -1,4 +1,6 @@
 """Shared fixtures: small SYNTHETIC datasets written by data.py, and one short training run."""
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -48,9 +50,12 @@ def write_npz(path, size=28, n=6, **override):
 
 
 @pytest.fixture(scope="session")
-def evaluated_run(trained_run, syn_dir):
-    """The trained run after `evaluate.py --explain 60`: (run dir, metrics)."""
+def evaluated_run(trained_run, syn_dir, tmp_path_factory):
+    """A copy of the trained run after `evaluate.py --explain 60`: (run dir, metrics). Its own
+    folder, so other tests that evaluate the same checkpoint cannot overwrite its outputs."""
     import evaluate
-    metrics = evaluate.main(["--checkpoint", str(trained_run / "best.pt"), "--data-dir", str(syn_dir),
-                             "--explain", "60", "--images", str(trained_run / "images")])
-    return trained_run, metrics
+    run_dir = tmp_path_factory.mktemp("evaluated")
+    shutil.copy(trained_run / "best.pt", run_dir / "best.pt")
+    metrics = evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(syn_dir),
+                             "--explain", "60", "--images", str(run_dir / "images")])
+    return run_dir, metrics

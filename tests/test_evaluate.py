@@ -173,6 +173,7 @@ def test_db_cli_summarises_a_store(evaluated_run):
     result = subprocess.run([sys.executable, "db.py", str(run_dir / "explanations.db")], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "60 explanations" in result.stdout
+    assert "quality ig: 60 images" in result.stdout
 
 
 def test_db_cli_refuses_a_file_that_is_not_a_db(tmp_path):

@@ -96,6 +96,7 @@ def test_arbitrary_pickle_is_refused(tmp_path):
         model_lib.load_checkpoint(path)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_plain_pickle_file_is_refused(tmp_path):
     path = tmp_path / "p.pt"
     path.write_bytes(pickle.dumps(argparse.Namespace(a=1)))
