@@ -228,7 +228,7 @@ def db_bench(batches, n_rows, folder, repeats):
     """Both stores fed the same IG results, `n_rows` rows (cycling through `batches`): rows/s writing
     (best of `repeats`, each into a new file), bytes per row, ms to read back one class."""
     jobs, labels = [], []
-    for k in range(-(-n_rows // sum(len(t) for _, t, _ in batches))):
+    for _ in range(-(-n_rows // sum(len(t) for _, t, _ in batches))):
         for probs, targets, result in batches:
             start = len(labels)
             labels += targets.tolist()
@@ -321,7 +321,8 @@ def run(cfg):
         ("  ... its mean relative completeness error", original_rel, method_on_original_rel),
         ("SQLite write, rows/s", store["original_rows_s"], store["ours_rows_s"]),
         ("SQLite bytes per row", store["original_bytes_row"], store["ours_bytes_row"]),
-        (f"SQLite read one class ({store['class_rows']} rows), ms", store["original_read_ms"], store["ours_read_ms"]),
+        (f"SQLite read one class ({store['class_rows']} rows), ms", store["original_read_ms"],
+         store["ours_read_ms"]),
         ("parameters", original_cost[2], our_cost[2]),
         ("multiply-adds per image", original_cost[3], our_cost[3]),
     ]

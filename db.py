@@ -191,7 +191,8 @@ def run_id_for(conn, checkpoint_sha256, checkpoint_path, model_config, class_nam
             "dataset, size, data_file, data_md5, synthetic, ig_settings, created_at, updated_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (checkpoint_sha256, str(checkpoint_path), json.dumps(model_config, sort_keys=True),
-             json.dumps(list(class_names)), provenance["dataset"], provenance["size"], provenance["file"], provenance["md5"],
+             json.dumps(list(class_names)), provenance["dataset"], provenance["size"],
+             provenance["file"], provenance["md5"],
              int(provenance["synthetic"]), settings, now(), now()))
     return conn.execute("SELECT run_id FROM runs WHERE checkpoint_sha256 = ? AND ig_settings = ?",
                         (checkpoint_sha256, settings)).fetchone()[0]
@@ -336,7 +337,8 @@ def summary(conn):
         lines.append(f"  IG settings: {json.dumps(run['ig_settings'], sort_keys=True)}")
         if run["metrics"]:
             m = run["metrics"]
-            lines.append(f"  test metrics: ACC {m.get('acc', float('nan')):.4f}  AUC {m.get('auc', float('nan')):.4f}"
+            lines.append(f"  test metrics: ACC {m.get('acc', float('nan')):.4f}  "
+                         f"AUC {m.get('auc', float('nan')):.4f}"
                          f"  (TTA {'on' if m.get('tta') else 'off'})")
         stats = conn.execute(
             "SELECT split, COUNT(*), AVG(true_label = pred_label), AVG(ABS(delta)), "

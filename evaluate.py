@@ -35,19 +35,26 @@ ECE_BINS = 15
 EXPLAIN_SEED = 0  # which test images get explained: a fixed shuffle, so reruns pick the same ones
 
 
+def image_count(text):
+    """argparse type for --explain/--quality: a number of images, or 'all'."""
+    if text == "all" or text.isdigit():
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number of images or 'all'")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].split(": ", 1)[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default="runs/pathmnist/best.pt", help="model written by train.py")
     p.add_argument("--data-dir", default="data", help="folder holding the dataset npz")
     p.add_argument("--tta", action="store_true", help="average predictions over the 8 flips/rotations")
-    p.add_argument("--explain", default="500", help="how many test images to explain with IG: a "
+    p.add_argument("--explain", default="500", type=image_count, help="how many test images to explain with IG: a "
                    "number, 'all', or 0 to skip")
     p.add_argument("--db", help="SQLite store for the explanations (default: <run dir>/explanations.db)")
     explain.add_ig_arguments(p)
     p.add_argument("--target", default=explain.DEFAULT_IG["target"], help="class to explain: 'pred', "
                    "'true', or a class index or name")
-    p.add_argument("--quality", default="200", help="how many of the explained images get the "
+    p.add_argument("--quality", default="200", type=image_count, help="how many of the explained images get the "
                    "quality checks (completeness, deletion/insertion, infidelity, sensitivity, "
                    "randomisation; localisation on synthetic data): a number, 'all', or 0 to skip")
     p.add_argument("--smooth", type=int, default=0, help="also compute SmoothGrad over IG (Captum's "
@@ -292,8 +299,10 @@ def print_quality(summaries):
         print(f"  {method} ({q['images']} images)")
         print(f"    completeness: {q['completeness_share']:.1%} within tolerance, mean relative error "
               f"{q['mean_relative_error']:.2%}")
-        print(f"    deletion AUC  {q['deletion_auc']:.3f}  (random {q['deletion_auc_random']:.3f}, lower is better)")
-        print(f"    insertion AUC {q['insertion_auc']:.3f}  (random {q['insertion_auc_random']:.3f}, higher is better)")
+        print(f"    deletion AUC  {q['deletion_auc']:.3f}  (random {q['deletion_auc_random']:.3f}, "
+              f"lower is better)")
+        print(f"    insertion AUC {q['insertion_auc']:.3f}  (random {q['insertion_auc_random']:.3f}, "
+              f"higher is better)")
         print(f"    infidelity {q['infidelity']:.4f}   sensitivity_max {q['sensitivity_max']:.4f}")
         stages = "  ".join(f"{k} {v:.2f}" for k, v in q["randomization_by_stage"].items())
         print(f"    randomisation Spearman |map|: {stages}")
@@ -305,7 +314,19 @@ def print_quality(summaries):
                   f"cover {q['mask_area']:.1%} of the image")
 
 
-def quality_figures(conn, run_id, methods, indices, net, fused, split, settings, images_dir, tag):
+def report_quality(conn, run_id, methods, indices, settings):
+    """Print the quality summaries and warnings; return them for metrics.json, with IG's keys at
+    the top level and other methods' summaries under their names."""
+    summaries = {m: quality_summary(conn, run_id, m, indices, settings) for m in methods}
+    print_quality(summaries)
+    for method, q in summaries.items():
+        for line in quality_warnings(q, method, settings):
+            print(line)
+    ig = summaries.pop("ig")
+    return {**ig, "quality_images": ig.pop("images"), **summaries}
+
+
+def quality_figures(conn, run_id, methods, indices, net, split, images_dir, tag):
     curves = {}
     for method in methods:
         rows = db.quality_rows(conn, run_id, "test", method, indices)
@@ -328,7 +349,7 @@ def quality_figures(conn, run_id, methods, indices, net, fused, split, settings,
 def plot_ig_examples(conn, run_id, ds, path, title):
     """Per class: the most confident correct and misclassified stored explanation, if any."""
     panels = []
-    for label, name in enumerate(ds.class_names):
+    for label in range(len(ds.class_names)):
         for wrong in (False, True):
             hits = db.find(conn, run_id, "test", misclassified=wrong, true_label=label,
                            order="-confidence", limit=1, with_arrays=True)
@@ -352,10 +373,6 @@ def main(argv=None):
     ds = data.load_matching(meta["provenance"], args.data_dir)
     tag = explain.dataset_tag(meta["provenance"])
     run_dir = Path(args.checkpoint).parent
-    for flag in ("explain", "quality"):
-        value = getattr(args, flag)
-        if value != "all" and not value.isdigit():
-            raise explain.ExplainError(f"--{flag} {value!r}: give a number of images, 'all', or 0.")
     settings = {**explain.ig_settings(args, ds.class_names), "attr_dtype": args.attr_dtype}
 
     logits = model_lib.predict_logits(net, ds.test.images, args.batch_size, args.device, tta=args.tta)
@@ -373,29 +390,22 @@ def main(argv=None):
     run_id = db.run_id_for(conn, metrics["checkpoint_sha256"], args.checkpoint, net.config,
                            ds.class_names, meta["provenance"], settings)
     indices = explanation_indices(len(ds.test), args.explain)
+    quality_idx = indices[:len(indices) if args.quality == "all" else int(args.quality)]
+    fused = model_lib.fused_for_inference(net)
+    methods = quality_methods(args, settings)
     try:
         if indices:
-            explain_into_db(model_lib.fused_for_inference(net), ds.test, indices, settings, conn,
-                            run_id, args)
+            explain_into_db(fused, ds.test, indices, settings, conn, run_id, args)
+        if quality_idx:
+            quality_into_db(net, fused, ds.test, quality_idx, settings, methods, conn, run_id, args.device)
     except KeyboardInterrupt:
         print(f"\nInterrupted. Every finished batch is stored in run {run_id}; rerun the same command "
               f"to compute the rest.", file=sys.stderr)
-        raise SystemExit(130)
+        raise SystemExit(130) from None
     metrics["ig"] = {"run_id": run_id, "settings": settings, **ig_summary(conn, run_id, indices)}
-    quality_idx = indices[:len(indices) if args.quality == "all" else int(args.quality)]
     if quality_idx:
-        methods = quality_methods(args, settings)
-        fused = model_lib.fused_for_inference(net)
-        quality_into_db(net, fused, ds.test, quality_idx, settings, methods, conn, run_id, args.device)
-        summaries = {m: quality_summary(conn, run_id, m, quality_idx, settings) for m in methods}
-        metrics.update(summaries.pop("ig"))  # IG's quality keys at the top level of metrics.json
-        metrics["quality_images"] = metrics.pop("images")
-        metrics.update(summaries)
-        print_quality({"ig": {**metrics, "images": metrics["quality_images"]}, **summaries})
-        for method, q in {"ig": metrics, **summaries}.items():
-            for line in quality_warnings(q, method, settings):
-                print(line)
-        quality_figures(conn, run_id, methods, quality_idx, net, fused, ds.test, settings, args.images, tag)
+        metrics.update(report_quality(conn, run_id, methods, quality_idx, settings))
+        quality_figures(conn, run_id, methods, quality_idx, net, ds.test, args.images, tag)
     db.set_metrics(conn, run_id, metrics)
     write_json(run_dir / "metrics.json", metrics)
     if indices:

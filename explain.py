@@ -1,4 +1,4 @@
-"""explain.py: Integrated Gradients (Captum) for the CNN, and pictures of them.
+"""explain.py: Integrated Gradients (Captum) for the CNN, their quality measures, and pictures.
 
     python explain.py tile.png [more.jpg ...]               # classify + explain image files
     python explain.py tile.tif --target "debris"            # explain a named class instead
@@ -13,7 +13,10 @@ to the image. The default baseline is the training split's mean colour, a flat i
 black baseline gives dark haematoxylin-stained nuclei almost no attribution (they are close to it)
 and a white one does the same to glass and fat, while the mean stain colour penalises neither and
 carries no structure. The delta (Captum's convergence delta) is the completeness error:
-sum(attributions) - (f(image) - f(baseline)).
+sum(attributions) - (f(image) - f(baseline)); images whose delta is too large get more steps.
+
+The quality measures (used by evaluate.py) are deletion/insertion curves, cascading model
+randomisation, localisation in a known mask, and Captum's infidelity and sensitivity_max.
 """
 import argparse
 import contextlib
@@ -40,8 +43,6 @@ import model as model_lib  # noqa: E402
 BASELINES = ("mean", "black", "white", "blur")
 METHODS = ("gausslegendre", "riemann_trapezoid", "riemann_middle", "riemann_left", "riemann_right")
 OUTPUTS = ("logit", "prob")
-# 16 Gauss-Legendre steps keep the mean relative completeness error under 5% on our model (measured,
-# see README), at under a third of Captum's default 50 steps' cost.
 # Steps are chosen per image by the measured completeness error: every image starts with 8
 # Gauss-Legendre steps, and those whose |delta| exceeds `tolerance` of |f(x) - f(baseline)| are
 # recomputed with twice the steps, up to `max_steps` (see README for the measurements).
@@ -50,6 +51,12 @@ DEFAULT_IG = {"n_steps": 8, "max_steps": 64, "tolerance": 0.05, "method": "gauss
 # On CPU, IG's scaled images go through the model ~256 at a time: small enough to stay in cache,
 # large enough to batch well (measured: 520 vs 424 attributions/s for 32 images x 16 steps at once).
 CPU_CHUNK = 256
+
+
+def chunk_size(x, copies=1):
+    """Captum's internal_batch_size for x: CPU_CHUNK on CPU (never below the number of examples,
+    which Captum refuses), everything at once on a GPU."""
+    return max(CPU_CHUNK, len(x) * copies) if x.device.type == "cpu" else None
 
 
 class ExplainError(Exception):
@@ -111,7 +118,7 @@ def forward_for(model, output):
     return model
 
 
-def integrated_gradients(model, x, target, baseline="mean", n_steps=16, method="gausslegendre",
+def integrated_gradients(model, x, target, baseline="mean", n_steps=8, method="gausslegendre",
                          output="logit", internal_batch_size=None, logits=None):
     """IG for a batch of [0, 1] images `x` and class indices `target`, with completeness terms.
 
@@ -189,9 +196,8 @@ def explain_batch(model, images_u8, labels, settings, device="cpu"):
         logits = model(x)
     targets = target_indices(settings["target"], logits,
                              None if labels is None else labels.to(device))
-    result = refined_integrated_gradients(
-        model, x, targets, settings, logits=logits,
-        internal_batch_size=CPU_CHUNK if x.device.type == "cpu" else None)
+    result = refined_integrated_gradients(model, x, targets, settings, logits=logits,
+                                          internal_batch_size=chunk_size(x))
     return torch.softmax(logits, 1).cpu(), targets.cpu(), result.cpu()
 
 
@@ -207,13 +213,10 @@ INFIDELITY_NOISE, SENSITIVITY_RADIUS = 0.05, 0.02  # in [0, 1] pixel units
 def attribution_fn(settings, smooth=0, smooth_stdev=0.1):
     """(model, x, target) -> attributions: IG at a fixed settings["n_steps"], or, with `smooth`
     samples, SmoothGrad over it (Captum's NoiseTunnel, Gaussian noise of `smooth_stdev`)."""
-    def chunk(x, copies=1):  # Captum refuses chunks smaller than the number of examples
-        return max(CPU_CHUNK, len(x) * copies) if x.device.type == "cpu" else None
-
     def ig(model, x, target):
         return integrated_gradients(model, x, target, baseline=settings["baseline"],
                                     n_steps=settings["n_steps"], method=settings["method"],
-                                    output=settings["output"], internal_batch_size=chunk(x)).attributions
+                                    output=settings["output"], internal_batch_size=chunk_size(x)).attributions
 
     def smoothgrad_ig(model, x, target):
         with input_gradients_only(model):
@@ -221,7 +224,7 @@ def attribution_fn(settings, smooth=0, smooth_stdev=0.1):
                 x, nt_type="smoothgrad", nt_samples=smooth, stdevs=smooth_stdev,
                 baselines=make_baseline(x, settings["baseline"], model), target=target,
                 n_steps=settings["n_steps"], method=settings["method"],
-                internal_batch_size=chunk(x, smooth)).detach()
+                internal_batch_size=chunk_size(x, smooth)).detach()
     return smoothgrad_ig if smooth else ig
 
 
@@ -348,7 +351,8 @@ def plot_faithfulness(curves, path, title):
         reference = next(iter(curves.values()))[f"{kind}_curve_random"]
         ax.plot(frac, reference.mean(0).numpy(), "--", color="grey",
                 label=f"random order (AUC {float(curve_auc(reference).mean()):.3f})")
-        ax.set_xlabel(f"fraction of pixels {'deleted (set to baseline)' if kind == 'deletion' else 'inserted into baseline'}")
+        action = "deleted (set to baseline)" if kind == "deletion" else "inserted into baseline"
+        ax.set_xlabel(f"fraction of pixels {action}")
         ax.set_ylabel("probability of the explained class")
         ax.set_title(f"{kind} ({'lower' if kind == 'deletion' else 'higher'} AUC is better)", fontsize=9)
         ax.grid(alpha=0.3)

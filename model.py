@@ -66,7 +66,7 @@ class TissueCNN(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(widths[-1], n_classes)
-        # channels_last lets oneDNN pick its fastest convolutions on CPU (about 1.8x here).
+        # channels_last lets oneDNN pick its fastest CPU convolutions (measured 1.1-1.4x in training).
         self.to(memory_format=torch.channels_last)
 
     def forward(self, x):
