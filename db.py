@@ -118,6 +118,8 @@ EXPLANATION_COLUMNS = ("run_id", "split", "image_index", "true_label", "pred_lab
                        "confidence", "probs", "attribution", "attr_dtype", "attr_shape", "delta",
                        "score", "baseline_score", "n_steps")
 ORDERS = {"index": "image_index", "confidence": "confidence", "-confidence": "confidence DESC"}
+ORDER_KEYS = {"index": lambda r: r["image_index"], "confidence": lambda r: (r["confidence"], r["image_index"]),
+              "-confidence": lambda r: (-r["confidence"], r["image_index"])}
 
 
 class DBError(Exception):
@@ -233,12 +235,10 @@ def insert_quality(conn, rows):
 
 def quality_rows(conn, run_id, split, method, image_indices):
     """Stored quality rows for these images, curves decoded to float32 arrays, stages to a list."""
-    marks = ", ".join("?" * len(image_indices))
-    rows = conn.execute(f"SELECT * FROM quality WHERE run_id = ? AND split = ? AND method = ? "
-                        f"AND image_index IN ({marks}) ORDER BY image_index",
-                        (run_id, split, method, *image_indices)).fetchall()
+    rows = select_in(conn, "SELECT * FROM quality WHERE run_id = ? AND split = ? AND method = ? "
+                           "AND image_index IN ({})", [run_id, split, method], image_indices)
     out = []
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r["image_index"]):
         d = dict(r)
         for c in QUALITY_CURVES:
             d[c] = np.frombuffer(d[c], "<f4")
@@ -298,9 +298,6 @@ def find(conn, run_id, split="test", misclassified=None, true_label=None, pred_l
          with_arrays=False):
     """Stored explanations matching every filter given, as dicts (arrays decoded if with_arrays)."""
     where, params = ["run_id = ?", "split = ?"], [run_id, split]
-    if image_indices is not None:
-        where.append(f"image_index IN ({', '.join('?' * len(image_indices))})")
-        params += [int(i) for i in image_indices]
     if misclassified is not None:
         where.append("true_label != pred_label" if misclassified else "true_label = pred_label")
     for clause, value in (("true_label = ?", true_label), ("pred_label = ?", pred_label),
@@ -310,11 +307,25 @@ def find(conn, run_id, split="test", misclassified=None, true_label=None, pred_l
             params.append(value)
     columns = "*" if with_arrays else ", ".join(c for c in EXPLANATION_COLUMNS
                                                 if c not in ("probs", "attribution"))
-    sql = f"SELECT {columns} FROM explanations WHERE {' AND '.join(where)} ORDER BY {ORDERS[order]}"
-    if limit is not None:
-        sql += " LIMIT ?"
-        params.append(int(limit))
-    return [row_to_dict(r) for r in conn.execute(sql, params)]
+    sql = f"SELECT {columns} FROM explanations WHERE {' AND '.join(where)}"
+    if image_indices is None:
+        rows = conn.execute(f"{sql} ORDER BY {ORDERS[order]}" + (" LIMIT ?" if limit else ""),
+                            params + ([int(limit)] if limit else [])).fetchall()
+    else:
+        rows = sorted(select_in(conn, sql + " AND image_index IN ({})", params, image_indices),
+                      key=ORDER_KEYS[order])[:limit]
+    return [row_to_dict(r) for r in rows]
+
+
+def select_in(conn, sql, params, values, chunk=500):
+    """Rows of `sql` (with one '{}' for IN's placeholders) for all `values`, queried in chunks: SQLite
+    builds before 3.32 allow only 999 parameters per statement."""
+    values = [int(v) for v in values]
+    rows = []
+    for i in range(0, len(values), chunk):
+        part = values[i:i + chunk]
+        rows += conn.execute(sql.format(", ".join("?" * len(part))), [*params, *part]).fetchall()
+    return rows
 
 
 def class_attributions(conn, run_id, label, split="test"):

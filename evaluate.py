@@ -200,9 +200,7 @@ def explain_into_db(net, split, indices, settings, conn, run_id, args):
 
 
 def ig_summary(conn, run_id, indices):
-    rows = db.find(conn, run_id, "test")
-    wanted = set(indices)
-    rows = [r for r in rows if r["image_index"] in wanted]
+    rows = db.find(conn, run_id, "test", image_indices=indices)
     rel = np.array([abs(r["delta"]) / max(abs(r["score"] - r["baseline_score"]), 1e-12) for r in rows])
     return {"explained": len(rows), "mean_abs_delta": float(np.mean([abs(r["delta"]) for r in rows])),
             "mean_relative_completeness_error": float(rel.mean()),

@@ -123,3 +123,12 @@ def test_summary_reports_rows_per_class_accuracy_and_delta(tmp_path):
     text = db.summary(conn)
     assert "SYNTHETIC" in text and "18 explanations" in text and "mean |delta|" in text
     assert "c4" in text and "2 rows" in text
+
+
+def test_queries_by_image_index_work_beyond_sqlites_old_parameter_limit(tmp_path):
+    conn = db.connect(tmp_path / "e.db")
+    run = new_run(conn)
+    db.insert_explanations(conn, fake_rows(run, range(1200)))
+    rows = db.find(conn, run, image_indices=list(range(1199, -1, -1)), order="-confidence", limit=1100)
+    assert len(rows) == 1100
+    assert [r["confidence"] for r in rows] == sorted((r["confidence"] for r in rows), reverse=True)
