@@ -173,6 +173,12 @@ def load(data_dir="data", size=28, synthetic=False):
                    md5=calculate_md5(path), class_names=class_names, **splits)
 
 
+def describe(provenance):
+    """How plots and logs name a dataset; synthetic data always says so."""
+    tag = f"{provenance['dataset']} {provenance['size']}x{provenance['size']}"
+    return tag + " (SYNTHETIC data, not PathMNIST)" if provenance["synthetic"] else tag
+
+
 def load_matching(provenance, data_dir="data"):
     """The dataset a checkpoint or DB run was made from, refusing a file with another MD5."""
     ds = load(data_dir, provenance["size"], provenance["synthetic"])

@@ -222,9 +222,8 @@ def quality_methods(args, settings):
     return methods
 
 
-def quality_into_db(net, fused, split, indices, settings, methods, conn, run_id, device):
+def quality_into_db(fused, stages, split, indices, settings, methods, conn, run_id, device):
     """Quality measures for `indices` that are not stored yet, a batch per transaction."""
-    stages = explain.randomized_models(net)
     for method, attribute in methods.items():
         done = db.done_quality(conn, run_id, "test", method)
         todo = [i for i in indices if i not in done]
@@ -262,8 +261,8 @@ def quality_summary(conn, run_id, method, indices, settings):
     summary = {"images": len(rows), **{k: mean(k) for k in SUMMARY_KEYS},
                "completeness_share": float(np.mean([r["relative_error"] <= settings["tolerance"] for r in rows])),
                "mean_relative_error": mean("relative_error"),
-               "randomization_by_stage": dict(zip(["classifier"] + [f"features.{i}" for i in
-                                                   reversed(range(len(stages) - 1))], stages.tolist()))}
+               "randomization_by_stage": dict(zip(explain.randomization_stages(len(stages) - 1),
+                                                  stages.tolist()))}
     summary["randomization_check"] = explain.randomization_verdict(
         summary["randomization_spearman"], summary["randomization_input_spearman"])
     return summary
@@ -324,7 +323,7 @@ def report_quality(conn, run_id, methods, indices, settings):
     return {**ig, "quality_images": ig.pop("images"), **summaries}
 
 
-def quality_figures(conn, run_id, methods, indices, net, split, images_dir, tag):
+def quality_figures(conn, run_id, methods, indices, stages, split, images_dir, tag):
     curves = {}
     for method in methods:
         rows = db.quality_rows(conn, run_id, "test", method, indices)
@@ -335,7 +334,6 @@ def quality_figures(conn, run_id, methods, indices, net, split, images_dir, tag)
     x = data.to_unit(split.images[row["image_index"]][None])
     target = torch.tensor([row["target"]])
     attribute = methods["ig"]
-    stages = explain.randomized_models(net)
     maps = [("IG", torch.from_numpy(row["attribution"].astype(np.float32)))] + [
         (f"random {name}", attribute(m, x, target)[0]) for name, m in stages]
     rho = [float(explain.rank_correlation(maps[0][1][None], m[None])) for _, m in maps[1:]]
@@ -369,7 +367,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     net, meta = model_lib.load_checkpoint(args.checkpoint, args.device)
     ds = data.load_matching(meta["provenance"], args.data_dir)
-    tag = explain.dataset_tag(meta["provenance"])
+    tag = data.describe(meta["provenance"])
     run_dir = Path(args.checkpoint).parent
     settings = {**explain.ig_settings(args, ds.class_names), "attr_dtype": args.attr_dtype}
 
@@ -391,11 +389,13 @@ def main(argv=None):
     quality_idx = indices[:len(indices) if args.quality == "all" else int(args.quality)]
     fused = model_lib.fused_for_inference(net)
     methods = quality_methods(args, settings)
+    stages = explain.randomized_models(net) if quality_idx else []
     try:
         if indices:
             explain_into_db(fused, ds.test, indices, settings, conn, run_id, args)
         if quality_idx:
-            quality_into_db(net, fused, ds.test, quality_idx, settings, methods, conn, run_id, args.device)
+            quality_into_db(fused, stages, ds.test, quality_idx, settings, methods, conn, run_id,
+                            args.device)
     except KeyboardInterrupt:
         print(f"\nInterrupted. Every finished batch is stored in run {run_id}; rerun the same command "
               f"to compute the rest.", file=sys.stderr)
@@ -403,7 +403,7 @@ def main(argv=None):
     metrics["ig"] = {"run_id": run_id, "settings": settings, **ig_summary(conn, run_id, indices)}
     if quality_idx:
         metrics.update(report_quality(conn, run_id, methods, quality_idx, settings))
-        quality_figures(conn, run_id, methods, quality_idx, net, ds.test, args.images, tag)
+        quality_figures(conn, run_id, methods, quality_idx, stages, ds.test, args.images, tag)
     db.set_metrics(conn, run_id, metrics)
     write_json(run_dir / "metrics.json", metrics)
     if indices:

@@ -279,14 +279,18 @@ def randomization_verdict(spearman, input_spearman):
     return "failed" if spearman > max(RANDOMIZATION_FAIL, input_spearman + INPUT_MARGIN) else "passed"
 
 
+def randomization_stages(n_blocks):
+    """The cascading randomisation's stages, top layer first: the classifier, then each block."""
+    return ["classifier"] + [f"features.{i}" for i in reversed(range(n_blocks))]
+
+
 def randomized_models(model, seed=0):
     """[(stage, model)]: weights re-initialised cumulatively from the top layer down, each copy
     BN-folded for IG. Seeded, and without touching the global RNG."""
-    stages = ["classifier"] + [f"features.{i}" for i in reversed(range(len(model.features)))]
     out, rand = [], copy.deepcopy(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for stage in stages:
+        for stage in randomization_stages(len(model.features)):
             for m in rand.get_submodule(stage).modules():
                 if hasattr(m, "reset_parameters"):
                     m.reset_parameters()
@@ -454,11 +458,6 @@ def panel_title(class_names, true, pred, confidence):
     return f"{true_text}\npred {class_names[pred]} ({confidence:.0%})"
 
 
-def dataset_tag(provenance):
-    tag = f"{provenance['dataset']} {provenance['size']}x{provenance['size']}"
-    return tag + " - SYNTHETIC data, not PathMNIST" if provenance["synthetic"] else tag
-
-
 # ----------------------------------------------------------------------------- CLI
 
 def add_ig_arguments(p):
@@ -529,7 +528,7 @@ def explain_files(args):
         if int(targets[0]) != pred:
             title += f"\nexplaining {names[int(targets[0])]}"
         save_figure([(data.to_unit(image), result.attributions[0], title)], out,
-                    f"IG, model trained on {dataset_tag(meta['provenance'])}")
+                    f"IG, model trained on {data.describe(meta['provenance'])}")
         print(f"  attribution figure -> {out}  (completeness error "
               f"{float(result.relative_error()[0]):.1%} of f(x) - f(baseline))")
 
@@ -544,7 +543,7 @@ def render_stored(args):
     title = panel_title(names, row["true_label"], row["pred_label"], row["confidence"])
     out = Path(args.out) / f"run{run['run_id']}_{args.split}_{args.index}_ig.png"
     save_figure([(image, torch.from_numpy(row["attribution"].astype(np.float32)), title)], out,
-                f"stored IG, run {run['run_id']}, {dataset_tag(run['provenance'])}")
+                f"stored IG, run {run['run_id']}, {data.describe(run['provenance'])}")
     print(f"{args.split}[{args.index}]: true {names[row['true_label']]}, pred {names[row['pred_label']]} "
           f"({row['confidence']:.1%}), delta {row['delta']:.2e} -> {out}")
 

@@ -137,7 +137,7 @@ def main(argv=None):
     torch.backends.cudnn.deterministic = True
 
     ds = data.load(args.data_dir, args.size, args.synthetic)
-    label = f"{ds.name} {ds.size}x{ds.size}" + (" (SYNTHETIC data, not PathMNIST)" if ds.synthetic else "")
+    label = data.describe(ds.provenance())
     print(f"Training on {label}: {len(ds.train)} train / {len(ds.val)} val images, device {device}")
 
     gen = torch.Generator().manual_seed(args.seed)  # shuffling and augmentation
