@@ -88,15 +88,6 @@ def atomic_path(path):
         tmp.unlink(missing_ok=True)
 
 
-def write_figure(fig, path, dpi=130):
-    """Save a pyplot figure atomically (the format follows the suffix) and close it."""
-    import matplotlib.pyplot as plt  # already loaded by every caller; data.py itself draws nothing
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-
-
 def real_source(size):
     """(file name, URL, MD5) of the official PathMNIST file at this size."""
     check_size(size)

@@ -2,8 +2,10 @@
 
     python db.py runs/pathmnist/explanations.db      # runs, rows per class, accuracy, mean |delta|
 
-Schema version 2 (kept in PRAGMA user_version; WAL journal, foreign keys on). Version 1 had the first
-two tables; opening a version-1 file migrates it in place (adds `quality`), keeping every row.
+Schema version 3 (kept in PRAGMA user_version; WAL journal, foreign keys on). Version 1 had the first
+two tables; version 2 added `quality`; version 3 stores each randomisation stage's name with its
+correlation. Opening an older file migrates it in place, each step in one transaction, keeping
+every row.
 
 runs: one row per (checkpoint, IG settings); rerunning evaluate.py with both unchanged reuses it.
     run_id             INTEGER PRIMARY KEY
@@ -40,9 +42,11 @@ quality (v2): explanation quality per image and method, keyed by (run_id, split,
     randomization_spearman REAL  |map| rank correlation, original vs fully randomised model (Adebayo 2018)
     randomization_spearman_signed REAL  the same without absolute values
     randomization_input_spearman  REAL  |map| rank correlation with |x - baseline| (input-only reference)
-    randomization_stages TEXT  JSON list: the |map| correlation after each cascading stage, top layer first
+    randomization_stages TEXT  JSON object {layer: |map| correlation after re-initialising it and
+                               every layer above}, in cascading order, top layer first (v2: a list)
     mask_mass, mask_area REAL   synthetic data only: share of |map| inside the evidence mask, the mask's area
 
+This module needs only the standard library and numpy (no torch), so a store can be read anywhere.
 Reading an attribution needs only sqlite3 and numpy:
     blob, dtype, shape = con.execute("SELECT attribution, attr_dtype, attr_shape FROM explanations "
                                      "WHERE run_id=? AND split=? AND image_index=?", (1, "test", 0)).fetchone()
@@ -57,7 +61,7 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA_V1 = """
 CREATE TABLE runs (
     run_id INTEGER PRIMARY KEY,
@@ -101,7 +105,7 @@ QUALITY_CURVES = ("deletion_curve", "deletion_curve_random", "insertion_curve", 
 QUALITY_VALUES = ("relative_error", "deletion_auc", "deletion_auc_random", "insertion_auc",
                   "insertion_auc_random", "infidelity", "sensitivity_max", "randomization_spearman",
                   "randomization_spearman_signed", "randomization_input_spearman", "mask_mass", "mask_area")
-# MIGRATIONS[v] takes a version-v database to version v + 1.
+# MIGRATIONS[v] takes a version-v database to version v + 1: SQL, or a function of the connection.
 MIGRATIONS = {1: """
 CREATE TABLE quality (
     run_id INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
@@ -113,13 +117,14 @@ CREATE TABLE quality (
     randomization_stages TEXT NOT NULL,
     PRIMARY KEY (run_id, split, image_index, method)
 );
-"""}
+""", 2: lambda conn: name_v2_randomization_stages(conn)}
 EXPLANATION_COLUMNS = ("run_id", "split", "image_index", "true_label", "pred_label", "target",
                        "confidence", "probs", "attribution", "attr_dtype", "attr_shape", "delta",
                        "score", "baseline_score", "n_steps")
-ORDERS = {"index": "image_index", "confidence": "confidence", "-confidence": "confidence DESC"}
-ORDER_KEYS = {"index": lambda r: r["image_index"], "confidence": lambda r: (r["confidence"], r["image_index"]),
-              "-confidence": lambda r: (-r["confidence"], r["image_index"])}
+# Sort orders of find(): name -> (column, descending); ties always go by image index.
+ORDERS = {"index": ("image_index", False), "confidence": ("confidence", False),
+          "-confidence": ("confidence", True)}
+TINY = 1e-12  # floor for |f(x) - f(baseline)| in the relative completeness error
 
 
 class DBError(Exception):
@@ -132,6 +137,25 @@ def table_names(conn):
 
 def now():
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def relative_completeness_error(delta, gap):
+    """|delta| / |f(x) - f(baseline)|: IG's completeness error as a share of what it must explain.
+
+    delta and gap may be numpy arrays or torch tensors (both have abs and clip); explain.py,
+    quality.py and this module's summaries all use this one definition."""
+    return abs(delta) / abs(gap).clip(min=TINY)
+
+
+def name_v2_randomization_stages(conn):
+    """v2 -> v3: a v2 row's stage list becomes {layer: correlation}. The v2 code always ran the
+    same six stages (classifier, then features.4 down to features.0), so the names are known."""
+    rows = conn.execute("SELECT rowid, randomization_stages FROM quality").fetchall()
+    for rowid, text in rows:
+        values = json.loads(text)
+        names = ["classifier"] + [f"features.{i}" for i in reversed(range(len(values) - 1))]
+        conn.execute("UPDATE quality SET randomization_stages = ? WHERE rowid = ?",
+                     (json.dumps(dict(zip(names, values))), rowid))
 
 
 def connect(path, create=True):
@@ -161,11 +185,27 @@ def connect(path, create=True):
                       f"reads versions 1 to {SCHEMA_VERSION}. It was written by {newer}: use that, or "
                       f"give evaluate.py a new --db path.")
     for v in range(version, SCHEMA_VERSION):  # each step in one transaction: all of it or none
-        conn.executescript(f"BEGIN; {MIGRATIONS[v]} PRAGMA user_version = {v + 1}; COMMIT;")
+        migrate(conn, v)
     conn.execute("PRAGMA journal_mode = WAL")  # readers never block the writer; crash-safe
     conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; a power cut loses at most the last batch
     conn.execute("PRAGMA foreign_keys = ON")
     return conn
+
+
+def migrate(conn, version):
+    """Take the database from `version` to `version + 1` in one transaction."""
+    step = MIGRATIONS[version]
+    if isinstance(step, str):
+        conn.executescript(f"BEGIN; {step} PRAGMA user_version = {version + 1}; COMMIT;")
+        return
+    conn.execute("BEGIN")
+    try:
+        step(conn)
+        conn.execute(f"PRAGMA user_version = {version + 1}")
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
 
 
 # ----------------------------------------------------------------------------- arrays
@@ -200,6 +240,30 @@ def run_id_for(conn, checkpoint_sha256, checkpoint_path, model_config, class_nam
                         (checkpoint_sha256, settings)).fetchone()[0]
 
 
+def explanation_rows(run_id, split, image_index, true_label, probs, target, attributions, delta,
+                     score, baseline_score, n_steps):
+    """DB rows for one explained batch of N images, from numpy arrays or lists (one entry per image).
+
+    probs is (N, K); attributions (N, C, H, W) already in the dtype to store; the predicted class and
+    its confidence are read from probs."""
+    probs = np.asarray(probs, dtype="<f4")
+    attributions = np.asarray(attributions)
+    # Whole-column conversions: per-element indexing of arrays costs microseconds a row.
+    columns = zip(np.asarray(image_index).tolist(), np.asarray(true_label).tolist(),
+                  probs.argmax(1).tolist(), np.asarray(target).tolist(), probs.max(1).tolist(),
+                  np.asarray(delta).tolist(), np.asarray(score).tolist(),
+                  np.asarray(baseline_score).tolist(), np.asarray(n_steps).tolist())
+    rows = []
+    for i, (index, true, pred, tgt, confidence, d, f_x, f_b, steps) in enumerate(columns):
+        blob, dt, shape = encode_array(attributions[i], attributions.dtype)
+        rows.append({"run_id": run_id, "split": split, "image_index": index, "true_label": true,
+                     "pred_label": pred, "target": tgt, "confidence": confidence,
+                     "probs": probs[i].tobytes(), "attribution": blob, "attr_dtype": dt,
+                     "attr_shape": shape, "delta": d, "score": f_x, "baseline_score": f_b,
+                     "n_steps": steps})
+    return rows
+
+
 def done_indices(conn, run_id, split):
     return {r[0] for r in conn.execute(
         "SELECT image_index FROM explanations WHERE run_id = ? AND split = ?", (run_id, split))}
@@ -222,19 +286,20 @@ def done_quality(conn, run_id, split, method):
 
 
 def insert_quality(conn, rows):
-    """Insert a batch of quality dicts (curves as float32 arrays, stages as a list) in one transaction."""
+    """Insert a batch of quality dicts (curves as float32 arrays, stages as {layer: correlation})
+    in one transaction."""
     columns = ("run_id", "split", "image_index", "method") + QUALITY_VALUES + QUALITY_CURVES + (
         "randomization_stages",)
     encoded = [tuple(np.asarray(row[c], "<f4").tobytes() if c in QUALITY_CURVES
-                     else json.dumps([round(v, 6) for v in row[c]]) if c == "randomization_stages"
-                     else row.get(c) for c in columns) for row in rows]
+                     else json.dumps({k: round(v, 6) for k, v in row[c].items()})
+                     if c == "randomization_stages" else row.get(c) for c in columns) for row in rows]
     with conn:
         conn.executemany(f"INSERT OR IGNORE INTO quality ({', '.join(columns)}) "
                          f"VALUES ({', '.join('?' * len(columns))})", encoded)
 
 
 def quality_rows(conn, run_id, split, method, image_indices):
-    """Stored quality rows for these images, curves decoded to float32 arrays, stages to a list."""
+    """Stored quality rows for these images, curves decoded to float32 arrays, stages to a dict."""
     rows = select_in(conn, "SELECT * FROM quality WHERE run_id = ? AND split = ? AND method = ? "
                            "AND image_index IN ({})", [run_id, split, method], image_indices)
     out = []
@@ -308,12 +373,14 @@ def find(conn, run_id, split="test", misclassified=None, true_label=None, pred_l
     columns = "*" if with_arrays else ", ".join(c for c in EXPLANATION_COLUMNS
                                                 if c not in ("probs", "attribution"))
     sql = f"SELECT {columns} FROM explanations WHERE {' AND '.join(where)}"
+    column, descending = ORDERS[order]
     if image_indices is None:
-        rows = conn.execute(f"{sql} ORDER BY {ORDERS[order]}" + (" LIMIT ?" if limit else ""),
-                            params + ([int(limit)] if limit else [])).fetchall()
-    else:
+        rows = conn.execute(f"{sql} ORDER BY {column}{' DESC' if descending else ''}, image_index"
+                            + (" LIMIT ?" if limit else ""), params + ([int(limit)] if limit else [])).fetchall()
+    else:  # queried in chunks, so sorted here, by the same rule
+        sign = -1 if descending else 1
         rows = sorted(select_in(conn, sql + " AND image_index IN ({})", params, image_indices),
-                      key=ORDER_KEYS[order])[:limit]
+                      key=lambda r: (sign * r[column], r["image_index"]))[:limit]
     return [row_to_dict(r) for r in rows]
 
 
@@ -328,6 +395,19 @@ def select_in(conn, sql, params, values, chunk=500):
     return rows
 
 
+def ig_summary(conn, run_id, split, image_indices, tolerance=0.05):
+    """Completeness of the stored explanations of these images: count, mean |delta|, mean relative
+    completeness error, and the share within `tolerance`."""
+    rows = find(conn, run_id, split, image_indices=image_indices)
+    if not rows:
+        return {"explained": 0}
+    delta = np.array([r["delta"] for r in rows])
+    rel = relative_completeness_error(delta, np.array([r["score"] - r["baseline_score"] for r in rows]))
+    return {"explained": len(rows), "mean_abs_delta": float(np.abs(delta).mean()),
+            "mean_relative_completeness_error": float(rel.mean()),
+            "share_within_5pct": float((rel <= tolerance).mean())}
+
+
 def class_attributions(conn, run_id, label, split="test"):
     """Every stored attribution of one true class, stacked into (N, C, H, W)."""
     rows = conn.execute("SELECT attribution, attr_dtype, attr_shape FROM explanations "
@@ -336,13 +416,14 @@ def class_attributions(conn, run_id, label, split="test"):
     return np.stack([decode_array(*r) for r in rows]) if rows else np.empty((0,))
 
 
-def summary(conn):
-    """A human-readable summary of every run in the store."""
+def summary(conn, describe):
+    """A human-readable summary of every run in the store; describe(provenance) names a dataset."""
+    conn.create_function("relative_error", 2, lambda d, g: float(relative_completeness_error(
+        np.float64(d), np.float64(g))), deterministic=True)
     lines = []
     for (run_id,) in conn.execute("SELECT run_id FROM runs ORDER BY run_id").fetchall():
         run = get_run(conn, run_id)
-        tag = " (SYNTHETIC data, not PathMNIST)" if run["synthetic"] else ""
-        lines.append(f"run {run_id}: {run['dataset']} {run['size']}x{run['size']}{tag}, data MD5 "
+        lines.append(f"run {run_id}: {describe(run['provenance'])}, data MD5 "
                      f"{run['data_md5']}, checkpoint sha256 {run['checkpoint_sha256'][:12]}…, "
                      f"created {run['created_at']}")
         lines.append(f"  IG settings: {json.dumps(run['ig_settings'], sort_keys=True)}")
@@ -353,7 +434,7 @@ def summary(conn):
                          f"  (TTA {'on' if m.get('tta') else 'off'})")
         stats = conn.execute(
             "SELECT split, COUNT(*), AVG(true_label = pred_label), AVG(ABS(delta)), "
-            "AVG(ABS(delta) / MAX(ABS(score - baseline_score), 1e-12)) FROM explanations "
+            "AVG(relative_error(delta, score - baseline_score)) FROM explanations "
             "WHERE run_id = ? GROUP BY split", (run_id,)).fetchall()
         for split, n, acc, mean_delta, rel in stats:
             lines.append(f"  {split}: {n} explanations, accuracy of stored rows {acc:.4f}, mean |delta| "
@@ -383,7 +464,8 @@ def main(argv=None):
         conn = connect(args.db, create=False)
     except DBError as e:
         sys.exit(f"error: {e}")
-    print(summary(conn))
+    from data import describe  # imported here so that the module itself stays free of torch
+    print(summary(conn, describe))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""explain.py: Integrated Gradients (Captum) for the CNN, their quality measures, and pictures.
+"""explain.py: the attribution methods (Integrated Gradients via Captum), image files, and a CLI.
 
     python explain.py tile.png [more.jpg ...]               # classify + explain image files
     python explain.py tile.tif --target "debris"            # explain a named class instead
@@ -15,30 +15,25 @@ and a white one does the same to glass and fat, while the mean stain colour pena
 carries no structure. The delta (Captum's convergence delta) is the completeness error:
 sum(attributions) - (f(image) - f(baseline)); images whose delta is too large get more steps.
 
-The quality measures (used by evaluate.py) are deletion/insertion curves, cascading model
-randomisation, localisation in a known mask, and Captum's infidelity and sensitivity_max.
+How far to trust the maps (deletion/insertion, randomisation, localisation, ...) is quality.py's
+job; the figures are plots.py's; what the model guarantees to explainers is in model.py.
 """
 import argparse
 import contextlib
-import copy
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from captum.attr import IntegratedGradients, NoiseTunnel  # noqa: E402
-from captum.attr import visualization as viz  # noqa: E402
-from captum.metrics import infidelity, sensitivity_max  # noqa: E402
-from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
-from torchvision.transforms.functional import gaussian_blur  # noqa: E402
+import numpy as np
+import torch
+from captum.attr import IntegratedGradients, NoiseTunnel
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms.functional import gaussian_blur
 
-import data  # noqa: E402
-import db  # noqa: E402
-import model as model_lib  # noqa: E402
+import data
+import db
+import model as model_lib
+import plots
 
 BASELINES = ("mean", "black", "white", "blur")
 METHODS = ("gausslegendre", "riemann_trapezoid", "riemann_middle", "riemann_left", "riemann_right")
@@ -82,8 +77,16 @@ class IGResult:
         return IGResult(*(t.cpu() for t in self.tensors()))
 
     def relative_error(self):
-        """|delta| / |f(x) - f(baseline)|: completeness error as a share of what IG must explain."""
-        return self.delta.abs() / (self.score - self.baseline_score).abs().clamp_min(1e-12)
+        return db.relative_completeness_error(self.delta, self.score - self.baseline_score)
+
+    def stored(self, attr_dtype):
+        """The per-image arrays db.explanation_rows takes, attributions in the storage dtype.
+
+        The float16 conversion happens in torch: numpy converts the tiny values IG produces (float16
+        subnormals) in slow software, 35x slower, to the same bits."""
+        return {"attributions": self.attributions.to(getattr(torch, attr_dtype)).numpy(),
+                "delta": self.delta.numpy(), "score": self.score.numpy(),
+                "baseline_score": self.baseline_score.numpy(), "n_steps": self.n_steps.numpy()}
 
 
 @contextlib.contextmanager
@@ -99,9 +102,11 @@ def input_gradients_only(model):
             p.requires_grad_(flag)
 
 
-def make_baseline(x, kind, model):
+def make_baseline(x, kind, mean):
+    """The IG reference image for each image in x; `mean` is the training mean colour, (C,)."""
     if kind == "mean":
-        return torch.tensor(model.config["mean"], device=x.device).view(1, 3, 1, 1).expand_as(x).contiguous()
+        mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device)
+        return mean.view(1, -1, 1, 1).expand_as(x).contiguous()
     if kind == "black":
         return torch.zeros_like(x)
     if kind == "white":
@@ -128,7 +133,7 @@ def integrated_gradients(model, x, target, baseline="mean", n_steps=8, method="g
     """
     model.eval()
     forward = forward_for(model, output)
-    base = make_baseline(x, baseline, model)
+    base = make_baseline(x, baseline, model_lib.input_mean(model))
     with input_gradients_only(model):
         attr = IntegratedGradients(forward).attribute(
             x, baselines=base, target=target, n_steps=n_steps, method=method,
@@ -166,6 +171,29 @@ def refined_integrated_gradients(model, x, target, settings, logits=None, intern
     return result
 
 
+def attribution_fn(settings, smooth=0, smooth_stdev=0.1):
+    """(model, x, target) -> attributions: IG at a fixed settings["n_steps"], or, with `smooth`
+    samples, SmoothGrad over it (Captum's NoiseTunnel, Gaussian noise of `smooth_stdev`)."""
+    def ig(model, x, target):
+        return integrated_gradients(model, x, target, baseline=settings["baseline"],
+                                    n_steps=settings["n_steps"], method=settings["method"],
+                                    output=settings["output"], internal_batch_size=chunk_size(x)).attributions
+
+    def smoothgrad_ig(model, x, target):
+        with input_gradients_only(model):
+            return NoiseTunnel(IntegratedGradients(forward_for(model, settings["output"]))).attribute(
+                x, nt_type="smoothgrad", nt_samples=smooth, stdevs=smooth_stdev,
+                baselines=make_baseline(x, settings["baseline"], model_lib.input_mean(model)),
+                target=target, n_steps=settings["n_steps"], method=settings["method"],
+                internal_batch_size=chunk_size(x, smooth)).detach()
+    return smoothgrad_ig if smooth else ig
+
+
+def stored_attributions(rows):
+    """The attributions of stored explanation rows (read with arrays) as one float32 (N, C, H, W) tensor."""
+    return torch.from_numpy(np.stack([r["attribution"] for r in rows]).astype(np.float32))
+
+
 def resolve_target(target, class_names):
     """'pred', 'true', or a class given by index or name -> 'pred' | 'true' | int."""
     if target in ("pred", "true"):
@@ -201,186 +229,6 @@ def explain_batch(model, images_u8, labels, settings, device="cpu"):
     return torch.softmax(logits, 1).cpu(), targets.cpu(), result.cpu()
 
 
-# ----------------------------------------------------------------------------- quality
-
-CURVE_POINTS = 29  # deletion/insertion curves: 0, 1/28, ..., all of the pixels
-# The randomisation check fails when the fully randomised maps keep a rank correlation above 0.5
-# with the originals, unless that is within 0.1 of what |x - baseline| alone shares with them.
-RANDOMIZATION_FAIL, INPUT_MARGIN = 0.5, 0.1
-INFIDELITY_NOISE, SENSITIVITY_RADIUS = 0.05, 0.02  # in [0, 1] pixel units
-
-
-def attribution_fn(settings, smooth=0, smooth_stdev=0.1):
-    """(model, x, target) -> attributions: IG at a fixed settings["n_steps"], or, with `smooth`
-    samples, SmoothGrad over it (Captum's NoiseTunnel, Gaussian noise of `smooth_stdev`)."""
-    def ig(model, x, target):
-        return integrated_gradients(model, x, target, baseline=settings["baseline"],
-                                    n_steps=settings["n_steps"], method=settings["method"],
-                                    output=settings["output"], internal_batch_size=chunk_size(x)).attributions
-
-    def smoothgrad_ig(model, x, target):
-        with input_gradients_only(model):
-            return NoiseTunnel(IntegratedGradients(forward_for(model, settings["output"]))).attribute(
-                x, nt_type="smoothgrad", nt_samples=smooth, stdevs=smooth_stdev,
-                baselines=make_baseline(x, settings["baseline"], model), target=target,
-                n_steps=settings["n_steps"], method=settings["method"],
-                internal_batch_size=chunk_size(x, smooth)).detach()
-    return smoothgrad_ig if smooth else ig
-
-
-def pixel_order(attributions, generator=None):
-    """(B, H*W) pixel indices, most positive channel-summed attribution first; random with a generator."""
-    b, _, h, w = attributions.shape
-    if generator is not None:
-        return torch.stack([torch.randperm(h * w, generator=generator) for _ in range(b)])
-    return attributions.sum(1).flatten(1).argsort(dim=1, descending=True, stable=True)
-
-
-@torch.no_grad()
-def perturbation_curves(model, x, baseline, order, target, insertion, points=CURVE_POINTS):
-    """Probability of `target` as pixels, in `order`, are deleted (set to the baseline) or inserted
-    (copied from x into the baseline): Petsiuk et al., 2018. Returns (B, points)."""
-    b, _, h, w = x.shape
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(h * w).expand(b, -1).contiguous())
-    rank = rank.view(b, 1, h, w).to(x.device)
-    start, end = (baseline, x) if insertion else (x, baseline)
-    rows = torch.arange(b, device=x.device)
-    curve = [torch.softmax(model(torch.where(rank < k, end, start)), 1)[rows, target]
-             for k in torch.linspace(0, h * w, points).round().long().tolist()]
-    return torch.stack(curve, 1).cpu()
-
-
-def curve_auc(curves):
-    """Area under each curve, with the fraction of pixels (0 to 1) on the x axis."""
-    return torch.trapezoid(curves, dx=1 / (curves.shape[1] - 1), dim=1)
-
-
-def mask_share(attributions, masks):
-    """(share of |attribution| inside the mask, the mask's share of the image) per image."""
-    mass = attributions.abs().sum(1)
-    masks = masks.to(mass.device, mass.dtype)
-    return (mass * masks).sum((1, 2)) / mass.sum((1, 2)).clamp_min(1e-12), masks.mean((1, 2))
-
-
-def rank_correlation(a, b, absolute=True):
-    """Per-image Spearman correlation of a and b summed over channels, of their absolute values by
-    default (Adebayo et al., 2018, report both)."""
-    def centred_ranks(t):
-        t = t.abs().sum(1) if absolute else t.sum(1)
-        r = t.flatten(1).argsort(1).argsort(1).double()
-        return r - r.mean(1, keepdim=True)
-    ra, rb = centred_ranks(a), centred_ranks(b)
-    return ((ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1)).clamp_min(1e-12)).float()
-
-
-def randomization_verdict(spearman, input_spearman):
-    """'failed' when fully randomised maps keep more of their ranking than the input alone explains."""
-    return "failed" if spearman > max(RANDOMIZATION_FAIL, input_spearman + INPUT_MARGIN) else "passed"
-
-
-def randomization_stages(n_blocks):
-    """The cascading randomisation's stages, top layer first: the classifier, then each block."""
-    return ["classifier"] + [f"features.{i}" for i in reversed(range(n_blocks))]
-
-
-def randomized_models(model, seed=0):
-    """[(stage, model)]: weights re-initialised cumulatively from the top layer down, each copy
-    BN-folded for IG. Seeded, and without touching the global RNG."""
-    out, rand = [], copy.deepcopy(model)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for stage in randomization_stages(len(model.features)):
-            for m in rand.get_submodule(stage).modules():
-                if hasattr(m, "reset_parameters"):
-                    m.reset_parameters()
-                if isinstance(m, torch.nn.BatchNorm2d):
-                    m.reset_running_stats()
-            out.append((stage, model_lib.fused_for_inference(rand)))
-    return out
-
-
-def quality_measures(model, x, target, attributions, settings, attribute, stages, masks=None, seed=0):
-    """Faithfulness and sanity measures of `attributions` (B, C, H, W) for images x, per image.
-
-    `model` is the (BN-folded) model explained; `attribute` recomputes maps (see attribution_fn)
-    for the randomised models in `stages` and for Captum's sensitivity_max.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # random orders and metric noise: the same on every rerun
-        gen = torch.Generator().manual_seed(seed)
-        base = make_baseline(x, settings["baseline"], model)
-        order, random_order = pixel_order(attributions), pixel_order(attributions, gen)
-        curves = {f"{kind}_curve{suffix}": perturbation_curves(model, x, base, o, target, kind == "insertion")
-                  for kind in ("deletion", "insertion")
-                  for suffix, o in (("", order), ("_random", random_order))}
-
-        def gaussian(inputs):
-            noise = torch.randn_like(inputs) * INFIDELITY_NOISE
-            return noise, inputs - noise
-        forward = forward_for(model, settings["output"])
-        infid = infidelity(forward, gaussian, x, attributions.to(x.device), target=target,
-                           n_perturb_samples=16, normalize=True)
-        def explanation(inputs, target):  # Captum passes and expects 1-tuples
-            return (attribute(model, inputs[0] if isinstance(inputs, tuple) else inputs, target),)
-        sens = sensitivity_max(explanation, x, target=target, perturb_radius=SENSITIVITY_RADIUS,
-                               n_perturb_samples=4)
-        randomized = [attribute(m, x, target).cpu() for _, m in stages]
-    by_stage = torch.stack([rank_correlation(attributions, a) for a in randomized], 1)
-    out = {**curves, "infidelity": infid.cpu(), "sensitivity_max": sens.cpu(),
-           "randomization_stages": by_stage, "randomization_spearman": by_stage[:, -1],
-           "randomization_spearman_signed": rank_correlation(attributions, randomized[-1], absolute=False),
-           # IG multiplies by (x - baseline), so maps from any weights share this much ranking with it
-           "randomization_input_spearman": rank_correlation(attributions, (x - base).cpu())}
-    for key in ("deletion", "insertion"):
-        for suffix in ("", "_random"):
-            out[f"{key}_auc{suffix}"] = curve_auc(curves[f"{key}_curve{suffix}"])
-    if masks is not None:
-        out["mask_mass"], out["mask_area"] = (t.cpu() for t in mask_share(attributions, masks))
-    return out
-
-
-def plot_faithfulness(curves, path, title):
-    """Mean deletion and insertion curves per method, with the random-order reference.
-
-    curves: {method: {"deletion_curve": (N, P), "deletion_curve_random": ..., "insertion_curve": ...}};
-    every method is scored on the same images with the same random order, so one reference is drawn.
-    """
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, kind in zip(axes, ("deletion", "insertion")):
-        for method, c in curves.items():
-            frac = np.linspace(0, 1, c[f"{kind}_curve"].shape[1])
-            ax.plot(frac, c[f"{kind}_curve"].mean(0).numpy(), "-",
-                    label=f"{method} order (AUC {float(curve_auc(c[f'{kind}_curve']).mean()):.3f})")
-        reference = next(iter(curves.values()))[f"{kind}_curve_random"]
-        ax.plot(frac, reference.mean(0).numpy(), "--", color="grey",
-                label=f"random order (AUC {float(curve_auc(reference).mean()):.3f})")
-        action = "deleted (set to baseline)" if kind == "deletion" else "inserted into baseline"
-        ax.set_xlabel(f"fraction of pixels {action}")
-        ax.set_ylabel("probability of the explained class")
-        ax.set_title(f"{kind} ({'lower' if kind == 'deletion' else 'higher'} AUC is better)", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    data.write_figure(fig, path, dpi=120)
-
-
-def plot_randomization(image, maps, correlations, path, title):
-    """One image, its IG map, and the maps after each cascading randomisation stage."""
-    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(1.7 * (len(maps) + 1), 2.3))
-    axes[0].imshow(np.clip(hwc(image), 0, 1))
-    axes[0].set_title("image", fontsize=7)
-    for ax, (name, attribution), rho in zip(axes[1:], maps, [None] + list(correlations)):
-        viz.visualize_image_attr(hwc(attribution).astype(np.float64), hwc(image), method="heat_map",
-                                 sign="absolute_value", plt_fig_axis=(fig, ax), use_pyplot=False)
-        ax.set_title(name if rho is None else f"{name}\nSpearman {rho:.2f}", fontsize=7)
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(title, fontsize=8)
-    data.write_figure(fig, path, dpi=130)
-
-
 # ----------------------------------------------------------------------------- image files
 
 def read_image(path, size):
@@ -411,52 +259,6 @@ def to_rgb8(img):
     return img.convert("RGB")
 
 
-# ----------------------------------------------------------------------------- pictures
-
-def hwc(t):
-    return t.detach().float().permute(1, 2, 0).cpu().numpy()
-
-
-def draw_explanation(fig, axes, image, attribution, title):
-    """Three panels: the image in true colours, the signed attribution map, and the overlay."""
-    img = hwc(image)
-    attr = hwc(attribution).astype(np.float64)
-    axes[0].imshow(np.clip(img, 0, 1))
-    axes[0].set_title(title, fontsize=7)
-    if np.abs(attr).sum() > 0:
-        viz.visualize_image_attr(attr, img, method="heat_map", sign="all", plt_fig_axis=(fig, axes[1]),
-                                 use_pyplot=False)
-        viz.visualize_image_attr(attr, img, method="blended_heat_map", sign="absolute_value",
-                                 plt_fig_axis=(fig, axes[2]), alpha_overlay=0.6, use_pyplot=False)
-    axes[1].set_title("IG (green +, red -)", fontsize=7)
-    axes[2].set_title("|IG| overlay", fontsize=7)
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-
-
-def save_figure(panels, path, suptitle):
-    """panels: [(image (3,H,W) in [0,1], attribution (3,H,W), title)], drawn two per row."""
-    per_row = 2 if len(panels) > 1 else 1
-    rows = (len(panels) + per_row - 1) // per_row
-    fig, axes = plt.subplots(rows, 3 * per_row, figsize=(3 * per_row * 1.6, rows * 1.9 + 0.6),
-                             squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for i, (image, attribution, title) in enumerate(panels):
-        r, c = divmod(i, per_row)
-        row_axes = axes[r, 3 * c:3 * c + 3]
-        for ax in row_axes:
-            ax.axis("on")
-        draw_explanation(fig, row_axes, image, attribution, title)
-    fig.suptitle(suptitle, fontsize=9)
-    data.write_figure(fig, path, dpi=130)
-
-
-def panel_title(class_names, true, pred, confidence):
-    true_text = "true ?" if true is None else f"true {class_names[true]}"
-    return f"{true_text}\npred {class_names[pred]} ({confidence:.0%})"
-
 
 # ----------------------------------------------------------------------------- CLI
 
@@ -474,6 +276,8 @@ def add_ig_arguments(p):
                    help="IG reference image: training mean colour, black, white or blurred input")
     p.add_argument("--output", default=DEFAULT_IG["output"], choices=OUTPUTS,
                    help="explain the class logit or its softmax probability")
+    p.add_argument("--target", default=DEFAULT_IG["target"], help="class to explain: 'pred' "
+                   "(predicted), 'true' (dataset images only), or a class index or name")
 
 
 def ig_settings(args, class_names):
@@ -492,10 +296,8 @@ def parse_args(argv=None):
     p.add_argument("images", nargs="*", help="PNG/JPEG/TIFF files to classify and explain")
     p.add_argument("--checkpoint", default="runs/pathmnist/best.pt", help="trained model (train.py)")
     p.add_argument("--out", default="images/explain", help="folder for the attribution figures")
-    p.add_argument("--target", default=DEFAULT_IG["target"], help="class to explain: 'pred' "
-                   "(predicted), or a class index or name")
     add_ig_arguments(p)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--device", default="auto", help=model_lib.DEVICE_HELP)
     p.add_argument("--db", help="with --index: re-render an explanation stored in this SQLite file")
     p.add_argument("--index", type=int, help="with --db: the image index to re-render")
     p.add_argument("--run", type=int, help="with --db: the run id (default: the latest run)")
@@ -510,7 +312,8 @@ def parse_args(argv=None):
 
 
 def explain_files(args):
-    net, meta = model_lib.load_checkpoint(args.checkpoint, args.device)
+    device = model_lib.resolve_device(args.device)
+    net, meta = model_lib.load_checkpoint(args.checkpoint, device)
     net = model_lib.fused_for_inference(net)
     names, size = meta["class_names"], meta["provenance"]["size"]
     settings = ig_settings(args, names)
@@ -518,16 +321,16 @@ def explain_files(args):
         raise ExplainError("--target true needs true labels, which image files do not have.")
     for path in args.images:
         image = read_image(path, size)
-        probs, targets, result = explain_batch(net, image[None], None, settings, args.device)
+        probs, targets, result = explain_batch(net, image[None], None, settings, device)
         top = probs[0].topk(min(3, len(names)))
         pred = int(top.indices[0])
         print(f"{path}: {names[pred]} ({top.values[0]:.1%})   top-3: " + ", ".join(
             f"{names[i]} {v:.1%}" for v, i in zip(top.values.tolist(), top.indices.tolist())))
         out = Path(args.out) / f"{Path(path).stem}_ig.png"
-        title = panel_title(names, None, pred, float(top.values[0]))
+        title = plots.panel_title(names, None, pred, float(top.values[0]))
         if int(targets[0]) != pred:
             title += f"\nexplaining {names[int(targets[0])]}"
-        save_figure([(data.to_unit(image), result.attributions[0], title)], out,
+        plots.explanation_figure([(data.to_unit(image), result.attributions[0], title)], out,
                     f"IG, model trained on {data.describe(meta['provenance'])}")
         print(f"  attribution figure -> {out}  (completeness error "
               f"{float(result.relative_error()[0]):.1%} of f(x) - f(baseline))")
@@ -540,9 +343,9 @@ def render_stored(args):
     ds = data.load_matching(run["provenance"], args.data_dir)
     image = data.to_unit(getattr(ds, args.split).images[args.index])
     names = ds.class_names
-    title = panel_title(names, row["true_label"], row["pred_label"], row["confidence"])
+    title = plots.panel_title(names, row["true_label"], row["pred_label"], row["confidence"])
     out = Path(args.out) / f"run{run['run_id']}_{args.split}_{args.index}_ig.png"
-    save_figure([(image, torch.from_numpy(row["attribution"].astype(np.float32)), title)], out,
+    plots.explanation_figure([(image, stored_attributions([row])[0], title)], out,
                 f"stored IG, run {run['run_id']}, {data.describe(run['provenance'])}")
     print(f"{args.split}[{args.index}]: true {names[row['true_label']]}, pred {names[row['pred_label']]} "
           f"({row['confidence']:.1%}), delta {row['delta']:.2e} -> {out}")
@@ -559,5 +362,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ExplainError, data.DataError, model_lib.CheckpointError, db.DBError) as e:
+    except (ExplainError, data.DataError, model_lib.CheckpointError, model_lib.DeviceError,
+            db.DBError) as e:
         sys.exit(f"error: {e}")

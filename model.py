@@ -13,7 +13,12 @@ PathMNIST-XAI CNN (871K, 19.5M).
 
 A checkpoint is one file: {"format", "version", "config", "state_dict", "meta", "train_state"}. Only
 tensors, numbers, strings, lists and dicts go in, so it loads with torch.load(weights_only=True) and
-an arbitrary pickle is refused.
+an arbitrary pickle is refused. `train_state` (last.pt only) holds exactly TRAIN_STATE_KEYS.
+
+What the explainers (explain.py, quality.py) may assume of the network, all defined here so that a
+new architecture means editing this file alone: it takes [0, 1] images and `input_mean` is the
+colour it normalises around; `randomization_layers` lists the layers to re-initialise, top first;
+`fused_for_inference` folds BatchNorm into the Conv-BN-ReLU blocks.
 """
 import argparse
 import copy
@@ -32,10 +37,18 @@ VERSION = 1
 DEFAULT_CONFIG = {"n_classes": 9, "unshuffle": 2, "channels": [32, 32, 64, 96, 192],
                   "strides": [1, 1, 2, 1, 2], "dropout": 0.2, "mean": [0.5, 0.5, 0.5],
                   "std": [0.5, 0.5, 0.5]}
+# What train.py stores to continue a run: optimizer, scheduler, early stopping and both RNGs.
+TRAIN_STATE_KEYS = ("optimizer", "scheduler", "epoch", "best_val_loss", "bad_epochs", "rng_torch",
+                    "rng_generator")
+DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
 
 
 class CheckpointError(Exception):
     """A checkpoint that is missing, unsafe, or not ours; the message is meant for the user."""
+
+
+class DeviceError(Exception):
+    """A --device this machine does not have; meant for the user."""
 
 
 class Normalize(nn.Module):
@@ -80,6 +93,17 @@ def build(config=None, **overrides):
     return TissueCNN(**{**DEFAULT_CONFIG, **(config or {}), **overrides})
 
 
+def input_mean(model):
+    """The training split's mean colour, (C,), on the model's device: what the model centres on."""
+    return model.normalize.mean.flatten()
+
+
+def randomization_layers(model):
+    """Names of the layers a cascading randomisation test re-initialises, in order: the classifier
+    (top) first, then each feature block down to the first."""
+    return ["classifier"] + [f"features.{i}" for i in reversed(range(len(model.features)))]
+
+
 def fused_for_inference(model):
     """An eval-mode copy with each BatchNorm folded into its convolution.
 
@@ -87,9 +111,38 @@ def fused_for_inference(model):
     float rounding) with less work per pass; IG, which runs many passes per image, uses it.
     """
     fused = copy.deepcopy(model).eval()
-    for i, (conv, bn, relu) in enumerate(fused.features):
+    for i, block in enumerate(fused.features):
+        kinds = [type(m) for m in block] if isinstance(block, nn.Sequential) else [type(block)]
+        if kinds != [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]:
+            raise TypeError(f"features.{i} is {' -> '.join(k.__name__ for k in kinds)}; "
+                            f"fused_for_inference folds only Conv2d -> BatchNorm2d -> ReLU blocks. "
+                            f"Teach it the new block (model.py) or explain the unfused model.")
+        conv, bn, relu = block
         fused.features[i] = nn.Sequential(fuse_conv_bn_eval(conv, bn), relu)
     return fused.to(memory_format=torch.channels_last)
+
+
+def available_devices():
+    """What this machine can run on, best first: each GPU, then mps, then cpu."""
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return gpus + (["mps"] if torch.backends.mps.is_available() else []) + ["cpu"]
+
+
+def resolve_device(name="auto"):
+    """torch.device for a --device value; `auto` takes the best this machine has."""
+    here = available_devices()
+    if name == "auto":
+        return torch.device(here[0])
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"--device {name!r} is not a device name; use {DEVICE_HELP}. This machine "
+                          f"has: {', '.join(here)}.") from None
+    key = f"cuda:{device.index or 0}" if device.type == "cuda" else device.type
+    if key not in here:
+        raise DeviceError(f"--device {name} is not available on this machine, which has: "
+                          f"{', '.join(here)}. Pass one of those, or --device auto for the best.")
+    return device
 
 
 def count_params(model):
@@ -140,6 +193,8 @@ def predict_logits(model, images, batch_size=512, device="cpu", tta=False):
 
 def save_checkpoint(path, model, meta, train_state=None):
     """Write the model, its metadata and (optionally) the training state atomically."""
+    if train_state is not None and set(train_state) != set(TRAIN_STATE_KEYS):
+        raise ValueError(f"train_state has keys {sorted(train_state)}, expected {TRAIN_STATE_KEYS}")
     payload = {"format": FORMAT, "version": VERSION, "config": model.config,
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "meta": meta, "train_state": train_state}
@@ -176,8 +231,9 @@ def short_reason(e):
     return f"{type(e).__name__}: {why}"
 
 
-def load_checkpoint(path, device="cpu"):
-    """(model in eval mode on `device`, metadata dict) from a checkpoint written by train.py."""
+def load_checkpoint(path, device="cpu", with_train_state=False):
+    """(model in eval mode on `device`, metadata dict) from a checkpoint written by train.py, and
+    the training state as a third item with `with_train_state` (for --resume)."""
     payload = read_checkpoint(path)
     try:
         model = build(payload["config"])
@@ -185,7 +241,14 @@ def load_checkpoint(path, device="cpu"):
     except (TypeError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"{path} holds weights that do not fit its model config "
                               f"({short_reason(e)}). Was it written by another version?") from e
-    return model.to(device).eval(), payload["meta"]
+    model = model.to(device).eval()
+    if not with_train_state:
+        return model, payload["meta"]
+    state = payload.get("train_state")
+    if not isinstance(state, dict) or set(state) != set(TRAIN_STATE_KEYS):
+        raise CheckpointError(f"{path} holds no complete training state to resume from (only "
+                              f"last.pt has one). Start a new run, or pass the run's --out.")
+    return model, payload["meta"], state
 
 
 def main(argv=None):

@@ -17,15 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
-import data  # noqa: E402
-import model as model_lib  # noqa: E402
+import data
+import model as model_lib
+import plots
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 MIN_IMPROVEMENT = 1e-4  # a val-loss drop smaller than this does not count as progress
@@ -45,8 +43,7 @@ def parse_args(argv=None):
                    "lower validation loss; the learning rate halves after half as many")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling, augmentation "
                    "and dropout; the same seed on the same device gives the same history")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, "
-                   "cuda:N or mps")
+    p.add_argument("--device", default="auto", help=model_lib.DEVICE_HELP)
     p.add_argument("--data-dir", default="data", help="folder holding the PathMNIST npz files")
     p.add_argument("--size", type=int, default=28, choices=data.SIZES, help="image size: 28 "
                    "(MedMNIST v2) or 64/128/224 (MedMNIST+ files)")
@@ -61,16 +58,6 @@ def parse_args(argv=None):
     p.add_argument("--colour-jitter", type=float, default=1.0, help="strength of the stain/colour "
                    "augmentation (0 turns it off; flips/rotations always apply)")
     return p.parse_args(argv)
-
-
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def train_epoch(model, split, opt, gen, args, device, epoch):
@@ -111,25 +98,10 @@ def write_history(path, history):
         tmp.write_text(buf.getvalue())
 
 
-def plot_history(history, path, title):
-    epochs = [h["epoch"] for h in history]
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, style in (("train", "-o"), ("val", "-s")):
-        ax_acc.plot(epochs, [h[f"{key}_acc"] for h in history], style, label=key, ms=3)
-        ax_loss.plot(epochs, [h[f"{key}_loss"] for h in history], style, label=key, ms=3)
-    for ax, name in ((ax_acc, "accuracy"), (ax_loss, "cross-entropy loss")):
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    data.write_figure(fig, path, dpi=120)
-
-
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
-    device = pick_device(args.device)
+    device = model_lib.resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -142,11 +114,8 @@ def main(argv=None):
 
     gen = torch.Generator().manual_seed(args.seed)  # shuffling and augmentation
     if args.resume:
-        state = model_lib.read_checkpoint(out / "last.pt")
-        check_resumable(state, ds, args)
-        net = model_lib.build(state["config"])
-        net.load_state_dict(state["state_dict"])
-        meta, ts = state["meta"], state["train_state"]
+        net, meta, ts = model_lib.load_checkpoint(out / "last.pt", with_train_state=True)
+        check_resumable(meta, ds, args)
     else:
         mean, std = data.channel_stats(ds.train.images)
         net = model_lib.build(n_classes=len(ds.class_names), mean=mean, std=std)
@@ -192,7 +161,7 @@ def main(argv=None):
             print(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.4f}  val loss "
                   f"{val_loss:.4f} acc {val_acc:.4f}  lr {row['lr']:.2e}  {seconds:.1f}s "
                   f"({len(ds.train) / seconds:.0f} img/s){'  *best' if improved else ''}")
-            train_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            train_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),  # TRAIN_STATE_KEYS
                            "epoch": epoch, "best_val_loss": best_loss, "bad_epochs": bad_epochs,
                            "rng_torch": torch.get_rng_state(), "rng_generator": gen.get_state()}
             if improved:
@@ -206,18 +175,16 @@ def main(argv=None):
         print(f"Early stop: no lower validation loss for {args.patience} epochs.")
     if history:
         plot_path = Path(args.images) / "accuracy_epoch.png"
-        plot_history(history, plot_path, f"Training on {label}")
+        plots.plot_history(history, plot_path, f"Training on {label}")
         print(f"Best epoch {meta['best_epoch']} (val loss {best_loss:.4f}) -> {out / 'best.pt'}; "
               f"curves -> {plot_path}")
     return history
 
 
-def check_resumable(state, ds, args):
+def check_resumable(meta, ds, args):
     """Refuse a resume onto different data: the history would stop meaning anything."""
-    if state.get("train_state") is None:
-        raise TrainingError(f"{args.out}/last.pt has no training state to resume from.")
-    if state["meta"]["provenance"] != ds.provenance():
-        raise TrainingError(f"{args.out}/last.pt was trained on {state['meta']['provenance']}, not on "
+    if meta["provenance"] != ds.provenance():
+        raise TrainingError(f"{args.out}/last.pt was trained on {meta['provenance']}, not on "
                             f"{ds.provenance()}. Resume with the same --size/--synthetic/--data-dir, "
                             f"or start a new run with another --out.")
 
@@ -225,5 +192,5 @@ def check_resumable(state, ds, args):
 if __name__ == "__main__":
     try:
         main()
-    except (data.DataError, model_lib.CheckpointError, TrainingError) as e:
+    except (data.DataError, model_lib.CheckpointError, model_lib.DeviceError, TrainingError) as e:
         sys.exit(f"error: {e}")

@@ -1,4 +1,6 @@
-"""Shared fixtures: small SYNTHETIC datasets written by data.py, and one short training run."""
+"""Shared fixtures: small SYNTHETIC datasets written by data.py, one short training run, one evaluation.
+
+Tests take helpers as fixtures (train_argv, make_npz), never by importing this file."""
 import shutil
 
 import numpy as np
@@ -25,8 +27,14 @@ def syn_dir(tmp_path_factory):
 
 
 def train_args(data_dir, out, *extra):
+    """train.py's argv for a quiet 2-thread synthetic run in `out`, plus `extra` flags."""
     return ["--synthetic", "--data-dir", str(data_dir), "--out", str(out),
             "--images", str(out / "images"), "--threads", "2", *extra]
+
+
+@pytest.fixture
+def train_argv():
+    return train_args
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +55,11 @@ def write_npz(path, size=28, n=6, **override):
     arrays.update(override)
     np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
     return path
+
+
+@pytest.fixture
+def make_npz():
+    return write_npz
 
 
 @pytest.fixture(scope="session")

@@ -6,22 +6,21 @@ import pytest
 import torch
 
 import data
-from conftest import write_npz
 
 
 # ----------------------------------------------------------------------------- npz validation
 
-def test_valid_npz_loads_as_uint8_nchw_tensors(tmp_path):
-    splits = data.read_npz(write_npz(tmp_path / "ok.npz", n=5), 28, 9)
+def test_valid_npz_loads_as_uint8_nchw_tensors(tmp_path, make_npz):
+    splits = data.read_npz(make_npz(tmp_path / "ok.npz", n=5), 28, 9)
     assert splits["train"].images.shape == (5, 3, 28, 28)
     assert splits["train"].images.dtype == torch.uint8
     assert splits["test"].labels.dtype == torch.int64 and splits["test"].labels.shape == (5,)
 
 
-def test_pixels_keep_their_channel_after_the_layout_change(tmp_path):
+def test_pixels_keep_their_channel_after_the_layout_change(tmp_path, make_npz):
     img = np.zeros((1, 28, 28, 3), np.uint8)
     img[0, 2, 5] = (10, 20, 30)
-    splits = data.read_npz(write_npz(tmp_path / "px.npz", n=1, train_images=img), 28, 9)
+    splits = data.read_npz(make_npz(tmp_path / "px.npz", n=1, train_images=img), 28, 9)
     assert splits["train"].images[0, :, 2, 5].tolist() == [10, 20, 30]
 
 
@@ -30,8 +29,8 @@ def test_missing_file_is_a_data_error(tmp_path):
         data.read_npz(tmp_path / "nope.npz", 28, 9)
 
 
-def test_truncated_npz_is_a_data_error(tmp_path):
-    path = write_npz(tmp_path / "t.npz")
+def test_truncated_npz_is_a_data_error(tmp_path, make_npz):
+    path = make_npz(tmp_path / "t.npz")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(data.DataError, match="truncated"):
         data.read_npz(path, 28, 9)
@@ -44,53 +43,53 @@ def test_file_that_is_not_a_zip_is_a_data_error(tmp_path):
         data.read_npz(path, 28, 9)
 
 
-def test_missing_key_is_named(tmp_path):
-    path = write_npz(tmp_path / "k.npz", val_labels=None)
+def test_missing_key_is_named(tmp_path, make_npz):
+    path = make_npz(tmp_path / "k.npz", val_labels=None)
     with pytest.raises(data.DataError, match="val_labels"):
         data.read_npz(path, 28, 9)
 
 
-def test_float_images_are_refused(tmp_path):
-    path = write_npz(tmp_path / "f.npz", train_images=np.zeros((6, 28, 28, 3), np.float32))
+def test_float_images_are_refused(tmp_path, make_npz):
+    path = make_npz(tmp_path / "f.npz", train_images=np.zeros((6, 28, 28, 3), np.float32))
     with pytest.raises(data.DataError, match="expected uint8"):
         data.read_npz(path, 28, 9)
 
 
-def test_image_size_must_match_the_size_flag(tmp_path):
-    path = write_npz(tmp_path / "s.npz", size=28)
+def test_image_size_must_match_the_size_flag(tmp_path, make_npz):
+    path = make_npz(tmp_path / "s.npz", size=28)
     with pytest.raises(data.DataError, match="--size"):
         data.read_npz(path, 64, 9)
 
 
-def test_channel_first_images_are_refused(tmp_path):
-    path = write_npz(tmp_path / "c.npz", test_images=np.zeros((6, 3, 28, 28), np.uint8))
+def test_channel_first_images_are_refused(tmp_path, make_npz):
+    path = make_npz(tmp_path / "c.npz", test_images=np.zeros((6, 3, 28, 28), np.uint8))
     with pytest.raises(data.DataError, match=r"\(N, 28, 28, 3\)"):
         data.read_npz(path, 28, 9)
 
 
-def test_label_count_must_match_image_count(tmp_path):
-    path = write_npz(tmp_path / "n.npz", train_labels=np.zeros((5, 1), np.int64))
+def test_label_count_must_match_image_count(tmp_path, make_npz):
+    path = make_npz(tmp_path / "n.npz", train_labels=np.zeros((5, 1), np.int64))
     with pytest.raises(data.DataError, match="one per image"):
         data.read_npz(path, 28, 9)
 
 
-def test_float_labels_are_refused(tmp_path):
-    path = write_npz(tmp_path / "fl.npz", train_labels=np.zeros((6, 1), np.float64))
+def test_float_labels_are_refused(tmp_path, make_npz):
+    path = make_npz(tmp_path / "fl.npz", train_labels=np.zeros((6, 1), np.float64))
     with pytest.raises(data.DataError, match="integers"):
         data.read_npz(path, 28, 9)
 
 
 @pytest.mark.parametrize("bad", [9, -1])
-def test_labels_out_of_range_are_refused(tmp_path, bad):
+def test_labels_out_of_range_are_refused(tmp_path, bad, make_npz):
     labels = np.zeros((6, 1), np.int64)
     labels[3] = bad
-    path = write_npz(tmp_path / "r.npz", val_labels=labels)
+    path = make_npz(tmp_path / "r.npz", val_labels=labels)
     with pytest.raises(data.DataError, match="0 to 8"):
         data.read_npz(path, 28, 9)
 
 
-def test_mask_of_the_wrong_shape_is_refused(tmp_path):
-    path = write_npz(tmp_path / "m.npz", train_masks=np.zeros((6, 14, 14), np.uint8))
+def test_mask_of_the_wrong_shape_is_refused(tmp_path, make_npz):
+    path = make_npz(tmp_path / "m.npz", train_masks=np.zeros((6, 14, 14), np.uint8))
     with pytest.raises(data.DataError, match="train_masks"):
         data.read_npz(path, 28, 9)
 
@@ -109,8 +108,8 @@ def test_unknown_size_is_a_data_error():
         data.real_source(32)
 
 
-def test_md5_mismatch_is_refused_with_the_expected_md5(tmp_path):
-    write_npz(tmp_path / "pathmnist.npz")
+def test_md5_mismatch_is_refused_with_the_expected_md5(tmp_path, make_npz):
+    make_npz(tmp_path / "pathmnist.npz")
     with pytest.raises(data.DataError, match=data.INFO["MD5"]):
         data.fetch(tmp_path, 28)
 
@@ -133,8 +132,8 @@ def test_failed_download_never_falls_back_to_synthetic_data(tmp_path, monkeypatc
     assert not (tmp_path / data.synthetic_file_name(28)).exists()
 
 
-def test_a_valid_file_is_not_downloaded_again(tmp_path, monkeypatch):
-    path = write_npz(tmp_path / "pathmnist.npz")
+def test_a_valid_file_is_not_downloaded_again(tmp_path, monkeypatch, make_npz):
+    path = make_npz(tmp_path / "pathmnist.npz")
     monkeypatch.setitem(data.INFO, "MD5", data.calculate_md5(path))
     monkeypatch.setattr(data, "download_url", lambda *a, **k: pytest.fail("downloaded again"))
     ds = data.load(tmp_path, 28)
@@ -142,8 +141,8 @@ def test_a_valid_file_is_not_downloaded_again(tmp_path, monkeypatch):
                                "file": "pathmnist.npz", "md5": data.calculate_md5(path)}
 
 
-def test_download_is_verified_then_renamed_into_place(tmp_path, monkeypatch):
-    source = write_npz(tmp_path / "source.npz")
+def test_download_is_verified_then_renamed_into_place(tmp_path, monkeypatch, make_npz):
+    source = make_npz(tmp_path / "source.npz")
     monkeypatch.setitem(data.INFO, "MD5", data.calculate_md5(source))
 
     def fake_download(url, root, filename, md5):

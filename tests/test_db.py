@@ -1,4 +1,5 @@
 """db.py: schema checks, binary round trips, idempotent batched writes, queries."""
+import json
 import sqlite3
 
 import numpy as np
@@ -15,17 +16,18 @@ def new_run(conn, settings=None):
 
 
 def fake_rows(run_id, indices, seed=0, dtype="float16"):
+    """Rows for `indices` built by db.explanation_rows: true label i % 9, target = prediction,
+    delta 0.01 * i, score 2.0, baseline score 0.5."""
     rng = np.random.default_rng(seed)
-    rows = []
-    for i in indices:
-        blob, dt, shape = db.encode_array(rng.normal(size=(3, 28, 28)), dtype)
-        probs = rng.dirichlet(np.ones(9)).astype("<f4")
-        rows.append({"run_id": run_id, "split": "test", "image_index": i, "true_label": i % 9,
-                     "pred_label": int(probs.argmax()), "target": int(probs.argmax()),
-                     "confidence": float(probs.max()), "probs": probs.tobytes(), "attribution": blob,
-                     "attr_dtype": dt, "attr_shape": shape, "delta": 0.01 * i, "score": 2.0,
-                     "baseline_score": 0.5, "n_steps": 8})
-    return rows
+    n = len(indices)
+    probs = rng.dirichlet(np.ones(9), size=n).astype("<f4")
+    return db.explanation_rows(run_id, "test", list(indices), [i % 9 for i in indices], probs,
+                               probs.argmax(1), rng.normal(size=(n, 3, 28, 28)).astype(dtype),
+                               [0.01 * i for i in indices], [2.0] * n, [0.5] * n, [8] * n)
+
+
+def describe(provenance):
+    return f"<{provenance['dataset']} {provenance['size']} synthetic={provenance['synthetic']}>"
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
@@ -120,8 +122,9 @@ def test_class_attributions_stack_every_row_of_that_class(tmp_path):
 def test_summary_reports_rows_per_class_accuracy_and_delta(tmp_path):
     conn = db.connect(tmp_path / "e.db")
     db.insert_explanations(conn, fake_rows(new_run(conn), range(18)))
-    text = db.summary(conn)
-    assert "SYNTHETIC" in text and "18 explanations" in text and "mean |delta|" in text
+    text = db.summary(conn, describe)
+    assert "<pathmnist-synthetic 28 synthetic=True>" in text  # the dataset label is the caller's
+    assert "18 explanations" in text and "mean |delta|" in text
     assert "c4" in text and "2 rows" in text
 
 
@@ -132,3 +135,68 @@ def test_queries_by_image_index_work_beyond_sqlites_old_parameter_limit(tmp_path
     rows = db.find(conn, run, image_indices=list(range(1199, -1, -1)), order="-confidence", limit=1100)
     assert len(rows) == 1100
     assert [r["confidence"] for r in rows] == sorted((r["confidence"] for r in rows), reverse=True)
+
+
+def test_rows_take_prediction_and_confidence_from_the_probabilities():
+    probs = np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]], np.float32)
+    rows = db.explanation_rows(1, "test", [4, 9], [1, 2], probs, [2, 0],
+                               np.zeros((2, 3, 28, 28), np.float16), [0.0, 0.1], [1.0, 2.0], [0.0, 0.5], [8, 16])
+    assert [(r["image_index"], r["true_label"], r["pred_label"], r["target"]) for r in rows] == [
+        (4, 1, 1, 2), (9, 2, 0, 0)]
+    assert [r["confidence"] for r in rows] == pytest.approx([0.7, 0.5])
+    assert rows[1]["n_steps"] == 16 and rows[1]["attr_dtype"] == "float16"
+    assert np.frombuffer(rows[0]["probs"], "<f4").tolist() == pytest.approx([0.1, 0.7, 0.2])
+
+
+def test_relative_completeness_error_is_delta_over_the_gap():
+    assert db.relative_completeness_error(np.array([0.1, -0.3]), np.array([2.0, -1.5])) == pytest.approx([0.05, 0.2])
+    assert np.isfinite(db.relative_completeness_error(np.array([0.0]), np.array([0.0]))).all()
+
+
+def test_ig_summary_counts_the_images_asked_for(tmp_path):
+    conn = db.connect(tmp_path / "e.db")
+    run = new_run(conn)
+    db.insert_explanations(conn, fake_rows(run, range(10)))  # delta 0.01 * i over a gap of 1.5
+    s = db.ig_summary(conn, run, "test", [0, 5, 9])
+    assert s["explained"] == 3
+    assert s["mean_abs_delta"] == pytest.approx((0 + 0.05 + 0.09) / 3)
+    assert s["mean_relative_completeness_error"] == pytest.approx((0 + 0.05 + 0.09) / 3 / 1.5)
+    assert s["share_within_5pct"] == pytest.approx(2 / 3)  # 0.0 and 0.033 are, 0.06 is not
+
+
+# ----------------------------------------------------------------------------- migrations
+
+def v1_database(path):
+    conn = sqlite3.connect(path)
+    conn.executescript(db.SCHEMA_V1 + "PRAGMA user_version = 1;")
+    conn.execute("INSERT INTO runs (checkpoint_sha256, checkpoint_path, model_config, class_names, dataset, "
+                 "size, data_file, data_md5, synthetic, ig_settings, created_at, updated_at) "
+                 "VALUES ('s', 'p', '{}', '[]', 'd', 28, 'f', 'm', 1, '{}', 't', 't')")
+    conn.commit()
+    return conn
+
+
+def test_a_version_1_database_is_migrated_keeping_its_rows(tmp_path):
+    v1_database(tmp_path / "v1.db").close()
+    migrated = db.connect(tmp_path / "v1.db")
+    assert migrated.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION == 3
+    assert migrated.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1
+    assert "quality" in db.table_names(migrated)
+
+
+def test_version_2_randomisation_lists_gain_their_layer_names(tmp_path):
+    conn = v1_database(tmp_path / "v2.db")
+    conn.executescript(f"BEGIN; {db.MIGRATIONS[1]} PRAGMA user_version = 2; COMMIT;")
+    values = [0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
+    conn.execute("INSERT INTO quality (run_id, split, image_index, method, relative_error, deletion_auc, "
+                 "deletion_auc_random, insertion_auc, insertion_auc_random, infidelity, sensitivity_max, "
+                 "randomization_spearman, randomization_spearman_signed, randomization_input_spearman, "
+                 "deletion_curve, deletion_curve_random, insertion_curve, insertion_curve_random, "
+                 "randomization_stages) VALUES (1, 'test', 0, 'ig', 0, 0, 0, 0, 0, 0, 0, 0.3, 0, 0, "
+                 "x'00', x'00', x'00', x'00', ?)", (json.dumps(values),))
+    conn.commit()
+    conn.close()
+    migrated = db.connect(tmp_path / "v2.db")
+    stored = json.loads(migrated.execute("SELECT randomization_stages FROM quality").fetchone()[0])
+    assert stored == {"classifier": 0.8, "features.4": 0.7, "features.3": 0.6, "features.2": 0.5,
+                      "features.1": 0.4, "features.0": 0.3}

@@ -82,6 +82,19 @@ def test_evaluate_writes_metrics_plots_and_one_row_per_explained_image(evaluated
     assert saved["ig"]["explained"] == 60 and saved["ig"]["mean_relative_completeness_error"] < 0.05
 
 
+def test_evaluate_reports_quality_keys_and_draws_both_quality_figures(evaluated_run):
+    run_dir, metrics = evaluated_run
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("deletion_auc", "deletion_auc_random", "insertion_auc", "insertion_auc_random",
+                "randomization_spearman", "mask_mass", "mask_area", "completeness_share"):
+        assert np.isfinite(saved[key]), key
+    assert saved["quality_images"] == 60 and saved["randomization_check"] in ("passed", "failed")
+    assert list(saved["randomization_by_stage"]) == ["classifier", "features.4", "features.3",
+                                                     "features.2", "features.1", "features.0"]
+    for name in ("faithfulness.png", "sanity_randomization.png"):
+        assert (run_dir / "images" / name).stat().st_size > 0
+
+
 def test_stored_rows_agree_with_the_model(evaluated_run, syn_dir):
     run_dir, metrics = evaluated_run
     conn = db.connect(run_dir / "explanations.db", create=False)

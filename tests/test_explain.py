@@ -81,10 +81,25 @@ def test_parameters_need_no_gradient_during_ig_and_get_theirs_back(net_and_test)
 
 @pytest.mark.parametrize("baseline", explain.BASELINES)
 def test_every_baseline_has_the_input_shape_and_range(baseline):
-    net = model_lib.build(mean=[0.8, 0.6, 0.7])
     x = torch.rand(2, 3, 28, 28)
-    b = explain.make_baseline(x, baseline, net)
+    b = explain.make_baseline(x, baseline, [0.8, 0.6, 0.7])
     assert b.shape == x.shape and b.min() >= 0 and b.max() <= 1
+
+
+def test_mean_baseline_is_a_flat_image_of_the_given_colour():
+    b = explain.make_baseline(torch.rand(2, 3, 5, 5), "mean", torch.tensor([0.8, 0.6, 0.7]))
+    assert torch.equal(b[1, :, 4, 2], torch.tensor([0.8, 0.6, 0.7]))
+    assert torch.equal(b, b[:1, :, :1, :1].expand_as(b))
+
+
+def test_ig_uses_the_models_training_mean_as_its_baseline(net_and_test):
+    net, test = net_and_test
+    x = data.to_unit(test.images[:4])
+    r = explain.integrated_gradients(net, x, test.labels[:4])
+    flat = torch.tensor(net.config["mean"]).view(1, 3, 1, 1).expand(4, 3, 28, 28)
+    with torch.no_grad():
+        expected = net(flat)[torch.arange(4), test.labels[:4]]
+    assert torch.allclose(r.baseline_score, expected, atol=1e-5)
 
 
 def test_target_can_be_named_by_class_name_or_index():

@@ -141,3 +141,50 @@ def test_newer_checkpoint_version_is_refused(tmp_path):
     torch.save(payload, path)
     with pytest.raises(model_lib.CheckpointError, match="version"):
         model_lib.load_checkpoint(path)
+
+
+# ----------------------------------------------------------------------------- the explainers' contract
+
+def test_randomization_layers_run_from_the_classifier_down_to_the_first_block():
+    net = model_lib.build(channels=[8, 8, 8], strides=[1, 2, 1])
+    assert model_lib.randomization_layers(net) == ["classifier", "features.2", "features.1", "features.0"]
+    for name in model_lib.randomization_layers(net):
+        assert sum(p.numel() for p in net.get_submodule(name).parameters()) > 0
+
+
+def test_input_mean_is_the_normalisation_mean():
+    net = model_lib.build(mean=[0.2, 0.4, 0.6])
+    assert model_lib.input_mean(net).tolist() == pytest.approx([0.2, 0.4, 0.6])
+
+
+def test_folding_refuses_a_block_that_is_not_conv_bn_relu():
+    net = model_lib.build()
+    net.features[2] = torch.nn.Sequential(torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU())
+    with pytest.raises(TypeError, match="features.2 is Conv2d -> ReLU"):
+        model_lib.fused_for_inference(net)
+
+
+def test_auto_device_is_one_this_machine_has():
+    assert str(model_lib.resolve_device("auto")) in model_lib.available_devices()
+    assert model_lib.resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda:99"])
+def test_unknown_or_absent_device_is_a_device_error_naming_what_exists(name):
+    with pytest.raises(model_lib.DeviceError, match="cpu"):
+        model_lib.resolve_device(name)
+
+
+def test_training_state_must_have_exactly_the_known_keys(tmp_path):
+    with pytest.raises(ValueError, match="train_state"):
+        model_lib.save_checkpoint(tmp_path / "c.pt", model_lib.build(), {}, train_state={"epoch": 1})
+
+
+def test_resume_loading_returns_the_training_state_or_says_there_is_none(tmp_path):
+    state = dict.fromkeys(model_lib.TRAIN_STATE_KEYS, 0)
+    model_lib.save_checkpoint(tmp_path / "last.pt", model_lib.build(), {"m": 1}, train_state=state)
+    _, meta, loaded = model_lib.load_checkpoint(tmp_path / "last.pt", with_train_state=True)
+    assert meta == {"m": 1} and loaded == state
+    model_lib.save_checkpoint(tmp_path / "best.pt", model_lib.build(), {})
+    with pytest.raises(model_lib.CheckpointError, match="no complete training state"):
+        model_lib.load_checkpoint(tmp_path / "best.pt", with_train_state=True)

@@ -1,8 +1,4 @@
-"""Explanation quality: completeness, deletion/insertion, randomisation, localisation, storage."""
-import json
-import sqlite3
-
-import numpy as np
+"""quality.py: deletion/insertion, randomisation, localisation, and the stored quality pass."""
 import pytest
 import torch
 
@@ -11,6 +7,7 @@ import db
 import evaluate
 import explain
 import model as model_lib
+import quality as quality_lib
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +17,9 @@ def quality(trained_run, syn_dir):
     fused = model_lib.fused_for_inference(net)
     test = data.load_matching(meta["provenance"], syn_dir).test
     _, targets, r = explain.explain_batch(fused, test.images[:60], test.labels[:60], explain.DEFAULT_IG)
-    q = explain.quality_measures(fused, data.to_unit(test.images[:60]), targets, r.attributions,
-                                 explain.DEFAULT_IG, explain.attribution_fn(explain.DEFAULT_IG),
-                                 explain.randomized_models(net), masks=test.masks[:60])
+    q = quality_lib.quality_measures(fused, data.to_unit(test.images[:60]), targets, r.attributions,
+                                     explain.DEFAULT_IG, explain.attribution_fn(explain.DEFAULT_IG),
+                                     quality_lib.randomized_models(net), masks=test.masks[:60])
     return {k: v.float().mean(0) for k, v in q.items()}
 
 
@@ -50,23 +47,22 @@ def test_maps_that_ignore_the_model_fail_the_randomisation_check(trained_run, sy
     test = data.load_matching(meta["provenance"], syn_dir).test
     x = data.to_unit(test.images[:8])
     blind = lambda model, inputs, target: inputs * 2 - 1  # noqa: E731  the same map whatever the model
-    q = explain.quality_measures(net, x, test.labels[:8], blind(net, x, None), explain.DEFAULT_IG,
-                                 blind, explain.randomized_models(net))
+    q = quality_lib.quality_measures(net, x, test.labels[:8], blind(net, x, None), explain.DEFAULT_IG,
+                                     blind, quality_lib.randomized_models(net))
     assert float(q["randomization_spearman"].mean()) == pytest.approx(1.0)
-    assert explain.randomization_verdict(1.0, float(q["randomization_input_spearman"].mean())) == "failed"
+    assert quality_lib.randomization_verdict(1.0, float(q["randomization_input_spearman"].mean())) == "failed"
 
 
 def test_randomization_verdict_allows_what_the_input_alone_explains():
-    assert explain.randomization_verdict(0.3, 0.2) == "passed"
-    assert explain.randomization_verdict(0.6, 0.65) == "passed"  # within the input-only reference
-    assert explain.randomization_verdict(0.9, 0.65) == "failed"
+    assert quality_lib.randomization_verdict(0.3, 0.2) == "passed"
+    assert quality_lib.randomization_verdict(0.6, 0.65) == "passed"  # within the input-only reference
+    assert quality_lib.randomization_verdict(0.9, 0.65) == "failed"
 
 
 def test_cascading_randomization_reinitialises_one_more_layer_each_stage(trained_run):
     net, _ = model_lib.load_checkpoint(trained_run / "best.pt")
-    stages = explain.randomized_models(net)
-    assert [s for s, _ in stages] == ["classifier", "features.4", "features.3", "features.2",
-                                      "features.1", "features.0"]
+    stages = quality_lib.randomized_models(net)
+    assert [s for s, _ in stages] == model_lib.randomization_layers(net)
     trained_conv0 = model_lib.fused_for_inference(net).features[0][0].weight
     assert torch.equal(stages[-2][1].features[0][0].weight, trained_conv0)  # features.0 not yet
     assert not torch.equal(stages[-1][1].features[0][0].weight, trained_conv0)
@@ -75,36 +71,25 @@ def test_cascading_randomization_reinitialises_one_more_layer_each_stage(trained
 def test_curves_start_at_the_image_and_end_at_the_baseline():
     net = model_lib.build().eval()
     x = torch.rand(3, 3, 28, 28)
-    base = explain.make_baseline(x, "mean", net)
-    order = explain.pixel_order(torch.randn(3, 3, 28, 28))
+    base = explain.make_baseline(x, "mean", model_lib.input_mean(net))
+    order = quality_lib.pixel_order(torch.randn(3, 3, 28, 28))
     target = torch.zeros(3, dtype=torch.long)
-    deletion = explain.perturbation_curves(net, x, base, order, target, insertion=False)
+    deletion = quality_lib.perturbation_curves(net, x, base, order, target, insertion=False)
     with torch.no_grad():
         p_x, p_b = (torch.softmax(net(t), 1)[:, 0] for t in (x, base))
     assert torch.allclose(deletion[:, 0], p_x, atol=1e-6) and torch.allclose(deletion[:, -1], p_b, atol=1e-6)
-    insertion = explain.perturbation_curves(net, x, base, order, target, insertion=True)
+    insertion = quality_lib.perturbation_curves(net, x, base, order, target, insertion=True)
     assert torch.allclose(insertion[:, 0], p_b, atol=1e-6) and torch.allclose(insertion[:, -1], p_x, atol=1e-6)
 
 
 def test_completeness_warning_names_more_steps():
     summary = {"completeness_share": 0.6, "deletion_auc": 0.1, "deletion_auc_random": 0.5,
                "insertion_auc": 0.9, "insertion_auc_random": 0.5, "randomization_check": "passed"}
-    lines = evaluate.quality_warnings(summary, "ig", {**explain.DEFAULT_IG, "n_steps": 8, "max_steps": 8})
+    lines = quality_lib.quality_warnings(summary, "ig", {**explain.DEFAULT_IG, "n_steps": 8, "max_steps": 8})
     assert len(lines) == 1 and "--max-steps 16" in lines[0]
 
 
-# ----------------------------------------------------------------------------- evaluate.py and the DB
-
-def test_evaluate_reports_quality_keys_and_draws_both_figures(evaluated_run):
-    run_dir, metrics = evaluated_run
-    saved = json.loads((run_dir / "metrics.json").read_text())
-    for key in ("deletion_auc", "deletion_auc_random", "insertion_auc", "insertion_auc_random",
-                "randomization_spearman", "mask_mass", "mask_area", "completeness_share"):
-        assert np.isfinite(saved[key]), key
-    assert saved["quality_images"] == 60 and saved["randomization_check"] in ("passed", "failed")
-    for name in ("faithfulness.png", "sanity_randomization.png"):
-        assert (run_dir / "images" / name).stat().st_size > 0
-
+# ----------------------------------------------------------------------------- the stored pass
 
 def test_quality_rows_are_stored_once_per_image_and_method(evaluated_run, syn_dir):
     run_dir, metrics = evaluated_run
@@ -117,7 +102,9 @@ def test_quality_rows_are_stored_once_per_image_and_method(evaluated_run, syn_di
     run = metrics["ig"]["run_id"]
     first = db.find(conn, run, limit=1)[0]["image_index"]
     row = db.quality_rows(conn, run, "test", "ig", [first])[0]
-    assert row["deletion_curve"].shape == (explain.CURVE_POINTS,) and len(row["randomization_stages"]) == 6
+    assert row["deletion_curve"].shape == (quality_lib.CURVE_POINTS,)
+    assert list(row["randomization_stages"]) == ["classifier", "features.4", "features.3", "features.2",
+                                                 "features.1", "features.0"]
 
 
 def test_smoothgrad_is_compared_on_the_same_measures(trained_run, syn_dir, tmp_path):
@@ -125,21 +112,6 @@ def test_smoothgrad_is_compared_on_the_same_measures(trained_run, syn_dir, tmp_p
                        "--explain", "8", "--quality", "8", "--smooth", "2", "--db", str(tmp_path / "e.db"),
                        "--images", str(tmp_path)])
     smooth = m["smoothgrad_ig:n=2,sd=0.1"]
-    for key in evaluate.SUMMARY_KEYS:
+    for key in quality_lib.SUMMARY_KEYS:
         assert key in smooth and key in m
     assert smooth["images"] == 8
-
-
-def test_a_version_1_database_is_migrated_keeping_its_rows(tmp_path):
-    path = tmp_path / "v1.db"
-    conn = sqlite3.connect(path)
-    conn.executescript(db.SCHEMA_V1 + "PRAGMA user_version = 1;")
-    conn.execute("INSERT INTO runs (checkpoint_sha256, checkpoint_path, model_config, class_names, dataset, "
-                 "size, data_file, data_md5, synthetic, ig_settings, created_at, updated_at) "
-                 "VALUES ('s', 'p', '{}', '[]', 'd', 28, 'f', 'm', 1, '{}', 't', 't')")
-    conn.commit()
-    conn.close()
-    migrated = db.connect(path)
-    assert migrated.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION == 2
-    assert migrated.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1
-    assert "quality" in db.table_names(migrated)

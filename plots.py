@@ -1,0 +1,157 @@
+"""plots.py: every figure the project draws, from plain arrays and tensors.
+
+    training curves        plot_history        (train.py   -> images/accuracy_epoch.png)
+    confusion matrix       plot_confusion      (evaluate.py -> images/confusion_matrix.png)
+    IG gallery / one image explanation_figure  (evaluate.py -> images/ig_examples.png,
+                                                explain.py  -> images/explain/<name>_ig.png)
+    deletion / insertion   plot_faithfulness   (evaluate.py -> images/faithfulness.png)
+    randomisation example  plot_randomization  (evaluate.py -> images/sanity_randomization.png)
+
+Images come in as float (C, H, W) tensors in [0, 1], i.e. already un-normalised: every panel shows
+the tissue in its true colours. This is the only module that imports matplotlib; it draws with the
+file-only Agg backend and writes every figure atomically (write_figure), so a crash never leaves
+half a PNG.
+"""
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from captum.attr import visualization as viz
+
+from data import atomic_path
+
+matplotlib.use("Agg")  # files only, never a window; set before any figure exists, so it always holds
+
+
+def write_figure(fig, path, dpi=130):
+    """Save a figure atomically (the format follows the suffix) and close it."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+
+
+def hwc(t):
+    """A (C, H, W) tensor as an (H, W, C) float numpy array, as matplotlib wants it."""
+    return t.detach().float().permute(1, 2, 0).cpu().numpy()
+
+
+def no_ticks(axes):
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+
+def plot_history(history, path, title):
+    """Accuracy and loss per epoch, train and validation (history: train.py's rows)."""
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, style in (("train", "-o"), ("val", "-s")):
+        ax_acc.plot(epochs, [h[f"{key}_acc"] for h in history], style, label=key, ms=3)
+        ax_loss.plot(epochs, [h[f"{key}_loss"] for h in history], style, label=key, ms=3)
+    for ax, name in ((ax_acc, "accuracy"), (ax_loss, "cross-entropy loss")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    write_figure(fig, path, dpi=120)
+
+
+def plot_confusion(cm, class_names, path, title):
+    """Counts in each cell, shaded by the share of the true class (rows true, columns predicted)."""
+    cm = np.asarray(cm)
+    share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(8, 7))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(cm)):
+        for j in range(len(cm)):
+            ax.text(j, i, f"{cm[i, j]}", ha="center", va="center", fontsize=7,
+                    color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(cm)), class_names, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(cm)), class_names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    write_figure(fig, path, dpi=130)
+
+
+def panel_title(class_names, true, pred, confidence):
+    true_text = "true ?" if true is None else f"true {class_names[true]}"
+    return f"{true_text}\npred {class_names[pred]} ({confidence:.0%})"
+
+
+def draw_explanation(fig, axes, image, attribution, title):
+    """Three panels: the image in true colours, the signed attribution map, and the overlay."""
+    img = hwc(image)
+    attr = hwc(attribution).astype(np.float64)
+    axes[0].imshow(np.clip(img, 0, 1))
+    axes[0].set_title(title, fontsize=7)
+    if np.abs(attr).sum() > 0:
+        viz.visualize_image_attr(attr, img, method="heat_map", sign="all", plt_fig_axis=(fig, axes[1]),
+                                 use_pyplot=False)
+        viz.visualize_image_attr(attr, img, method="blended_heat_map", sign="absolute_value",
+                                 plt_fig_axis=(fig, axes[2]), alpha_overlay=0.6, use_pyplot=False)
+    axes[1].set_title("IG (green +, red -)", fontsize=7)
+    axes[2].set_title("|IG| overlay", fontsize=7)
+    no_ticks(axes)
+
+
+def explanation_figure(panels, path, suptitle):
+    """panels: [(image (C, H, W) in [0, 1], attribution (C, H, W), title)], drawn two per row."""
+    per_row = 2 if len(panels) > 1 else 1
+    rows = (len(panels) + per_row - 1) // per_row
+    fig, axes = plt.subplots(rows, 3 * per_row, figsize=(3 * per_row * 1.6, rows * 1.9 + 0.6),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (image, attribution, title) in enumerate(panels):
+        r, c = divmod(i, per_row)
+        row_axes = axes[r, 3 * c:3 * c + 3]
+        for ax in row_axes:
+            ax.axis("on")
+        draw_explanation(fig, row_axes, image, attribution, title)
+    fig.suptitle(suptitle, fontsize=9)
+    write_figure(fig, path, dpi=130)
+
+
+def plot_faithfulness(curves, path, title):
+    """Mean deletion and insertion curves per method, with the random-order reference.
+
+    curves: {method: {"deletion_curve": (N, P), "deletion_curve_random": ..., "insertion_curve": ...,
+    "insertion_curve_random": ..., and the mean "<curve>_auc" of each}}; every method is scored on
+    the same images with the same random order, so one reference is drawn.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, kind in zip(axes, ("deletion", "insertion")):
+        for method, c in curves.items():
+            frac = np.linspace(0, 1, np.shape(c[f"{kind}_curve"])[1])
+            ax.plot(frac, np.mean(c[f"{kind}_curve"], 0), "-",
+                    label=f"{method} order (AUC {c[f'{kind}_auc']:.3f})")
+        reference = next(iter(curves.values()))
+        ax.plot(frac, np.mean(reference[f"{kind}_curve_random"], 0), "--", color="grey",
+                label=f"random order (AUC {reference[f'{kind}_auc_random']:.3f})")
+        action = "deleted (set to baseline)" if kind == "deletion" else "inserted into baseline"
+        ax.set_xlabel(f"fraction of pixels {action}")
+        ax.set_ylabel("probability of the explained class")
+        ax.set_title(f"{kind} ({'lower' if kind == 'deletion' else 'higher'} AUC is better)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    write_figure(fig, path, dpi=120)
+
+
+def plot_randomization(image, maps, correlations, path, title):
+    """One image, its map, and the maps after each randomisation stage.
+
+    maps: [(name, (C, H, W) map)], the trained model's first; correlations: one per later map.
+    """
+    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(1.7 * (len(maps) + 1), 2.3))
+    axes[0].imshow(np.clip(hwc(image), 0, 1))
+    axes[0].set_title("image", fontsize=7)
+    for ax, (name, attribution), rho in zip(axes[1:], maps, [None] + list(correlations)):
+        viz.visualize_image_attr(hwc(attribution).astype(np.float64), hwc(image), method="heat_map",
+                                 sign="absolute_value", plt_fig_axis=(fig, ax), use_pyplot=False)
+        ax.set_title(name if rho is None else f"{name}\nSpearman {rho:.2f}", fontsize=7)
+    no_ticks(axes)
+    fig.suptitle(title, fontsize=8)
+    write_figure(fig, path, dpi=130)

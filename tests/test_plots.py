@@ -1,0 +1,84 @@
+"""plots.py: every figure opened as a picture: true colours, panels, not blank, written atomically."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import plots
+
+TISSUE = (200, 100, 50)  # a colour no colormap or grey overlay produces by accident
+
+
+def pixels(path):
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def count_colour(arr, rgb):
+    return int((arr == np.array(rgb, np.uint8)).all(-1).sum())
+
+
+def flat_image(rgb=TISSUE, size=28):
+    return (torch.tensor(rgb, dtype=torch.float32) / 255).view(3, 1, 1).expand(3, size, size).clone()
+
+
+def test_explanation_shows_the_tissue_in_its_true_colours(tmp_path):
+    attribution = torch.randn(3, 28, 28, generator=torch.Generator().manual_seed(0))
+    plots.explanation_figure([(flat_image(), attribution, "a")], tmp_path / "e.png", "title")
+    # Drawn 28 px wide at over 100 px: thousands of pixels keep the exact input colour.
+    assert count_colour(pixels(tmp_path / "e.png"), TISSUE) > 1000
+
+
+def test_gallery_draws_two_explanations_per_row(tmp_path):
+    panel = (flat_image(), torch.randn(3, 28, 28), "a")
+    plots.explanation_figure([panel] * 2, tmp_path / "two.png", "t")
+    plots.explanation_figure([panel] * 6, tmp_path / "six.png", "t")
+    two, six = pixels(tmp_path / "two.png"), pixels(tmp_path / "six.png")
+    assert two.shape[1] == six.shape[1]  # same width: two explanations side by side
+    assert six.shape[0] > 2 * two.shape[0]  # three rows instead of one
+    assert count_colour(six, TISSUE) > 2.5 * count_colour(two, TISSUE)
+
+
+def test_zero_attribution_still_draws_the_image(tmp_path):
+    plots.explanation_figure([(flat_image(), torch.zeros(3, 28, 28), "a")], tmp_path / "z.png", "t")
+    assert count_colour(pixels(tmp_path / "z.png"), TISSUE) > 1000
+
+
+def test_randomization_figure_has_a_panel_per_map(tmp_path):
+    maps = [(f"m{i}", torch.randn(3, 28, 28)) for i in range(3)]
+    plots.plot_randomization(flat_image(), maps[:1], [], tmp_path / "one.png", "t")
+    plots.plot_randomization(flat_image(), maps, [0.5, 0.2], tmp_path / "three.png", "t")
+    one, three = pixels(tmp_path / "one.png"), pixels(tmp_path / "three.png")
+    assert three.shape[1] > 1.7 * one.shape[1]
+    assert count_colour(three, TISSUE) > 500
+
+
+def test_confusion_matrix_shades_cells_by_share_of_the_true_class(tmp_path):
+    plots.plot_confusion([[90, 10], [0, 100]], ["a", "b"], tmp_path / "c.png", "t")
+    arr = pixels(tmp_path / "c.png")
+    blues = (arr[..., 2] > arr[..., 0] + 60)  # dark cells of the Blues colormap
+    assert blues.mean() > 0.2
+
+
+def test_curves_are_not_blank(tmp_path):
+    history = [{"epoch": e, "train_acc": 0.5 + e / 20, "val_acc": 0.5 + e / 25,
+                "train_loss": 1 / e, "val_loss": 1.2 / e} for e in range(1, 6)]
+    plots.plot_history(history, tmp_path / "h.png", "t")
+    curves = {"ig": {f"{k}_curve{s}": np.random.default_rng(0).random((4, 29)) for k in ("deletion", "insertion")
+                     for s in ("", "_random")}}
+    curves["ig"].update({f"{k}_auc{s}": 0.5 for k in ("deletion", "insertion") for s in ("", "_random")})
+    plots.plot_faithfulness(curves, tmp_path / "f.png", "t")
+    for name in ("h.png", "f.png"):
+        arr = pixels(tmp_path / name)
+        assert len(np.unique(arr.reshape(-1, 3), axis=0)) > 20, name  # lines, text and legends
+
+
+def test_a_failed_save_keeps_the_previous_figure_and_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "e.png"
+    plots.explanation_figure([(flat_image(), torch.randn(3, 28, 28), "a")], path, "first")
+    before = path.read_bytes()
+    monkeypatch.setattr(plots.plt.Figure, "savefig", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        plots.explanation_figure([(flat_image((0, 0, 0)), torch.randn(3, 28, 28), "b")], path, "second")
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["e.png"]
