@@ -46,6 +46,11 @@ quality (v2): explanation quality per image and method, keyed by (run_id, split,
                                every layer above}, in cascading order, top layer first (v2: a list)
     mask_mass, mask_area REAL   synthetic data only: share of |map| inside the evidence mask, the mask's area
 
+Writes are all or nothing per batch: a row already stored is kept as it was, and a row that cannot be
+stored (a missing run, a missing value) fails its whole batch with a DBError that says why.
+Non-finite values (NaN, inf) are refused the same way, never stored: SQLite would turn a NaN in a
+REAL column into NULL, and a NaN map or probability explains nothing. The error names the images.
+
 This module needs only the standard library and numpy (no torch), so a store can be read anywhere.
 Reading an attribution needs only sqlite3 and numpy:
     blob, dtype, shape = con.execute("SELECT attribution, attr_dtype, attr_shape FROM explanations "
@@ -54,6 +59,7 @@ Reading an attribution needs only sqlite3 and numpy:
 """
 import argparse
 import json
+import math
 import sqlite3
 import sys
 from datetime import datetime, timezone
@@ -118,6 +124,7 @@ CREATE TABLE quality (
     PRIMARY KEY (run_id, split, image_index, method)
 );
 """, 2: lambda conn: name_v2_randomization_stages(conn)}
+EXPLANATION_REALS = ("confidence", "delta", "score", "baseline_score")
 EXPLANATION_COLUMNS = ("run_id", "split", "image_index", "true_label", "pred_label", "target",
                        "confidence", "probs", "attribution", "attr_dtype", "attr_shape", "delta",
                        "score", "baseline_score", "n_steps")
@@ -248,6 +255,12 @@ def explanation_rows(run_id, split, image_index, true_label, probs, target, attr
     its confidence are read from probs."""
     probs = np.asarray(probs, dtype="<f4")
     attributions = np.asarray(attributions)
+    bad = ~(np.isfinite(attributions.reshape(len(attributions), -1)).all(1) & np.isfinite(probs).all(1))
+    if bad.any():
+        raise DBError(f"The attribution map or class probabilities of {split} image(s) "
+                      f"{np.asarray(image_index)[bad].tolist()} hold NaN or inf, so this batch was not "
+                      f"stored. With --attr-dtype float16, values beyond 65504 overflow: try "
+                      f"--attr-dtype float32; otherwise the model itself gives non-finite outputs.")
     # Whole-column conversions: per-element indexing of arrays costs microseconds a row.
     columns = zip(np.asarray(image_index).tolist(), np.asarray(true_label).tolist(),
                   probs.argmax(1).tolist(), np.asarray(target).tolist(), probs.max(1).tolist(),
@@ -270,12 +283,32 @@ def done_indices(conn, run_id, split):
 
 
 def insert_explanations(conn, rows):
-    """Insert a batch of explanation dicts in one transaction; rows already stored are kept."""
-    placeholders = ", ".join("?" * len(EXPLANATION_COLUMNS))
-    with conn:
-        cur = conn.executemany(
-            f"INSERT OR IGNORE INTO explanations ({', '.join(EXPLANATION_COLUMNS)}) VALUES ({placeholders})",
-            [tuple(row[c] for c in EXPLANATION_COLUMNS) for row in rows])
+    """Insert a batch of explanation dicts in one transaction; rows already stored are kept.
+    Returns how many rows were added (all or nothing: see the module's docstring)."""
+    refuse_non_finite(rows, "explanations", EXPLANATION_REALS)
+    return insert_batch(conn, "explanations", EXPLANATION_COLUMNS,
+                        [tuple(row[c] for c in EXPLANATION_COLUMNS) for row in rows])
+
+
+def refuse_non_finite(rows, table, columns):
+    bad = sorted({(row["image_index"], c) for row in rows for c in columns
+                  if row.get(c) is not None and not math.isfinite(row[c])})
+    if bad:
+        raise DBError(f"{len(bad)} value(s) of this batch of {table} rows are NaN or inf (image, column: "
+                      f"{bad[:5]}{' ...' if len(bad) > 5 else ''}), so none of the batch was stored. "
+                      f"The model or the explanation gave non-finite numbers for these images.")
+
+
+def insert_batch(conn, table, columns, values):
+    """INSERT the rows in one transaction, skipping keys already stored; any other failure stores
+    none of them and raises DBError. Returns the number of rows added."""
+    try:
+        with conn:
+            cur = conn.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+                                   f"({', '.join('?' * len(columns))}) ON CONFLICT DO NOTHING", values)
+    except sqlite3.IntegrityError as e:
+        raise DBError(f"A batch of {len(values)} {table} rows was not stored, none of it: {e}. "
+                      f"Is the run in this database, and is every value present?") from e
     return cur.rowcount
 
 
@@ -290,12 +323,14 @@ def insert_quality(conn, rows):
     in one transaction."""
     columns = ("run_id", "split", "image_index", "method") + QUALITY_VALUES + QUALITY_CURVES + (
         "randomization_stages",)
+    checked = [{"image_index": row["image_index"], **{c: row.get(c) for c in QUALITY_VALUES},
+                **{c: float(np.sum(row[c])) for c in QUALITY_CURVES},  # NaN or inf if any point is
+                "randomization_stages": float(sum(row["randomization_stages"].values()))} for row in rows]
+    refuse_non_finite(checked, "quality", QUALITY_VALUES + QUALITY_CURVES + ("randomization_stages",))
     encoded = [tuple(np.asarray(row[c], "<f4").tobytes() if c in QUALITY_CURVES
                      else json.dumps({k: round(v, 6) for k, v in row[c].items()})
                      if c == "randomization_stages" else row.get(c) for c in columns) for row in rows]
-    with conn:
-        conn.executemany(f"INSERT OR IGNORE INTO quality ({', '.join(columns)}) "
-                         f"VALUES ({', '.join('?' * len(columns))})", encoded)
+    return insert_batch(conn, "quality", columns, encoded)
 
 
 def quality_rows(conn, run_id, split, method, image_indices):

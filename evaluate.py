@@ -153,19 +153,20 @@ def explain_into_db(net, split, indices, settings, conn, run_id, args, device):
         return 0
     print(f"Explaining {len(todo)} test images with IG ({len(indices) - len(todo)} already stored)")
     bar = tqdm(total=len(todo), unit="img", desc="IG", disable=None)
-    t0 = time.perf_counter()
+    t0, stored = time.perf_counter(), 0
     for start in range(0, len(todo), args.ig_batch):
         idx = torch.tensor(todo[start:start + args.ig_batch])
         labels = split.labels[idx]
         probs, targets, result = explain.explain_batch(net, split.images[idx], labels, settings, device)
-        db.insert_explanations(conn, db.explanation_rows(
+        stored += db.insert_explanations(conn, db.explanation_rows(
             run_id, "test", idx.numpy(), labels.numpy(), probs.numpy(), targets.numpy(),
             **result.stored(args.attr_dtype)))
         bar.update(len(idx))
     bar.close()
     seconds = time.perf_counter() - t0
-    print(f"Stored {len(todo)} explanations in {seconds:.1f}s ({len(todo) / seconds:.1f} attributions/s)")
-    return len(todo)
+    print(f"Stored {stored} explanations in {seconds:.1f}s ({len(todo) / seconds:.1f} attributions/s)"
+          + (f"; {len(todo) - stored} were stored meanwhile by another process" if stored < len(todo) else ""))
+    return stored
 
 
 def plot_ig_examples(conn, run_id, ds, path, title):

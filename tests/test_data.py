@@ -132,6 +132,15 @@ def test_failed_download_never_falls_back_to_synthetic_data(tmp_path, monkeypatc
     assert not (tmp_path / data.synthetic_file_name(28)).exists()
 
 
+def test_a_download_with_the_wrong_md5_leaves_no_file_behind(tmp_path, monkeypatch):
+    def corrupt_download(url, root, filename, md5):
+        (tmp_path / filename).write_bytes(b"half a zip file")
+    monkeypatch.setattr(data, "download_url", corrupt_download)
+    with pytest.raises(data.DataError, match="MD5 does not match"):
+        data.fetch(tmp_path, 28)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_valid_file_is_not_downloaded_again(tmp_path, monkeypatch, make_npz):
     path = make_npz(tmp_path / "pathmnist.npz")
     monkeypatch.setitem(data.INFO, "MD5", data.calculate_md5(path))
@@ -175,7 +184,7 @@ def test_the_eight_dihedral_transforms_are_distinct_and_invertible():
         assert torch.equal(o.flatten(2).sort(-1).values, x.flatten(2).sort(-1).values)
 
 
-def test_colour_jitter_keeps_shape_and_range():
+def test_colour_jitter_changes_colours_and_keeps_shape():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(16, 3, 28, 28)
     y = data.colour_jitter(x.clone(), g, strength=3.0)

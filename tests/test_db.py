@@ -67,7 +67,7 @@ def test_store_uses_wal_foreign_keys_and_records_its_schema_version(tmp_path):
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert conn.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(db.DBError, match="FOREIGN KEY"):
         db.insert_explanations(conn, fake_rows(999, [0]))  # no such run
 
 
@@ -200,3 +200,78 @@ def test_version_2_randomisation_lists_gain_their_layer_names(tmp_path):
     stored = json.loads(migrated.execute("SELECT randomization_stages FROM quality").fetchone()[0])
     assert stored == {"classifier": 0.8, "features.4": 0.7, "features.3": 0.6, "features.2": 0.5,
                       "features.1": 0.4, "features.0": 0.3}
+
+
+# ----------------------------------------------------------------------------- whole batches or nothing
+
+def count(conn, table="explanations"):
+    return conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+
+def test_a_batch_is_one_transaction(tmp_path):
+    conn = db.connect(tmp_path / "e.db")
+    run = new_run(conn)
+    statements = []
+    conn.set_trace_callback(statements.append)
+    db.insert_explanations(conn, fake_rows(run, range(10)))
+    db.insert_quality(conn, fake_quality_rows(run, range(10)))
+    assert [s.strip() for s in statements if s.strip() in ("BEGIN", "COMMIT")] == ["BEGIN", "COMMIT"] * 2
+
+
+def test_a_batch_with_one_bad_row_stores_none_of_it_and_says_why(tmp_path):
+    conn = db.connect(tmp_path / "e.db")
+    run = new_run(conn)
+    rows = fake_rows(run, range(5))
+    rows[3]["n_steps"] = None
+    with pytest.raises(db.DBError, match="none of it: NOT NULL constraint failed: explanations.n_steps"):
+        db.insert_explanations(conn, rows)
+    assert count(conn) == 0
+
+
+@pytest.mark.parametrize("column", ["delta", "score", "confidence"])
+def test_a_nan_value_is_refused_naming_the_image_and_nothing_is_stored(tmp_path, column):
+    conn = db.connect(tmp_path / "e.db")
+    run = new_run(conn)
+    rows = fake_rows(run, range(5))
+    rows[2][column] = float("nan")
+    with pytest.raises(db.DBError, match=f"NaN or inf .*\\(2, '{column}'\\)"):
+        db.insert_explanations(conn, rows)
+    assert count(conn) == 0
+
+
+def test_a_nan_or_overflowing_attribution_is_refused(tmp_path):
+    attributions = np.zeros((3, 3, 28, 28), np.float32)
+    attributions[1, 0, 5, 5] = 1e6  # beyond float16's range: inf once converted for storage
+    with np.errstate(over="ignore"):
+        attributions = attributions.astype(np.float16)
+    with pytest.raises(db.DBError, match=r"image\(s\) \[11\] hold NaN or inf.*--attr-dtype float32"):
+        db.explanation_rows(1, "test", [10, 11, 12], [0, 0, 0], np.full((3, 9), 1 / 9), [0, 0, 0],
+                            attributions, [0.0] * 3, [1.0] * 3, [0.0] * 3, [8] * 3)
+
+
+def test_a_nan_quality_value_is_refused_and_nothing_is_stored(tmp_path):
+    conn = db.connect(tmp_path / "e.db")
+    run = new_run(conn)
+    rows = fake_quality_rows(run, range(4))
+    rows[1]["infidelity"] = float("nan")
+    with pytest.raises(db.DBError, match="infidelity"):
+        db.insert_quality(conn, rows)
+    assert count(conn, "quality") == 0
+
+
+def test_quality_rows_round_trip(tmp_path):
+    conn = db.connect(tmp_path / "e.db")
+    run = new_run(conn)
+    assert db.insert_quality(conn, fake_quality_rows(run, range(4))) == 4
+    back = db.quality_rows(conn, run, "test", "ig", [2])[0]
+    assert back["deletion_auc"] == pytest.approx(0.1) and back["mask_mass"] is None  # the 2nd value
+    assert back["randomization_stages"] == {"classifier": 0.5, "features.0": 0.25}
+    assert back["insertion_curve"].tolist() == pytest.approx(np.linspace(0, 1, 29).tolist())
+
+
+def fake_quality_rows(run_id, indices):
+    values = {c: 0.1 * i for i, c in enumerate(db.QUALITY_VALUES)}
+    values.update(mask_mass=None, mask_area=None)
+    return [{"run_id": run_id, "split": "test", "image_index": i, "method": "ig", **values,
+             **{c: np.linspace(0, 1, 29) for c in db.QUALITY_CURVES},
+             "randomization_stages": {"classifier": 0.5, "features.0": 0.25}} for i in indices]

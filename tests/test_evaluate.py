@@ -10,13 +10,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from medmnist.evaluator import getACC, getAUC
+import torch
 
 import data
 import db
 import evaluate
+import explain
+import model as model_lib
+import quality
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def assert_a_drawn_picture(path):
+    """A PNG of a sensible size with real content: text, lines or images, not one flat colour."""
+    from PIL import Image
+    with Image.open(path) as img:
+        assert img.format == "PNG" and min(img.size) >= 200, (path, img.size)
+        colours = np.unique(np.asarray(img.convert("RGB")).reshape(-1, 3), axis=0)
+    assert len(colours) > 50, path
 
 
 def random_scores(n=200, k=9, seed=0):
@@ -27,23 +39,47 @@ def random_scores(n=200, k=9, seed=0):
     return labels, probs
 
 
-def test_acc_and_auc_are_medmnists_on_the_same_scores():
-    labels, probs = random_scores()
-    m = evaluate.classification_metrics(labels, probs, [str(i) for i in range(9)])
-    assert m["acc"] == getACC(labels, probs, "multi-class")
-    assert m["auc"] == getAUC(labels, probs, "multi-class")
-    assert m["acc"] == pytest.approx((probs.argmax(1) == labels).mean())
+def one_vs_rest_auc(labels, scores, c):
+    """The probability that a random image of class c scores higher for c than a random other image
+    (ties count half): the Mann-Whitney form of the ROC AUC, counted pair by pair."""
+    pos, neg = scores[labels == c, c], scores[labels != c, c]
+    return ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
 
 
-def test_per_class_precision_recall_and_confusion_matrix_count_correctly():
-    labels, probs = random_scores()
-    m = evaluate.classification_metrics(labels, probs, [str(i) for i in range(9)])
-    pred = probs.argmax(1)
-    for c, row in enumerate(m["per_class"]):
-        assert row["precision"] == pytest.approx(((pred == c) & (labels == c)).sum() / (pred == c).sum())
-        assert row["recall"] == pytest.approx(((pred == c) & (labels == c)).sum() / (labels == c).sum())
-        assert m["confusion_matrix"][c][c] == ((pred == c) & (labels == c)).sum()
-    assert np.sum(m["confusion_matrix"]) == len(labels)
+def test_acc_is_the_share_of_correct_argmax_predictions():
+    labels = np.array([0, 1, 2, 2, 1])
+    probs = np.array([[.6, .3, .1], [.2, .5, .3], [.1, .1, .8], [.5, .4, .1], [.3, .3, .4]])
+    assert evaluate.classification_metrics(labels, probs, ["a", "b", "c"])["acc"] == pytest.approx(3 / 5)
+
+
+def test_auc_is_the_mean_one_vs_rest_auc_over_classes():
+    labels, probs = random_scores(n=120)
+    expected = np.mean([one_vs_rest_auc(labels, probs, c) for c in range(9)])
+    assert evaluate.classification_metrics(labels, probs, [str(i) for i in range(9)])["auc"] == pytest.approx(expected)
+
+
+def test_per_class_precision_recall_f1_match_numbers_worked_by_hand():
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    pred = np.array([0, 0, 1, 1, 2, 2])
+    m = evaluate.classification_metrics(labels, np.eye(3)[pred] * 0.7 + 0.1, ["a", "b", "c"])
+    # a: 2 of 2 predicted right, 2 of 3 found; b: 1 of 2 and 1 of 2; c: 1 of 2 and 1 of 1.
+    got = [[c["precision"], c["recall"], c["f1"], c["support"]] for c in m["per_class"]]
+    assert np.allclose(got, [[1.0, 2 / 3, 0.8, 3], [0.5, 0.5, 0.5, 2], [0.5, 1.0, 2 / 3, 1]])
+    assert m["confusion_matrix"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+
+
+def test_ece_uses_fifteen_equal_width_bins():
+    # Two images in each of the 15 bins, at the bin's centre c_b = (b + 0.5) / 15 minus and plus
+    # 0.025: in even bins the first is right and the second wrong (accuracy 0.5), in odd bins both
+    # are right (accuracy 1). So ECE = (1/15) * (sum over even b of |0.5 - c_b| + sum over odd b of
+    # 1 - c_b) = (1/15) * (32/15 + 52.5/15) = 84.5/225. Coarser bins mix accuracies and finer ones
+    # split the pairs: 10 bins give 0.344, 20 give 0.432.
+    centres = (np.arange(15) + 0.5) / 15
+    conf = np.stack([centres - 0.025, centres + 0.025], 1).reshape(-1)
+    probs = np.tile(((1 - conf) / 199)[:, None], (1, 200))  # 200 classes: class 0 is always the top
+    probs[:, 0] = conf
+    right = np.stack([np.ones(15, bool), np.arange(15) % 2 == 1], 1).reshape(-1)
+    assert evaluate.expected_calibration_error(probs, np.where(right, 0, 1)) == pytest.approx(84.5 / 225)
 
 
 def test_ece_is_zero_when_confidence_equals_accuracy():
@@ -61,10 +97,11 @@ def test_ece_measures_overconfidence():
     assert evaluate.expected_calibration_error(probs, labels) == pytest.approx(0.45)
 
 
-def test_explained_images_are_a_fixed_choice():
-    assert evaluate.explanation_indices(100, "10") == evaluate.explanation_indices(100, "10")
-    assert sorted(evaluate.explanation_indices(100, "all")) == list(range(100))
-    assert evaluate.explanation_indices(5, "10") != []
+def test_explained_images_are_a_shuffled_prefix_of_one_fixed_order():
+    everything = evaluate.explanation_indices(100, "all")
+    assert sorted(everything) == list(range(100)) and everything != list(range(100))
+    assert evaluate.explanation_indices(100, "10") == everything[:10]  # more images extend the set
+    assert sorted(evaluate.explanation_indices(5, "10")) == [0, 1, 2, 3, 4]
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -76,7 +113,7 @@ def test_evaluate_writes_metrics_plots_and_one_row_per_explained_image(evaluated
     assert {"acc", "auc", "ece", "per_class", "confusion_matrix"} <= set(saved)
     assert saved["acc"] > 0.8
     for name in ("confusion_matrix.png", "ig_examples.png"):
-        assert (run_dir / "images" / name).stat().st_size > 0
+        assert_a_drawn_picture(run_dir / "images" / name)
     conn = db.connect(run_dir / "explanations.db", create=False)
     assert conn.execute("SELECT COUNT(*) FROM explanations").fetchone()[0] == 60
     assert saved["ig"]["explained"] == 60 and saved["ig"]["mean_relative_completeness_error"] < 0.05
@@ -92,26 +129,43 @@ def test_evaluate_reports_quality_keys_and_draws_both_quality_figures(evaluated_
     assert list(saved["randomization_by_stage"]) == ["classifier", "features.4", "features.3",
                                                      "features.2", "features.1", "features.0"]
     for name in ("faithfulness.png", "sanity_randomization.png"):
-        assert (run_dir / "images" / name).stat().st_size > 0
+        assert_a_drawn_picture(run_dir / "images" / name)
 
 
-def test_stored_rows_agree_with_the_model(evaluated_run, syn_dir):
+def test_stored_rows_agree_with_an_independent_forward_pass(evaluated_run, syn_dir):
     run_dir, metrics = evaluated_run
     conn = db.connect(run_dir / "explanations.db", create=False)
     rows = db.find(conn, metrics["ig"]["run_id"], with_arrays=True)
-    assert all(r["pred_label"] == int(np.argmax(r["probs"])) for r in rows)
-    assert all(abs(r["confidence"] - float(np.max(r["probs"]))) < 1e-6 for r in rows)
+    net, _ = model_lib.load_checkpoint(run_dir / "best.pt")
+    images = np.load(syn_dir / "pathmnist_synthetic.npz")["test_images"][[r["image_index"] for r in rows]]
+    with torch.no_grad():
+        probs = torch.softmax(net(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255), 1).numpy()
+    assert np.allclose([r["probs"] for r in rows], probs, atol=1e-5)
+    assert [r["pred_label"] for r in rows] == probs.argmax(1).tolist()
     sums = [float(r["attribution"].astype(np.float64).sum()) for r in rows]
     gaps = [r["score"] - r["baseline_score"] + r["delta"] for r in rows]
     assert np.allclose(sums, gaps, rtol=0.02, atol=0.02)  # float16 storage rounding
 
 
-def test_rerun_with_same_settings_adds_no_rows(evaluated_run, syn_dir, capsys):
+def counting(monkeypatch, module, name):
+    """Replace module.name with a wrapper that records each call; returns the list of calls."""
+    calls, real = [], getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def test_identical_rerun_computes_no_explanation_and_no_quality(evaluated_run, syn_dir, monkeypatch):
     run_dir, metrics = evaluated_run
+    ig_calls = counting(monkeypatch, explain, "explain_batch")
+    quality_calls = counting(monkeypatch, quality, "quality_measures")
     again = evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(syn_dir),
                            "--explain", "60", "--images", str(run_dir / "images")])
-    assert "nothing to compute" in capsys.readouterr().out
-    assert again["ig"]["run_id"] == metrics["ig"]["run_id"]
+    assert ig_calls == [] and quality_calls == []
+    assert again["ig"]["run_id"] == metrics["ig"]["run_id"] and again["quality_images"] == 60
     conn = db.connect(run_dir / "explanations.db", create=False)
     assert conn.execute("SELECT COUNT(*) FROM explanations").fetchone()[0] == 60
 
@@ -194,3 +248,58 @@ def test_db_cli_refuses_a_file_that_is_not_a_db(tmp_path):
     result = subprocess.run([sys.executable, "db.py", str(tmp_path / "x.db")], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "not an SQLite database" in result.stderr
+
+
+# ----------------------------------------------------------------------------- which class is explained
+
+@pytest.fixture(scope="module")
+def untrained_run(syn_dir, tmp_path_factory):
+    """A checkpoint of an untrained model on the synthetic set: most of its predictions are wrong."""
+    ds = data.load(syn_dir, 28, synthetic=True)
+    torch.manual_seed(3)
+    net = model_lib.build(mean=data.channel_stats(ds.train.images)[0])
+    path = tmp_path_factory.mktemp("untrained") / "best.pt"
+    model_lib.save_checkpoint(path, net.eval(), {"class_names": ds.class_names,
+                                                 "provenance": ds.provenance(), "best_epoch": None})
+    return path
+
+
+def explained_rows(checkpoint, syn_dir, tmp_path, *flags):
+    evaluate.main(["--checkpoint", str(checkpoint), "--data-dir", str(syn_dir), "--explain", "40",
+                   "--quality", "0", "--db", str(tmp_path / "e.db"), "--images", str(tmp_path), *flags])
+    conn = db.connect(tmp_path / "e.db", create=False)
+    return db.find(conn, db.get_run(conn)["run_id"])
+
+
+def test_target_pred_explains_the_predicted_class_even_when_it_is_wrong(untrained_run, syn_dir, tmp_path):
+    rows = explained_rows(untrained_run, syn_dir, tmp_path, "--target", "pred")
+    assert sum(r["true_label"] != r["pred_label"] for r in rows) >= 10
+    assert [r["target"] for r in rows] == [r["pred_label"] for r in rows]
+
+
+def test_target_true_explains_the_true_class(untrained_run, syn_dir, tmp_path):
+    rows = explained_rows(untrained_run, syn_dir, tmp_path, "--target", "true")
+    assert sum(r["true_label"] != r["pred_label"] for r in rows) >= 10
+    assert [r["target"] for r in rows] == [r["true_label"] for r in rows]
+
+
+def test_stored_scores_are_the_models_outputs_at_the_image_and_at_the_mean_colour(untrained_run, syn_dir, tmp_path):
+    rows = explained_rows(untrained_run, syn_dir, tmp_path, "--target", "true")
+    net, _ = model_lib.load_checkpoint(untrained_run)
+    images = np.load(syn_dir / "pathmnist_synthetic.npz")["test_images"][[r["image_index"] for r in rows]]
+    pixels = np.load(syn_dir / "pathmnist_synthetic.npz")["train_images"].astype(np.float64) / 255
+    flat = torch.tensor(pixels.mean((0, 1, 2)), dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, 28, 28)
+    targets = torch.tensor([r["target"] for r in rows])
+    with torch.no_grad():
+        at_image = net(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)[torch.arange(len(rows)), targets]
+        at_mean = net(flat)[0, targets]
+    assert np.allclose([r["score"] for r in rows], at_image.numpy(), atol=1e-4)
+    assert np.allclose([r["baseline_score"] for r in rows], at_mean.numpy(), atol=1e-4)
+
+
+def test_printed_count_is_the_count_the_store_added(trained_run, syn_dir, tmp_path, monkeypatch, capsys):
+    real = db.insert_explanations
+    monkeypatch.setattr(db, "insert_explanations", lambda conn, rows: real(conn, rows[1:]))  # one row per batch lost
+    evaluate.main(["--checkpoint", str(trained_run / "best.pt"), "--data-dir", str(syn_dir), "--explain", "8",
+                   "--ig-batch", "4", "--quality", "0", "--db", str(tmp_path / "e.db"), "--images", str(tmp_path)])
+    assert "Stored 6 explanations" in capsys.readouterr().out

@@ -21,11 +21,16 @@ def net_and_test(trained_run, syn_dir):
     return net, data.load_matching(meta["provenance"], syn_dir).test
 
 
-def test_delta_is_the_completeness_gap(net_and_test):
+def test_delta_is_the_completeness_gap_against_independent_forward_passes(net_and_test):
     net, test = net_and_test
     probs, targets, r = explain.explain_batch(net, test.images[:16], test.labels[:16], explain.DEFAULT_IG)
-    gap = r.attributions.sum(dim=(1, 2, 3)) - (r.score - r.baseline_score)
-    assert torch.allclose(gap, r.delta, atol=1e-4)
+    x = data.to_unit(test.images[:16])
+    flat = torch.tensor(net.config["mean"]).view(1, 3, 1, 1).expand_as(x)
+    rows = torch.arange(16)
+    with torch.no_grad():
+        f_x, f_b = net(x)[rows, targets], net(flat)[rows, targets]
+    assert torch.allclose(r.attributions.sum(dim=(1, 2, 3)) - (f_x - f_b), r.delta, atol=1e-4)
+    assert torch.equal(targets, net(x).argmax(1))  # the default target is the prediction
 
 
 def test_default_settings_keep_completeness_error_under_5_percent(net_and_test):

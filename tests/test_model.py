@@ -36,16 +36,35 @@ def test_model_normalises_with_its_stored_mean_and_std():
     assert torch.allclose(net.normalize(x), expected)
 
 
-def test_predict_logits_with_tta_averages_the_eight_symmetries():
+# The 8 symmetries of a square, written out independently of data.dihedral.
+SYMMETRIES = {
+    "identity": lambda x: x, "flip left-right": lambda x: x.flip(-1), "flip up-down": lambda x: x.flip(-2),
+    "rotate 180": lambda x: x.flip(-1).flip(-2), "transpose": lambda x: x.transpose(-2, -1),
+    "rotate 90": lambda x: x.transpose(-2, -1).flip(-1), "rotate 270": lambda x: x.transpose(-2, -1).flip(-2),
+    "anti-transpose": lambda x: x.transpose(-2, -1).flip(-1).flip(-2)}
+
+
+@pytest.fixture(scope="module")
+def tta_case():
     torch.manual_seed(0)
     net = model_lib.build().eval()
     images = torch.randint(0, 256, (5, 3, 28, 28), dtype=torch.uint8)
-    plain = model_lib.predict_logits(net, images, batch_size=2)
-    tta = model_lib.predict_logits(net, images, batch_size=2, tta=True)
-    assert plain.shape == tta.shape == (5, 9)
-    rotated = model_lib.predict_logits(net, torch.rot90(images, 1, (-2, -1)), tta=True)
-    assert torch.allclose(tta, rotated, atol=1e-5)  # TTA output is rotation invariant
-    assert not torch.allclose(plain, tta)
+    return net, images, model_lib.predict_logits(net, images, batch_size=2, tta=True)
+
+
+def test_tta_is_the_mean_of_the_eight_symmetries_logits(tta_case):
+    net, images, tta = tta_case
+    with torch.no_grad():
+        expected = torch.stack([net(t(images).float() / 255) for t in SYMMETRIES.values()]).mean(0)
+    assert torch.allclose(tta, expected, atol=1e-5)
+    assert not torch.allclose(tta, model_lib.predict_logits(net, images))
+
+
+@pytest.mark.parametrize("name", list(SYMMETRIES))
+def test_tta_gives_the_same_logits_for_every_flip_and_rotation(tta_case, name):
+    net, images, tta = tta_case
+    transformed = SYMMETRIES[name](images).contiguous()
+    assert torch.allclose(model_lib.predict_logits(net, transformed, tta=True), tta, atol=1e-5)
 
 
 def test_folding_batchnorm_keeps_the_function():

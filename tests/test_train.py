@@ -4,7 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 import data
 import model as model_lib
@@ -24,8 +27,11 @@ def test_short_run_learns_the_synthetic_classes(trained_run):
 
 
 def test_run_writes_checkpoints_history_and_curves(trained_run):
-    for name in ("best.pt", "last.pt", "history.csv", "images/accuracy_epoch.png"):
+    for name in ("best.pt", "last.pt", "history.csv"):
         assert (trained_run / name).stat().st_size > 0, name
+    with Image.open(trained_run / "images" / "accuracy_epoch.png") as img:
+        assert img.size == (1200, 480)  # 10 x 4 inches at 120 dpi: both panels
+        assert len(np.unique(np.asarray(img.convert("RGB")).reshape(-1, 3), axis=0)) > 50
     with open(trained_run / "history.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == train.HISTORY_COLUMNS
@@ -43,8 +49,97 @@ def test_checkpoint_records_provenance_and_settings(trained_run, syn_dir):
 
 def test_normalisation_comes_from_the_training_split(trained_run, syn_dir):
     net, _ = model_lib.load_checkpoint(trained_run / "best.pt")
-    ds = data.load(syn_dir, 28, synthetic=True)
-    assert net.config["mean"] == pytest.approx(data.channel_stats(ds.train.images)[0])
+    pixels = np.load(syn_dir / "pathmnist_synthetic.npz")["train_images"].astype(np.float64) / 255
+    for key, expected in (("mean", pixels.mean((0, 1, 2))), ("std", pixels.std((0, 1, 2)))):
+        assert net.config[key] == pytest.approx(expected.tolist(), rel=1e-5), key
+        assert getattr(net.normalize, key).flatten().tolist() == pytest.approx(expected.tolist(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- model selection
+
+# Scripted losses per epoch: validation is best at epoch 2 and never improves again, while the
+# training loss always falls, so a run that watched training loss would neither stop nor keep epoch 2.
+VAL_LOSSES = [1.0, 0.8, 0.9, 0.85, 0.95, 0.99, 1.1, 1.2, 1.3, 1.4]
+TRAIN_LOSSES = [0.5 - 0.04 * e for e in range(10)]  # below every validation loss, too
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """Training whose losses are the scripted ones, epoch after epoch (a resume continues the
+    script). The real training step still runs, so every epoch has its own weights; returns the
+    list of weights seen by each validation."""
+    val, tr, weights = iter(VAL_LOSSES), iter(TRAIN_LOSSES), []
+    real_epoch = train.train_epoch
+
+    def train_epoch(*args, **kwargs):
+        return next(tr), real_epoch(*args, **kwargs)[1]
+
+    def evaluate_split(model, *args, **kwargs):
+        weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return next(val), 0.5
+    monkeypatch.setattr(train, "train_epoch", train_epoch)
+    monkeypatch.setattr(train, "evaluate_split", evaluate_split)
+    return weights
+
+
+def same_weights(path, weights):
+    saved = model_lib.read_checkpoint(path)["state_dict"]
+    return all(torch.equal(saved[k], v) for k, v in weights.items())
+
+
+def test_best_checkpoint_holds_the_lowest_validation_loss_epoch(syn_dir, tmp_path, train_argv, scripted):
+    train.main(train_argv(syn_dir, tmp_path, "--epochs", "10", "--patience", "3"))
+    assert same_weights(tmp_path / "best.pt", scripted[1])  # epoch 2
+    assert same_weights(tmp_path / "last.pt", scripted[-1]) and not same_weights(tmp_path / "last.pt", scripted[1])
+    assert model_lib.load_checkpoint(tmp_path / "best.pt")[1]["best_epoch"] == 2
+
+
+def test_training_stops_after_patience_epochs_without_improvement(syn_dir, tmp_path, train_argv, scripted):
+    history = train.main(train_argv(syn_dir, tmp_path, "--epochs", "10", "--patience", "3"))
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5]  # epochs 3, 4, 5 did not beat epoch 2
+
+
+def test_learning_rate_halves_after_two_epochs_without_improvement(syn_dir, tmp_path, train_argv, scripted):
+    # --patience 3 gives the scheduler a patience of 1: it halves after the 2nd bad epoch (epoch 4).
+    history = train.main(train_argv(syn_dir, tmp_path, "--epochs", "10", "--patience", "3"))
+    assert [r["lr"] for r in history] == pytest.approx([1e-3, 1e-3, 1e-3, 1e-3, 5e-4])
+
+
+def test_resume_keeps_the_best_loss_and_the_early_stopping_count(syn_dir, tmp_path, train_argv, scripted):
+    train.main(train_argv(syn_dir, tmp_path, "--epochs", "3", "--patience", "3"))
+    history = train.main(train_argv(syn_dir, tmp_path, "--epochs", "10", "--patience", "3", "--resume"))
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5]
+    assert same_weights(tmp_path / "best.pt", scripted[1])  # epoch 4's 0.85 does not beat 0.8
+    assert [r["val_loss"] for r in history] == VAL_LOSSES[:5]
+
+
+# ----------------------------------------------------------------------------- augmentation in use
+
+@pytest.fixture
+def jitter_calls(monkeypatch):
+    calls = []
+    real = data.colour_jitter
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[0]))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(data, "colour_jitter", counted)
+    return calls
+
+
+@pytest.mark.parametrize("strength, batches", [("1.0", 12), ("0", 0)])  # 1500 images, batches of 128
+def test_colour_jitter_runs_on_every_training_batch_when_asked(syn_dir, tmp_path, train_argv, jitter_calls,
+                                                               strength, batches):
+    train.main(train_argv(syn_dir, tmp_path, "--epochs", "1", "--colour-jitter", strength))
+    assert len(jitter_calls) == batches and sum(jitter_calls) == (1500 if batches else 0)
+
+
+def test_evaluation_never_jitters_colours(evaluated_run, syn_dir, jitter_calls, tmp_path):
+    import evaluate
+    run_dir, _ = evaluated_run
+    evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(syn_dir), "--tta",
+                   "--explain", "4", "--quality", "2", "--db", str(tmp_path / "e.db"), "--images", str(tmp_path)])
+    assert jitter_calls == []
 
 
 def test_same_seed_gives_the_same_history(syn_dir, tmp_path, train_argv):
