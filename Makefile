@@ -19,9 +19,9 @@ run: setup
 	$(PY) evaluate.py
 
 demo: setup
-	$(PY) train.py --synthetic --epochs 8 --out runs/synthetic
-	$(PY) evaluate.py --checkpoint runs/synthetic/best.pt
-	$(PY) db.py runs/synthetic/explanations.db
+	$(PY) train.py --synthetic --epochs 8
+	$(PY) evaluate.py --checkpoint runs/pathmnist-synthetic_28/best.pt
+	$(PY) db.py runs/pathmnist-synthetic_28/explanations.db
 
 test: setup
 	$(PY) -m pytest -q

@@ -19,6 +19,7 @@ import base64
 import io
 import json
 import sqlite3
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -298,16 +299,20 @@ def run(cfg):
     split = data.Split(torch.from_numpy(images_hwc).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels))
 
     reps = cfg["repeats"]
+    stage("training, original approach")
     original_net, original_train = train_original(images_hwc, labels, cfg["train_steps"], reps)
+    stage("training, this repo")
     our_net, our_train = train_ours(split, cfg["train_steps"], reps)
 
     test_u8, test_labels = split.images[:cfg["ig_images_ours"]], split.labels[:cfg["ig_images_ours"]]
+    stage("IG, both sides")
     original_ig_rate, original_rel = ig_original(original_net, test_u8[:cfg["ig_images_original"]], reps)
     our_ig_rate, our_rel, ig_batches = ig_ours(model_lib.fused_for_inference(our_net), test_u8, test_labels, reps)
     method_on_original_rate, method_on_original_rel, _ = ig_ours(PixelInput(original_net), test_u8,
                                                                  test_labels, reps)
 
     with tempfile.TemporaryDirectory() as tmp:
+        stage("SQLite storage, both sides")
         store = db_bench(ig_batches, cfg["db_rows"], Path(tmp), reps)
 
     original_cost = model_lib.layer_costs(original_model())[-1]
@@ -335,10 +340,21 @@ def run(cfg):
     return rows, results
 
 
+def stage(what):
+    """A line per measurement, so a piped log shows where a minutes-long benchmark is."""
+    print(f"[bench] measuring {what} ...", file=sys.stderr, flush=True)
+
+
 def format_table(rows):
+    """The comparison as text: errors in percent (no ratio: a share of a share says little), counts
+    as whole numbers, rates and times with one decimal."""
     lines = [f"{'measure':52s} {'original':>12s} {'this repo':>12s} {'ratio':>8s}"]
     for measure, original, ours in rows:
-        fmt = (lambda v: f"{v:12.2%}") if "error" in measure else (lambda v: f"{v:12,.1f}")
+        if "error" in measure:
+            lines.append(f"{measure:52s} {original:12.2%} {ours:12.2%} {'—':>8s}")
+            continue
+        counts = isinstance(original, int) and isinstance(ours, int)
+        fmt = (lambda v: f"{v:12,d}") if counts else (lambda v: f"{v:12,.1f}")
         lines.append(f"{measure:52s} {fmt(original)} {fmt(ours)} {ours / original:7.2f}x")
     return "\n".join(lines)
 
@@ -364,4 +380,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # each line reaches a piped log when printed
     main()

@@ -15,9 +15,14 @@ synthetic wherever it appears. It is only used when asked for (--synthetic).
 """
 import argparse
 import contextlib
+import csv
+import importlib
+import importlib.util
+import io
 import os
 import socket
 import sys
+import types
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -25,11 +30,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from medmnist.info import INFO as MEDMNIST_INFO
-from torchvision.datasets.utils import calculate_md5, download_url
+
+from progress import progress
+
+
+def medmnist_module(name):
+    """medmnist.<name> (info, evaluator), imported without running medmnist/__init__.py.
+
+    That file imports every dataset class inside a bare `except:`, which swallows a Ctrl-C pressed
+    while it runs (training then went on to the end), and it costs seconds. An empty package
+    object lets Python import the submodules we use straight from their files.
+    """
+    if "medmnist" not in sys.modules:
+        spec = importlib.util.find_spec("medmnist")
+        package = types.ModuleType("medmnist")
+        package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
+        sys.modules["medmnist"] = package
+    return importlib.import_module(f"medmnist.{name}")
+
 
 FLAG = "pathmnist"
-INFO = MEDMNIST_INFO[FLAG]
+INFO = medmnist_module("info").INFO[FLAG]
 CLASS_NAMES = [INFO["label"][str(i)] for i in range(len(INFO["label"]))]
 SIZES = (28, 64, 128, 224)
 SPLITS = ("train", "val", "test")
@@ -88,6 +109,16 @@ def atomic_path(path):
         tmp.unlink(missing_ok=True)
 
 
+def write_csv(path, columns, rows):
+    """Write dict rows as a CSV file with a header, atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
 def real_source(size):
     """(file name, URL, MD5) of the official PathMNIST file at this size."""
     check_size(size)
@@ -110,6 +141,18 @@ def manual_download_help(path, url, md5):
             f"(for example: curl -L -o {path} '{url}' && md5sum {path}). "
             f"To try the project offline instead, run the synthetic demo: make demo "
             f"(or python train.py --synthetic).")
+
+
+# torchvision's download helpers, imported when first used: importing torchvision loads every model
+# it has (a second), which `--help` and the synthetic data do not need.
+def calculate_md5(path):
+    from torchvision.datasets.utils import calculate_md5
+    return calculate_md5(path)
+
+
+def download_url(url, root, filename, md5):
+    from torchvision.datasets.utils import download_url
+    download_url(url, root, filename=filename, md5=md5)
 
 
 def fetch(data_dir, size=28):
@@ -149,19 +192,24 @@ def download(url, path, md5):
 def load(data_dir="data", size=28, synthetic=False):
     """The dataset as uint8 tensors. Real PathMNIST unless `synthetic` is asked for explicitly."""
     check_size(size)
+    name = dataset_name(synthetic)
     if synthetic:
         path = Path(data_dir) / synthetic_file_name(size)
         if not path.exists():
             print(f"Writing the SYNTHETIC dataset (not PathMNIST) to {path}", file=sys.stderr)
             write_synthetic(path, size)
-        name = f"{FLAG}-synthetic"
         class_names = [f"synthetic-{i}" for i in range(len(CLASS_NAMES))]
     else:
         path = fetch(data_dir, size)
-        name, class_names = FLAG, list(CLASS_NAMES)
+        class_names = list(CLASS_NAMES)
     splits = read_npz(path, size, len(class_names))
     return Dataset(name=name, size=size, synthetic=synthetic, path=str(path),
                    md5=calculate_md5(path), class_names=class_names, **splits)
+
+
+def dataset_name(synthetic):
+    """'pathmnist', or 'pathmnist-synthetic' for the stand-in: the name provenance records."""
+    return f"{FLAG}-synthetic" if synthetic else FLAG
 
 
 def describe(provenance):
@@ -243,6 +291,38 @@ def channel_stats(images, chunk=8192):
     return mean.tolist(), std.tolist()
 
 
+def colour_features(images, chunk=8192):
+    """Per image, the mean and standard deviation of each channel on the [0, 1] scale: (N, 2C)."""
+    out = []
+    for i in range(0, len(images), chunk):
+        x = to_unit(images[i:i + chunk]).flatten(2)
+        out.append(torch.cat([x.mean(2), x.std(2)], 1).double())
+    return torch.cat(out)
+
+
+COLOUR_PERCENTILE = 99  # share of validation images the colour check lets through
+
+
+def colour_reference(train_images, val_images):
+    """How far an image's colour statistics may lie from the training split's: the training
+    features' mean and inverse covariance, and the 99th percentile of the validation images'
+    Mahalanobis distances as the threshold. Stored in each checkpoint for explain.py's check."""
+    feats = colour_features(train_images)
+    mean = feats.mean(0)
+    cov = torch.cov(feats.T) + 1e-8 * torch.eye(feats.shape[1], dtype=feats.dtype)  # never singular
+    reference = {"mean": mean.tolist(), "cov_inv": torch.linalg.inv(cov).tolist(), "threshold": 0.0,
+                 "percentile": COLOUR_PERCENTILE}
+    reference["threshold"] = float(torch.quantile(colour_distance(reference, val_images),
+                                                  COLOUR_PERCENTILE / 100))
+    return reference
+
+
+def colour_distance(reference, images):
+    """Mahalanobis distance of each uint8 image's colour statistics from the training split's."""
+    diff = colour_features(images) - torch.tensor(reference["mean"], dtype=torch.float64)
+    return torch.einsum("ni,ij,nj->n", diff, torch.tensor(reference["cov_inv"], dtype=torch.float64), diff).sqrt()
+
+
 def batches(split, batch_size, device="cpu", generator=None, colour=0.0):
     """Yield (float [0,1] images, labels) on `device`.
 
@@ -322,7 +402,7 @@ def write_synthetic(path, size=28, counts=None, seed=0):
     counts = counts or SYNTHETIC_COUNTS
     rng = np.random.default_rng(seed)
     arrays = {}
-    for split in SPLITS:
+    for split in progress(SPLITS, desc=f"writing SYNTHETIC data {path}", unit="split"):
         images, labels, masks = synthetic_split(rng, counts[split], size, shifted=(split == "test"))
         arrays.update({f"{split}_images": images, f"{split}_labels": labels, f"{split}_masks": masks})
     with atomic_path(path) as tmp:
@@ -387,4 +467,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # each line reaches a piped log when printed
     main()

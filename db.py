@@ -2,7 +2,8 @@
 
     python db.py runs/pathmnist/explanations.db      # runs, rows per class, accuracy, mean |delta|
 
-Schema version 3 (kept in PRAGMA user_version; WAL journal, foreign keys on). Version 1 had the first
+Schema version 3 (kept in PRAGMA user_version; WAL journal while writing, one plain file at rest
+(see close); foreign keys on). Version 1 had the first
 two tables; version 2 added `quality`; version 3 stores each randomisation stage's name with its
 correlation. Opening an older file migrates it in place, each step in one transaction, keeping
 every row.
@@ -166,23 +167,35 @@ def name_v2_randomization_stages(conn):
 
 
 def connect(path, create=True):
-    """Open (or create) an attribution store, checking that it is one and of a known version."""
+    """Open an attribution store, checking that it is one and of this code's version.
+
+    With create=True (evaluate.py) a missing or empty file becomes a new store and an older one is
+    migrated in place. With create=False (every reader) the file is opened read-only: reading never
+    creates, migrates or otherwise changes a file."""
     path = Path(path)
-    if not create and not path.is_file():
-        raise DBError(f"No database at {path}. Run `python evaluate.py` to create one, or pass --db.")
     if path.is_dir():
         raise DBError(f"{path} is a folder, not an SQLite database file.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=30)
+    if not create and not path.is_file():
+        raise DBError(f"No database at {path}. evaluate.py writes one into the run folder "
+                      f"(<run dir>/explanations.db); pass that file.")
+    fix = ("give evaluate.py a new --db path to start a store there" if create
+           else "pass the explanations.db that evaluate.py wrote")
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=30)
+    else:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
     conn.row_factory = sqlite3.Row
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         tables = table_names(conn)
     except sqlite3.DatabaseError as e:
         conn.close()
-        raise DBError(f"{path} is not an SQLite database ({e}). Pass the explanations.db written by "
-                      f"evaluate.py, or a new path to create one.") from e
-    if version == 0 and not tables:  # a new file
+        raise DBError(f"{path} is not an SQLite database ({e}); {fix}.") from e
+    if version == 0 and not tables:
+        if not create:
+            conn.close()
+            raise DBError(f"{path} is empty: it holds no explanation store. {fix[0].upper()}{fix[1:]}.")
         conn.executescript(f"BEGIN; {SCHEMA_V1} PRAGMA user_version = 1; COMMIT;")
         version, tables = 1, table_names(conn)
     if not 1 <= version <= SCHEMA_VERSION or not {"runs", "explanations"} <= tables:
@@ -190,13 +203,31 @@ def connect(path, create=True):
         newer = "a newer version of this code" if version > SCHEMA_VERSION else "something else"
         raise DBError(f"{path} has schema version {version} and tables {sorted(tables)}; this code "
                       f"reads versions 1 to {SCHEMA_VERSION}. It was written by {newer}: use that, or "
-                      f"give evaluate.py a new --db path.")
+                      f"{fix}.")
+    if not create:
+        if version < SCHEMA_VERSION:
+            conn.close()
+            raise DBError(f"{path} is a version-{version} store; this code reads version {SCHEMA_VERSION}. "
+                          f"Reading never changes a file: run evaluate.py once with --db {path}, which "
+                          f"migrates it in place and keeps every row.")
+        return conn
     for v in range(version, SCHEMA_VERSION):  # each step in one transaction: all of it or none
         migrate(conn, v)
     conn.execute("PRAGMA journal_mode = WAL")  # readers never block the writer; crash-safe
     conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; a power cut loses at most the last batch
     conn.execute("PRAGMA foreign_keys = ON")
     return conn
+
+
+def close(conn):
+    """Close a store after writing. Writing runs in WAL mode (readers never block the writer); at
+    rest the store goes back to a rollback journal, so it is one self-contained file that can be
+    copied as it is, and that readers open read-only without creating -wal/-shm files beside it."""
+    try:
+        conn.execute("PRAGMA journal_mode = DELETE")
+    except sqlite3.OperationalError:
+        pass  # another connection still has it open: it stays in WAL mode, just as safe
+    conn.close()
 
 
 def migrate(conn, version):
@@ -312,6 +343,13 @@ def insert_batch(conn, table, columns, values):
     return cur.rowcount
 
 
+def quality_methods(conn, run_id, split="test"):
+    """The methods that have stored quality rows for this run, 'ig' first."""
+    methods = {r[0] for r in conn.execute("SELECT DISTINCT method FROM quality WHERE run_id = ? AND split = ?",
+                                          (run_id, split))}
+    return sorted(methods, key=lambda m: (m != "ig", m))
+
+
 def done_quality(conn, run_id, split, method):
     return {r[0] for r in conn.execute(
         "SELECT image_index FROM quality WHERE run_id = ? AND split = ? AND method = ?",
@@ -333,10 +371,12 @@ def insert_quality(conn, rows):
     return insert_batch(conn, "quality", columns, encoded)
 
 
-def quality_rows(conn, run_id, split, method, image_indices):
-    """Stored quality rows for these images, curves decoded to float32 arrays, stages to a dict."""
-    rows = select_in(conn, "SELECT * FROM quality WHERE run_id = ? AND split = ? AND method = ? "
-                           "AND image_index IN ({})", [run_id, split, method], image_indices)
+def quality_rows(conn, run_id, split, method, image_indices=None):
+    """Stored quality rows for these images (all of the run's if None), curves decoded to float32
+    arrays, stages to a dict."""
+    sql, params = "SELECT * FROM quality WHERE run_id = ? AND split = ? AND method = ?", [run_id, split, method]
+    rows = (conn.execute(sql, params).fetchall() if image_indices is None
+            else select_in(conn, sql + " AND image_index IN ({})", params, image_indices))
     out = []
     for r in sorted(rows, key=lambda r: r["image_index"]):
         d = dict(r)
@@ -384,7 +424,10 @@ def get_explanation(conn, run_id, split, image_index):
     row = conn.execute("SELECT * FROM explanations WHERE run_id = ? AND split = ? AND image_index = ?",
                        (run_id, split, image_index)).fetchone()
     if row is None:
-        raise DBError(f"Run {run_id} has no stored explanation for {split} image {image_index}.")
+        stored = sorted(done_indices(conn, run_id, split))
+        shown = ", ".join(map(str, stored[:20])) + (f", ... ({len(stored)} in all)" if len(stored) > 20 else "")
+        raise DBError(f"Run {run_id} has no stored explanation for {split} image {image_index}. Stored "
+                      f"{split} images: {shown or 'none'}. `python db.py DB` summarises the store.")
     return row_to_dict(row)
 
 
@@ -430,9 +473,9 @@ def select_in(conn, sql, params, values, chunk=500):
     return rows
 
 
-def ig_summary(conn, run_id, split, image_indices, tolerance=0.05):
-    """Completeness of the stored explanations of these images: count, mean |delta|, mean relative
-    completeness error, and the share within `tolerance`."""
+def ig_summary(conn, run_id, split, image_indices=None, tolerance=0.05):
+    """Completeness of the stored explanations of these images (all of the run's if None): count,
+    mean |delta|, mean relative completeness error, and the share within `tolerance`."""
     rows = find(conn, run_id, split, image_indices=image_indices)
     if not rows:
         return {"explained": 0}

@@ -1,9 +1,9 @@
 """evaluate.py: test metrics as MedMNIST reports them, Integrated Gradients into SQLite, their quality.
 
-    python evaluate.py                                      # runs/pathmnist/best.pt on the test split
+    python evaluate.py                                      # runs/pathmnist_28/best.pt on the test split
     python evaluate.py --tta                                # average over the 8 flips/rotations
     python evaluate.py --explain all --n-steps 32           # explain every test image, more IG steps
-    python evaluate.py --checkpoint runs/synthetic/best.pt  # the offline demo's model
+    python evaluate.py --checkpoint runs/pathmnist-synthetic_28/best.pt  # the offline demo's model
 
 It reads top to bottom in main():
 1. the checkpoint and the dataset it names (name, size, synthetic or not), refusing a data file whose
@@ -16,9 +16,10 @@ It reads top to bottom in main():
 4. quality (quality.py) of the first --quality of those images: completeness, deletion/insertion,
    infidelity, sensitivity, cascading randomisation, localisation on synthetic data; stored in the
    same database, also only what is missing;
-5. files: <run dir>/metrics.json (the metrics, the IG settings and summary, the quality summaries;
-   also kept in the database's runs row), and in --images: confusion_matrix.png, ig_examples.png,
-   faithfulness.png and sanity_randomization.png (plots.py).
+5. files: <run dir>/metrics.json (the metrics, and the IG and quality summaries over everything
+   stored for this run, not only this call's images; also kept in the database's runs row), and in
+   <run dir>/images (or --images): confusion_matrix.png, ig_examples.png, faithfulness.png and
+   sanity_randomization.png (plots.py).
 """
 import argparse
 import hashlib
@@ -29,14 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from medmnist.evaluator import getACC, getAUC
-from tqdm import tqdm
 
 import data
 import db
 import explain
 import model as model_lib
 import plots
+from progress import progress
 import quality
 
 ECE_BINS = 15
@@ -52,8 +52,8 @@ def image_count(text):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default="runs/pathmnist/best.pt", help="model written by train.py")
+                                formatter_class=model_lib.HelpFormatter)
+    p.add_argument("--checkpoint", default="runs/pathmnist_28/best.pt", help="model written by train.py")
     p.add_argument("--data-dir", default="data", help="folder holding the dataset npz")
     p.add_argument("--tta", action="store_true", help="average predictions over the 8 flips/rotations")
     p.add_argument("--explain", default="500", type=image_count, help="how many test images to explain with IG: a "
@@ -72,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=512, help="images per batch for predictions")
     p.add_argument("--device", default="auto", help=model_lib.DEVICE_HELP)
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    p.add_argument("--images", default="images", help="folder for the plots")
+    p.add_argument("--images", help="folder for the plots (default: <run dir>/images)")
     return p.parse_args(argv)
 
 
@@ -80,6 +80,7 @@ def parse_args(argv=None):
 
 def classification_metrics(labels, probs, class_names):
     """MedMNIST's ACC/AUC plus per-class precision/recall/F1, confusion matrix and ECE."""
+    evaluator = data.medmnist_module("evaluator")  # pandas and sklearn: loaded only when needed
     n = len(class_names)
     pred = probs.argmax(1)
     cm = np.bincount(labels * n + pred, minlength=n * n).reshape(n, n)  # rows: true, cols: predicted
@@ -88,8 +89,8 @@ def classification_metrics(labels, probs, class_names):
     recall = np.divide(tp, cm.sum(1), out=np.zeros(n), where=cm.sum(1) > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n),
                    where=(precision + recall) > 0)
-    return {"acc": float(getACC(labels, probs, "multi-class")),
-            "auc": float(getAUC(labels, probs, "multi-class")),
+    return {"acc": float(evaluator.getACC(labels, probs, "multi-class")),
+            "auc": float(evaluator.getAUC(labels, probs, "multi-class")),
             "ece": expected_calibration_error(probs, labels),
             "n": int(len(labels)),
             "per_class": [{"class": name, "precision": float(p), "recall": float(r), "f1": float(f),
@@ -152,7 +153,7 @@ def explain_into_db(net, split, indices, settings, conn, run_id, args, device):
         print(f"All {len(indices)} explanations are already stored in run {run_id}; nothing to compute.")
         return 0
     print(f"Explaining {len(todo)} test images with IG ({len(indices) - len(todo)} already stored)")
-    bar = tqdm(total=len(todo), unit="img", desc="IG", disable=None)
+    bar = progress(total=len(todo), unit="img", desc="IG")
     t0, stored = time.perf_counter(), 0
     for start in range(0, len(todo), args.ig_batch):
         idx = torch.tensor(todo[start:start + args.ig_batch])
@@ -195,7 +196,8 @@ def main(argv=None):
     net, meta = model_lib.load_checkpoint(args.checkpoint, device)
     ds = data.load_matching(meta["provenance"], args.data_dir)
     tag = data.describe(meta["provenance"])
-    run_dir, images = Path(args.checkpoint).parent, Path(args.images)
+    run_dir = Path(args.checkpoint).parent
+    images = Path(args.images) if args.images else run_dir / "images"
     settings = {**explain.ig_settings(args, ds.class_names), "attr_dtype": args.attr_dtype}
 
     logits = model_lib.predict_logits(net, ds.test.images, args.batch_size, device, tta=args.tta)
@@ -225,13 +227,17 @@ def main(argv=None):
             quality.quality_into_db(fused, stages, ds.test, quality_idx, settings, methods, conn,
                                     run_id, device)
     except KeyboardInterrupt:
+        db.close(conn)
         print(f"\nInterrupted. Every finished batch is stored in run {run_id}; rerun the same command "
               f"to compute the rest.", file=sys.stderr)
         raise SystemExit(130) from None
 
-    metrics["ig"] = {"run_id": run_id, "settings": settings, **db.ig_summary(conn, run_id, "test", indices)}
+    # Summaries describe everything stored for the run, so a smaller rerun cannot shrink them.
+    metrics["requested"] = {"explain": args.explain, "quality": args.quality}
+    metrics["ig"] = {"run_id": run_id, "settings": settings, **db.ig_summary(conn, run_id, "test")}
+    if db.quality_methods(conn, run_id):
+        metrics.update(quality.report_quality(conn, run_id, settings))
     if quality_idx:
-        metrics.update(quality.report_quality(conn, run_id, methods, quality_idx, settings))
         quality.quality_figures(conn, run_id, methods, quality_idx, stages, ds.test, images, tag)
     db.set_metrics(conn, run_id, metrics)
     write_json(run_dir / "metrics.json", metrics)
@@ -242,11 +248,13 @@ def main(argv=None):
         print(f"IG: {ig['explained']} stored, mean relative completeness error "
               f"{ig['mean_relative_completeness_error']:.2%}, {ig['share_within_5pct']:.0%} within 5%; "
               f"{n} examples -> {images / 'ig_examples.png'}")
+    db.close(conn)
     print(f"metrics -> {run_dir / 'metrics.json'}; explanations -> {db_path}")
     return metrics
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # each line reaches a piped log when printed
     try:
         main()
     except (data.DataError, model_lib.CheckpointError, model_lib.DeviceError, explain.ExplainError,

@@ -2,11 +2,10 @@
 
     python explain.py tile.png [more.jpg ...]               # classify + explain image files
     python explain.py tile.tif --target "debris"            # explain a named class instead
-    python explain.py --db runs/pathmnist/explanations.db --index 17   # re-render a stored one
+    python explain.py --db runs/pathmnist_28/explanations.db --index 17   # re-render a stored one
 
-Image files may be PNG, JPEG or TIFF of any size and mode (grayscale, RGBA, 16-bit). Like PathMNIST
-(built from square 224x224 tiles) they are centre-cropped to a square and resized to the model's
-input size; MedMNIST does not document its interpolation, so we use antialiased bicubic.
+Image files are read by tiles.py (any size and mode, centre-cropped and resized to the model's input),
+which also warns about inputs unlike the training data; every prediction goes to predictions.csv.
 
 IG integrates the gradient of the explained class's logit along the straight path from a baseline
 to the image. The default baseline is the training split's mean colour, a flat image: for H&E, a
@@ -27,13 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from captum.attr import IntegratedGradients, NoiseTunnel
-from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms.functional import gaussian_blur
 
 import data
 import db
 import model as model_lib
 import plots
+import tiles
 
 BASELINES = ("mean", "black", "white", "blur")
 METHODS = ("gausslegendre", "riemann_trapezoid", "riemann_middle", "riemann_left", "riemann_right")
@@ -112,6 +110,7 @@ def make_baseline(x, kind, mean):
     if kind == "white":
         return torch.ones_like(x)
     if kind == "blur":
+        from torchvision.transforms.functional import gaussian_blur  # torchvision loads slowly (data.py)
         sigma = x.shape[-1] / 7  # removes structure at 28 px, keeps the overall stain colour
         return gaussian_blur(x, kernel_size=2 * int(3 * sigma) + 1, sigma=sigma)
     raise ValueError(f"unknown baseline {kind!r}; choose from {BASELINES}")
@@ -194,8 +193,13 @@ def stored_attributions(rows):
     return torch.from_numpy(np.stack([r["attribution"] for r in rows]).astype(np.float32))
 
 
-def resolve_target(target, class_names):
-    """'pred', 'true', or a class given by index or name -> 'pred' | 'true' | int."""
+def resolve_target(target, class_names, labels_known=True):
+    """'pred', 'true', or a class given by index or name -> 'pred' | 'true' | int. 'true' needs
+    true labels, which image files do not have (labels_known=False)."""
+    choices = "'pred', 'true'," if labels_known else "'pred',"
+    if target == "true" and not labels_known:
+        raise ExplainError("--target true needs true labels, which image files do not have. Use "
+                           "'pred', or name the class to explain by index or name.")
     if target in ("pred", "true"):
         return target
     if str(target).isdigit() and int(target) < len(class_names):
@@ -203,7 +207,7 @@ def resolve_target(target, class_names):
     lowered = [c.lower() for c in class_names]
     if str(target).lower() in lowered:
         return lowered.index(str(target).lower())
-    raise ExplainError(f"--target {target!r} is not 'pred', 'true', a class index 0-{len(class_names) - 1} "
+    raise ExplainError(f"--target {target!r} is not {choices} a class index 0-{len(class_names) - 1} "
                        f"or a class name ({', '.join(class_names)}).")
 
 
@@ -229,37 +233,6 @@ def explain_batch(model, images_u8, labels, settings, device="cpu"):
     return torch.softmax(logits, 1).cpu(), targets.cpu(), result.cpu()
 
 
-# ----------------------------------------------------------------------------- image files
-
-def read_image(path, size):
-    """Any PNG/JPEG/TIFF -> uint8 (3, size, size): first frame, 8-bit RGB on white, square, resized."""
-    try:
-        with Image.open(path) as img:
-            img.seek(0)
-            rgb = to_rgb8(img)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ExplainError(f"{path} could not be read as an image ({e}). Give a PNG, JPEG or TIFF "
-                           f"file of an H&E tile.") from e
-    side = min(rgb.size)
-    rgb = ImageOps.fit(rgb, (side, side), centering=(0.5, 0.5))  # centre crop, as MedMNIST did
-    rgb = rgb.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)
-    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
-
-
-def to_rgb8(img):
-    """8-bit RGB from any PIL mode: 16/32-bit and float greyscale are rescaled, alpha goes on white."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 1.0 if img.mode == "F" and arr.max() <= 1 else (65535.0 if arr.max() > 255 else 255.0)
-        img = Image.fromarray(np.clip(arr / top * 255, 0, 255).round().astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # glass, not black, behind H&E
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-
 # ----------------------------------------------------------------------------- CLI
 
 def add_ig_arguments(p):
@@ -280,22 +253,24 @@ def add_ig_arguments(p):
                    "(predicted), 'true' (dataset images only), or a class index or name")
 
 
-def ig_settings(args, class_names):
+def ig_settings(args, class_names, labels_known=True):
     """The IG settings dict from parsed flags (they also identify a run in the DB)."""
     if args.max_steps < args.n_steps:
         raise ExplainError(f"--max-steps {args.max_steps} is below --n-steps {args.n_steps}.")
     return {"n_steps": args.n_steps, "max_steps": args.max_steps, "tolerance": args.tolerance,
             "method": args.method, "baseline": args.baseline, "output": args.output,
-            "target": resolve_target(args.target, class_names)}
+            "target": resolve_target(args.target, class_names, labels_known)}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Classify and explain H&E image files with Integrated "
                                 "Gradients, or re-render an explanation stored by evaluate.py.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("images", nargs="*", help="PNG/JPEG/TIFF files to classify and explain")
-    p.add_argument("--checkpoint", default="runs/pathmnist/best.pt", help="trained model (train.py)")
-    p.add_argument("--out", default="images/explain", help="folder for the attribution figures")
+                                formatter_class=model_lib.HelpFormatter)
+    p.add_argument("images", nargs="*", help="PNG/JPEG/TIFF files, or folders of them, to classify "
+                   "and explain")
+    p.add_argument("--checkpoint", default="runs/pathmnist_28/best.pt", help="trained model (train.py)")
+    p.add_argument("--out", default="images/explain", help="folder for the attribution figures and "
+                   "predictions.csv")
     add_ig_arguments(p)
     p.add_argument("--device", default="auto", help=model_lib.DEVICE_HELP)
     p.add_argument("--db", help="with --index: re-render an explanation stored in this SQLite file")
@@ -311,29 +286,54 @@ def parse_args(argv=None):
     return args
 
 
+PREDICTION_COLUMNS = ["file", "class", "confidence", "top3", "completeness_error", "figure", "warnings"]
+
+
 def explain_files(args):
+    """Explain every image file (and every image in each folder) given; a file that cannot be read is
+    reported and skipped, and the run then ends with an error. Writes one figure per image and
+    <out>/predictions.csv."""
     device = model_lib.resolve_device(args.device)
     net, meta = model_lib.load_checkpoint(args.checkpoint, device)
     net = model_lib.fused_for_inference(net)
     names, size = meta["class_names"], meta["provenance"]["size"]
-    settings = ig_settings(args, names)
-    if settings["target"] == "true":
-        raise ExplainError("--target true needs true labels, which image files do not have.")
-    for path in args.images:
-        image = read_image(path, size)
+    settings = ig_settings(args, names, labels_known=False)
+    paths = tiles.image_paths(args.images)
+    rows, failed = [], []
+    for path, stem in zip(paths, tiles.output_stems(paths)):
+        try:
+            image, original = tiles.read_image(path, size)
+        except tiles.ImageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed.append(str(path))
+            continue
         probs, targets, result = explain_batch(net, image[None], None, settings, device)
         top = probs[0].topk(min(3, len(names)))
         pred = int(top.indices[0])
-        print(f"{path}: {names[pred]} ({top.values[0]:.1%})   top-3: " + ", ".join(
-            f"{names[i]} {v:.1%}" for v, i in zip(top.values.tolist(), top.indices.tolist())))
-        out = Path(args.out) / f"{Path(path).stem}_ig.png"
+        top3 = ", ".join(f"{names[i]} {v:.1%}" for v, i in zip(top.values.tolist(), top.indices.tolist()))
+        print(f"{path}: {names[pred]} ({top.values[0]:.1%})   top-3: {top3}")
+        warnings = tiles.input_warnings(image, original, size, meta.get("colour_reference"))
+        for warning in warnings:
+            print(f"  warning: {warning}")
+        out = Path(args.out) / f"{stem}_ig.png"
         title = plots.panel_title(names, None, pred, float(top.values[0]))
         if int(targets[0]) != pred:
             title += f"\nexplaining {names[int(targets[0])]}"
+        if warnings:
+            title += "\nWARNING: unlike the training data"
         plots.explanation_figure([(data.to_unit(image), result.attributions[0], title)], out,
-                    f"IG, model trained on {data.describe(meta['provenance'])}")
-        print(f"  attribution figure -> {out}  (completeness error "
-              f"{float(result.relative_error()[0]):.1%} of f(x) - f(baseline))")
+                                 f"IG, model trained on {data.describe(meta['provenance'])}")
+        error = float(result.relative_error()[0])
+        print(f"  attribution figure -> {out}  (completeness error {error:.1%} of f(x) - f(baseline))")
+        rows.append({"file": str(path), "class": names[pred], "confidence": f"{float(top.values[0]):.4f}",
+                     "top3": top3, "completeness_error": f"{error:.4f}", "figure": str(out),
+                     "warnings": "; ".join(warnings)})
+    if rows:
+        data.write_csv(Path(args.out) / "predictions.csv", PREDICTION_COLUMNS, rows)
+        print(f"predictions -> {Path(args.out) / 'predictions.csv'}")
+    if failed or not paths:
+        raise ExplainError(f"{len(failed)} of {len(paths)} inputs could not be explained: {', '.join(failed)}."
+                           if paths else f"No image files ({', '.join(tiles.IMAGE_SUFFIXES)}) in {', '.join(args.images)}.")
 
 
 def render_stored(args):
@@ -360,6 +360,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # each line reaches a piped log when printed
     try:
         main()
     except (ExplainError, data.DataError, model_lib.CheckpointError, model_lib.DeviceError,

@@ -23,6 +23,7 @@ colour it normalises around; `randomization_layers` lists the layers to re-initi
 import argparse
 import copy
 import os
+import re
 import sys
 
 import torch
@@ -39,12 +40,21 @@ DEFAULT_CONFIG = {"n_classes": 9, "unshuffle": 2, "channels": [32, 32, 64, 96, 1
                   "std": [0.5, 0.5, 0.5]}
 # What train.py stores to continue a run: optimizer, scheduler, early stopping and both RNGs.
 TRAIN_STATE_KEYS = ("optimizer", "scheduler", "epoch", "best_val_loss", "bad_epochs", "rng_torch",
-                    "rng_generator")
+                    "rng_generator", "seconds")
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
 
 
 class CheckpointError(Exception):
     """A checkpoint that is missing, unsafe, or not ours; the message is meant for the user."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every script's --help: a flag's default is shown unless it is None or already in its help."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class DeviceError(Exception):
@@ -225,10 +235,14 @@ def read_checkpoint(path):
 
 
 def short_reason(e):
-    """One line of an exception: torch.load's refusals span a page, the WeightsUnpickler line says why."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    why = next((ln for ln in lines if ln.startswith("WeightsUnpickler error")), lines[0] if lines else "")
-    return f"{type(e).__name__}: {why}"
+    """One line of an exception. torch.load's refusals span a page whose "WeightsUnpickler error:"
+    part says why; the rest advises weights_only=False, which we never pass on (it runs any code)."""
+    text = " ".join(str(e).split())
+    found = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+    why = found.group(1) if found else text
+    if "weights_only" in why:
+        why = "torch.load refused it"
+    return f"{type(e).__name__}: {why[:200]}"
 
 
 def load_checkpoint(path, device="cpu", with_train_state=False):
@@ -251,10 +265,20 @@ def load_checkpoint(path, device="cpu", with_train_state=False):
     return model, payload["meta"], state
 
 
+def input_size(text):
+    """argparse type for --size: the stem's space-to-depth step halves the image, so it must be even."""
+    if not text.isdigit() or int(text) < 2 or int(text) % 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an even number of pixels of at least 2 (the "
+                                         f"model's first step folds 2x2 pixels into one); MedMNIST sizes "
+                                         f"are 28, 64, 128 and 224")
+    return int(text)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Print the CNN's layers with parameters and "
                                 "multiply-adds (MACs) for one image.")
-    p.add_argument("--size", type=int, default=28, help="input height and width (default: 28)")
+    p.add_argument("--size", type=input_size, default=28, help="input height and width, an even number "
+                   "of pixels (default: 28)")
     p.add_argument("--checkpoint", help="summarise this checkpoint's model instead of the default")
     args = p.parse_args(argv)
     try:
@@ -267,4 +291,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # each line reaches a piped log when printed
     main()

@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from captum.metrics import infidelity, sensitivity_max
-from tqdm import tqdm
 
 import data
 import db
 import explain
 import model as model_lib
 import plots
+from progress import progress
 
 CURVE_POINTS = 29  # deletion/insertion curves: 0, 1/28, ..., all of the pixels
 # The randomisation check fails when the fully randomised maps keep a rank correlation above 0.5
@@ -169,7 +169,7 @@ def quality_into_db(fused, stages, split, indices, settings, attribute_by_method
         todo = [i for i in indices if i not in done]
         if not todo:
             continue
-        bar = tqdm(total=len(todo), unit="img", desc=f"quality {method}", disable=None)
+        bar = progress(total=len(todo), unit="img", desc=f"quality {method}")
         for start in range(0, len(todo), QUALITY_BATCH):
             rows = db.find(conn, run_id, "test", image_indices=todo[start:start + QUALITY_BATCH],
                            with_arrays=True)
@@ -192,9 +192,9 @@ def quality_into_db(fused, stages, split, indices, settings, attribute_by_method
         bar.close()
 
 
-def quality_summary(conn, run_id, method, indices, settings):
-    """Means over the stored quality rows of `indices`, with the check verdicts."""
-    rows = db.quality_rows(conn, run_id, "test", method, indices)
+def quality_summary(conn, run_id, method, settings):
+    """Means over every stored quality row of the run for `method`, with the check verdicts."""
+    rows = db.quality_rows(conn, run_id, "test", method)
     if not rows:
         return {"images": 0}
 
@@ -254,10 +254,10 @@ def print_quality(summaries):
                   f"cover {q['mask_area']:.1%} of the image")
 
 
-def report_quality(conn, run_id, method_names, indices, settings):
-    """Print the quality summaries and warnings; return them for metrics.json, with IG's keys at
-    the top level and other methods' summaries under their names."""
-    summaries = {m: quality_summary(conn, run_id, m, indices, settings) for m in method_names}
+def report_quality(conn, run_id, settings):
+    """Print the summaries and warnings of every method stored for the run; return them for
+    metrics.json, with IG's keys at the top level and other methods' summaries under their names."""
+    summaries = {m: quality_summary(conn, run_id, m, settings) for m in db.quality_methods(conn, run_id)}
     print_quality(summaries)
     for method, q in summaries.items():
         for line in quality_warnings(q, method, settings):
@@ -267,8 +267,8 @@ def report_quality(conn, run_id, method_names, indices, settings):
 
 
 def quality_figures(conn, run_id, attribute_by_method, indices, stages, split, images_dir, tag):
-    """images/faithfulness.png (mean curves per method) and images/sanity_randomization.png (the
-    first quality image's IG map through every randomisation stage)."""
+    """images/faithfulness.png (mean curves per method over `indices`) and
+    images/sanity_randomization.png (the first of them: its IG map through every randomisation stage)."""
     curves = {}
     for method in attribute_by_method:
         rows = db.quality_rows(conn, run_id, "test", method, indices)

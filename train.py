@@ -1,17 +1,18 @@
 """train.py: train the lightweight CNN on PathMNIST.
 
-    python train.py                          # PathMNIST 28x28; downloads data/pathmnist.npz on first use
-    python train.py --size 64 --device cuda  # a MedMNIST+ size on a GPU
-    python train.py --synthetic --epochs 10  # offline demo on the SYNTHETIC dataset (not PathMNIST)
+    python train.py                          # PathMNIST 28x28 into runs/pathmnist_28/ (downloads the data)
+    python train.py --size 64 --device cuda  # a MedMNIST+ size on a GPU, into runs/pathmnist_64/
+    python train.py --synthetic --epochs 10  # offline demo on the SYNTHETIC dataset (not PathMNIST),
+                                             # into runs/pathmnist-synthetic_28/
     python train.py --resume                 # continue <out>/last.pt after Ctrl-C or a crash
 
 Adam, with ReduceLROnPlateau and early stopping both watching the *validation* loss (the original
 script watched training accuracy). Every epoch writes <out>/last.pt and <out>/history.csv; the best
-epoch on validation loss is kept as <out>/best.pt; the end writes <images>/accuracy_epoch.png.
+epoch on validation loss is kept as <out>/best.pt; the end writes <out>/images/accuracy_epoch.png.
+The same seed and settings on the same device give the same best.pt, byte for byte: a checkpoint
+holds no timings and no paths. Ctrl-C stops after saving what is finished, with exit code 130.
 """
 import argparse
-import csv
-import io
 import math
 import sys
 import time
@@ -19,24 +20,34 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import data
 import model as model_lib
 import plots
+from progress import progress
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 MIN_IMPROVEMENT = 1e-4  # a val-loss drop smaller than this does not count as progress
+# The flags that decide the weights: recorded in every checkpoint (paths and threads are not).
+RESULT_SETTINGS = ("epochs", "batch_size", "lr", "patience", "seed", "device", "size", "synthetic",
+                   "colour_jitter")
 
 
 class TrainingError(Exception):
     """Training cannot go on (a NaN loss, a resume that does not fit); meant for the user."""
 
 
+def positive_int(text):
+    """argparse type: an integer of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--epochs", type=int, default=25, help="maximum number of epochs")
+                                formatter_class=model_lib.HelpFormatter)
+    p.add_argument("--epochs", type=positive_int, default=25, help="maximum number of epochs")
     p.add_argument("--batch-size", type=int, default=128, help="images per training batch")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam's initial learning rate")
     p.add_argument("--patience", type=int, default=5, help="stop after this many epochs without a "
@@ -47,9 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default="data", help="folder holding the PathMNIST npz files")
     p.add_argument("--size", type=int, default=28, choices=data.SIZES, help="image size: 28 "
                    "(MedMNIST v2) or 64/128/224 (MedMNIST+ files)")
-    p.add_argument("--out", default="runs/pathmnist", help="run folder for best.pt, last.pt and "
-                   "history.csv")
-    p.add_argument("--images", default="images", help="folder for the training-curve plot")
+    p.add_argument("--out", help="run folder for best.pt, last.pt and history.csv (default: "
+                   "runs/<dataset>_<size>, e.g. runs/pathmnist_28 or runs/pathmnist-synthetic_28)")
+    p.add_argument("--images", help="folder for the training-curve plot (default: <out>/images)")
     p.add_argument("--synthetic", action="store_true", help="train on the offline SYNTHETIC "
                    "dataset instead of PathMNIST (for demos and tests; never a PathMNIST result)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt with its "
@@ -57,15 +68,18 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--colour-jitter", type=float, default=1.0, help="strength of the stain/colour "
                    "augmentation (0 turns it off; flips/rotations always apply)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.out = args.out or str(Path("runs") / f"{data.dataset_name(args.synthetic)}_{args.size}")
+    args.images = args.images or str(Path(args.out) / "images")
+    return args
 
 
 def train_epoch(model, split, opt, gen, args, device, epoch):
     model.train()
     loss_sum, correct = 0.0, 0
-    bar = tqdm(data.batches(split, args.batch_size, device, gen, args.colour_jitter),
+    bar = progress(data.batches(split, args.batch_size, device, gen, args.colour_jitter),
                total=math.ceil(len(split) / args.batch_size), desc=f"epoch {epoch}",
-               unit="batch", leave=False, disable=None)
+               unit="batch", leave=False)
     for x, y in bar:
         logits = model(x)
         loss = F.cross_entropy(logits, y)
@@ -78,7 +92,7 @@ def train_epoch(model, split, opt, gen, args, device, epoch):
         opt.step()
         loss_sum += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return loss_sum / len(split), correct / len(split)
 
 
@@ -87,15 +101,6 @@ def evaluate_split(model, split, batch_size, device):
     logits = model_lib.predict_logits(model, split.images, batch_size=4 * batch_size, device=device)
     loss = F.cross_entropy(logits, split.labels).item()
     return loss, (logits.argmax(1) == split.labels).float().mean().item()
-
-
-def write_history(path, history):
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    with data.atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
 
 
 def main(argv=None):
@@ -107,6 +112,9 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
+    if args.resume and not (out / "last.pt").is_file():  # before any data is downloaded or read
+        raise TrainingError(f"There is nothing to resume in {out}: it has no last.pt. Start the run "
+                            f"without --resume, or pass the --out of the run to continue.")
 
     ds = data.load(args.data_dir, args.size, args.synthetic)
     label = data.describe(ds.provenance())
@@ -119,7 +127,9 @@ def main(argv=None):
     else:
         mean, std = data.channel_stats(ds.train.images)
         net = model_lib.build(n_classes=len(ds.class_names), mean=mean, std=std)
-        meta = {"class_names": ds.class_names, "provenance": ds.provenance(), "settings": vars(args),
+        meta = {"class_names": ds.class_names, "provenance": ds.provenance(),
+                "settings": {k: getattr(args, k) for k in RESULT_SETTINGS},
+                "colour_reference": data.colour_reference(ds.train.images, ds.val.images),
                 "history": [], "best_epoch": None, "torch": str(torch.__version__)}
         ts = None
     net.to(device)
@@ -134,7 +144,8 @@ def main(argv=None):
         torch.set_rng_state(ts["rng_torch"])
         gen.set_state(ts["rng_generator"])
         print(f"Resuming {out / 'last.pt'} after epoch {ts['epoch']}")
-    history = meta["history"]
+    history = meta["history"]  # without timings, which live in last.pt's train_state alone
+    seconds_per_epoch = [] if ts is None else ts["seconds"]
     params = model_lib.count_params(net)
     print(f"Model: {params:,} parameters; normalisation mean {[round(m, 4) for m in net.config['mean']]} "
           f"std {[round(s, 4) for s in net.config['std']]}")
@@ -150,8 +161,9 @@ def main(argv=None):
             seconds = time.perf_counter() - t0
             row = {"epoch": epoch, "train_loss": round(train_loss, 6), "train_acc": round(train_acc, 6),
                    "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 6),
-                   "lr": opt.param_groups[0]["lr"], "seconds": round(seconds, 3)}
+                   "lr": opt.param_groups[0]["lr"]}
             history.append(row)
+            seconds_per_epoch.append(round(seconds, 3))
             sched.step(val_loss)
             improved = val_loss < best_loss - MIN_IMPROVEMENT
             if improved:
@@ -163,14 +175,17 @@ def main(argv=None):
                   f"({len(ds.train) / seconds:.0f} img/s){'  *best' if improved else ''}")
             train_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),  # TRAIN_STATE_KEYS
                            "epoch": epoch, "best_val_loss": best_loss, "bad_epochs": bad_epochs,
-                           "rng_torch": torch.get_rng_state(), "rng_generator": gen.get_state()}
+                           "rng_torch": torch.get_rng_state(), "rng_generator": gen.get_state(),
+                           "seconds": seconds_per_epoch}
             if improved:
                 model_lib.save_checkpoint(out / "best.pt", net, meta)
             model_lib.save_checkpoint(out / "last.pt", net, meta, train_state)
-            write_history(out / "history.csv", history)
+            data.write_csv(out / "history.csv", HISTORY_COLUMNS,
+                           [{**row, "seconds": s} for row, s in zip(history, seconds_per_epoch)])
     except KeyboardInterrupt:
-        print(f"\nInterrupted during epoch {epoch}. {out / 'last.pt'} holds the last finished epoch; "
-              f"continue with: python train.py --resume (and the same flags).", file=sys.stderr)
+        interrupted = epoch
+    else:
+        interrupted = None
     if bad_epochs >= args.patience:
         print(f"Early stop: no lower validation loss for {args.patience} epochs.")
     if history:
@@ -178,6 +193,10 @@ def main(argv=None):
         plots.plot_history(history, plot_path, f"Training on {label}")
         print(f"Best epoch {meta['best_epoch']} (val loss {best_loss:.4f}) -> {out / 'best.pt'}; "
               f"curves -> {plot_path}")
+    if interrupted is not None:
+        print(f"\nInterrupted during epoch {interrupted}. {out / 'last.pt'} holds the last finished "
+              f"epoch; continue with: python train.py --resume (and the same flags).", file=sys.stderr)
+        raise SystemExit(130)
     return history
 
 
@@ -190,6 +209,7 @@ def check_resumable(meta, ds, args):
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)  # each line reaches a piped log when printed
     try:
         main()
     except (data.DataError, model_lib.CheckpointError, model_lib.DeviceError, TrainingError) as e:

@@ -29,3 +29,11 @@ def test_original_storage_round_trips_its_base64_text(tmp_path):
     bench.original_store(tmp_path / "o.db", arrays, labels, labels)
     back = bench.original_read_class(tmp_path / "o.db", 1)
     assert len(back) == 3 and np.array_equal(back[0], arrays[0])
+
+
+def test_table_prints_counts_as_integers_and_no_ratio_for_errors():
+    table = bench.format_table([("parameters", 871_145, 254_857), ("IG, mean relative completeness error", 0.0039, 0.0116),
+                                ("IG, attributions/s", 36.2, 847.7)]).splitlines()
+    assert table[1].split()[-3:] == ["871,145", "254,857", "0.29x"]
+    assert table[2].split()[-3:] == ["0.39%", "1.16%", "—"]
+    assert table[3].split()[-3:] == ["36.2", "847.7", "23.42x"]

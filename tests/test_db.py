@@ -275,3 +275,49 @@ def fake_quality_rows(run_id, indices):
     return [{"run_id": run_id, "split": "test", "image_index": i, "method": "ig", **values,
              **{c: np.linspace(0, 1, 29) for c in db.QUALITY_CURVES},
              "randomization_stages": {"classifier": 0.5, "features.0": 0.25}} for i in indices]
+
+
+# ----------------------------------------------------------------------------- reading changes nothing
+
+def test_reading_an_empty_file_says_so_and_leaves_it_empty(tmp_path):
+    (tmp_path / "e.db").touch()
+    with pytest.raises(db.DBError, match="is empty") as err:
+        db.connect(tmp_path / "e.db", create=False)
+    assert "--db" not in str(err.value)  # readers such as db.py have no such flag
+    assert (tmp_path / "e.db").stat().st_size == 0
+
+
+def test_reading_an_older_store_never_migrates_it(tmp_path):
+    v1_database(tmp_path / "v1.db").close()
+    before = (tmp_path / "v1.db").read_bytes()
+    with pytest.raises(db.DBError, match="run evaluate.py once"):
+        db.connect(tmp_path / "v1.db", create=False)
+    assert (tmp_path / "v1.db").read_bytes() == before
+
+
+def test_a_reader_cannot_write(tmp_path):
+    conn = db.connect(tmp_path / "e.db")
+    new_run(conn)
+    conn.close()
+    reader = db.connect(tmp_path / "e.db", create=False)
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        reader.execute("DELETE FROM runs")
+
+
+def test_a_missing_explanation_names_the_stored_ones(tmp_path):
+    conn = db.connect(tmp_path / "e.db")
+    run = new_run(conn)
+    db.insert_explanations(conn, fake_rows(run, [4, 8, 15]))
+    with pytest.raises(db.DBError, match=r"no stored explanation for test image 0\. Stored test images: 4, 8, 15\."):
+        db.get_explanation(conn, run, "test", 0)
+
+
+def test_db_cli_on_an_empty_file_exits_1_and_leaves_it_empty(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    (tmp_path / "e.db").touch()
+    result = subprocess.run([sys.executable, "db.py", str(tmp_path / "e.db")], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "is empty" in result.stderr and "no runs yet" not in result.stdout
+    assert (tmp_path / "e.db").stat().st_size == 0

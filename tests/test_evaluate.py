@@ -235,6 +235,16 @@ def test_db_path_that_is_not_a_db_exits_1(tmp_path, trained_run, syn_dir):
     assert "Traceback" not in result.stderr
 
 
+def test_a_finished_store_is_one_file_that_reading_leaves_as_it_is(evaluated_run):
+    run_dir, _ = evaluated_run
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    assert "explanations.db-wal" not in before  # no write-ahead log left beside it
+    result = subprocess.run([sys.executable, "db.py", str(run_dir / "explanations.db")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
 def test_db_cli_summarises_a_store(evaluated_run):
     run_dir, _ = evaluated_run
     result = subprocess.run([sys.executable, "db.py", str(run_dir / "explanations.db")], cwd=ROOT,
@@ -303,3 +313,19 @@ def test_printed_count_is_the_count_the_store_added(trained_run, syn_dir, tmp_pa
     evaluate.main(["--checkpoint", str(trained_run / "best.pt"), "--data-dir", str(syn_dir), "--explain", "8",
                    "--ig-batch", "4", "--quality", "0", "--db", str(tmp_path / "e.db"), "--images", str(tmp_path)])
     assert "Stored 6 explanations" in capsys.readouterr().out
+
+
+def test_metrics_json_describes_everything_stored_after_a_smaller_rerun(trained_run, syn_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "best.pt").write_bytes((trained_run / "best.pt").read_bytes())
+
+    def run(n):
+        evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(syn_dir), "--explain", n,
+                       "--quality", n])
+        return json.loads((run_dir / "metrics.json").read_text())
+    run("12")
+    saved = run("4")
+    assert saved["ig"]["explained"] == 12 and saved["quality_images"] == 12
+    assert saved["requested"] == {"explain": "4", "quality": "4"}
+    assert (run_dir / "images" / "ig_examples.png").is_file()  # the run's figures stay in its folder

@@ -1,4 +1,5 @@
 """explain.py: IG completeness and localisation, image files of every kind, the CLI."""
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -116,50 +117,12 @@ def test_target_can_be_named_by_class_name_or_index():
         explain.resolve_target("tumour", names)
 
 
-# ----------------------------------------------------------------------------- image files
-
-def test_png_is_read_in_true_colours_at_the_model_size(tmp_path):
-    Image.new("RGB", (224, 224), (200, 100, 50)).save(tmp_path / "a.png")
-    img = explain.read_image(tmp_path / "a.png", 28)
-    assert img.shape == (3, 28, 28) and img.dtype == torch.uint8
-    assert img[:, 14, 14].tolist() == [200, 100, 50]
-
-
-def test_grayscale_jpeg_becomes_three_equal_channels(tmp_path):
-    Image.new("L", (100, 60), 90).save(tmp_path / "g.jpg")
-    img = explain.read_image(tmp_path / "g.jpg", 28)
-    assert img.shape == (3, 28, 28)
-    assert torch.equal(img[0], img[1]) and torch.equal(img[1], img[2])
-
-
-def test_transparent_pixels_of_rgba_become_white_glass(tmp_path):
-    arr = np.zeros((50, 50, 4), np.uint8)
-    arr[..., :3] = (150, 50, 150)
-    arr[:, 25:, 3] = 255  # left half transparent
-    Image.fromarray(arr, "RGBA").save(tmp_path / "t.png")
-    img = explain.read_image(tmp_path / "t.png", 28)
-    assert img[:, 14, 2].tolist() == [255, 255, 255]
-    assert img[:, 14, 25].tolist() == [150, 50, 150]
-
-
-def test_16_bit_tiff_is_rescaled_not_clipped(tmp_path):
-    arr = np.full((64, 64), 32896, np.uint16)  # half of 65535, i.e. 128 in 8 bits
-    Image.fromarray(arr).save(tmp_path / "d.tif")
-    img = explain.read_image(tmp_path / "d.tif", 28)
-    assert img.unique().tolist() == [128]
-
-
-def test_non_square_images_are_centre_cropped(tmp_path):
-    arr = np.zeros((40, 120, 3), np.uint8)
-    arr[:, 40:80] = 255  # only the centre square is white
-    Image.fromarray(arr).save(tmp_path / "w.png")
-    assert explain.read_image(tmp_path / "w.png", 28).float().mean() > 250
-
-
-def test_non_image_file_is_an_explain_error(tmp_path):
-    (tmp_path / "x.png").write_text("not an image")
-    with pytest.raises(explain.ExplainError, match="could not be read as an image"):
-        explain.read_image(tmp_path / "x.png", 28)
+def test_image_files_cannot_ask_for_the_true_class_and_are_not_offered_it():
+    with pytest.raises(explain.ExplainError, match="needs true labels"):
+        explain.resolve_target("true", data.CLASS_NAMES, labels_known=False)
+    with pytest.raises(explain.ExplainError) as err:
+        explain.resolve_target("tumour", data.CLASS_NAMES, labels_known=False)
+    assert "'true'" not in str(err.value) and "'pred'" in str(err.value)
 
 
 def run_cli(*args):
@@ -204,3 +167,43 @@ def test_cli_missing_checkpoint_tells_the_user_to_train(tmp_path):
     Image.new("RGB", (28, 28)).save(tmp_path / "a.png")
     result = run_cli(str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "none.pt"))
     assert result.returncode == 1 and "python train.py" in result.stderr
+
+
+def test_cli_goes_on_past_a_bad_file_keeps_same_named_files_apart_and_writes_a_csv(tmp_path, trained_run, syn_dir):
+    test = data.load(syn_dir, 28, synthetic=True).test
+    for folder, i in (("a", 0), ("b", 1)):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(test.images[i].permute(1, 2, 0).numpy()).save(tmp_path / folder / "x.png")
+    (tmp_path / "a" / "broken.png").write_text("not an image")
+    result = run_cli(str(tmp_path / "a"), str(tmp_path / "b" / "x.png"), "--checkpoint",
+                     str(trained_run / "best.pt"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "broken.png could not be read" in result.stderr and "1 of 3 inputs" in result.stderr
+    figures = sorted(p.name for p in (tmp_path / "out").glob("*_ig.png"))
+    assert figures == ["a_x_ig.png", "b_x_ig.png"]
+    with open(tmp_path / "out" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["file"]).parent.name for r in rows] == ["a", "b"]
+    assert all(r["class"] in synthetic_class_names(syn_dir) and 0 < float(r["confidence"]) <= 1 for r in rows)
+    assert all(float(r["completeness_error"]) < 0.05 for r in rows)
+
+
+def test_cli_warns_about_an_image_unlike_the_training_data(tmp_path, trained_run):
+    Image.new("RGB", (224, 224), (0, 0, 0)).save(tmp_path / "black.png")
+    result = run_cli(str(tmp_path / "black.png"), "--checkpoint", str(trained_run / "best.pt"),
+                     "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "warning: its colour statistics lie far from the training images'" in result.stdout
+    with open(tmp_path / "out" / "predictions.csv") as f:
+        assert "colour statistics" in next(csv.DictReader(f))["warnings"]
+
+
+def test_cli_rerender_reads_an_empty_file_without_changing_it(tmp_path):
+    (tmp_path / "new.db").touch()
+    result = run_cli("--db", str(tmp_path / "new.db"), "--index", "3")
+    assert result.returncode == 1 and "is empty" in result.stderr
+    assert (tmp_path / "new.db").stat().st_size == 0
+
+
+def synthetic_class_names(syn_dir):
+    return data.load(syn_dir, 28, synthetic=True).class_names

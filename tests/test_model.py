@@ -130,11 +130,13 @@ def test_bare_state_dict_is_not_a_checkpoint(tmp_path):
         model_lib.load_checkpoint(path)
 
 
-def test_text_file_is_not_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("text", ["hello", "notes about the run", "(lp0\n."])
+def test_text_file_is_not_a_checkpoint_and_the_error_never_advises_weights_only_false(tmp_path, text):
     path = tmp_path / "notes.txt"
-    path.write_text("hello")
-    with pytest.raises(model_lib.CheckpointError):
+    path.write_text(text)
+    with pytest.raises(model_lib.CheckpointError) as err:
         model_lib.load_checkpoint(path)
+    assert "weights_only" not in str(err.value) and "refused on purpose" in str(err.value)
 
 
 def test_missing_checkpoint_tells_the_user_to_train(tmp_path):
@@ -207,3 +209,13 @@ def test_resume_loading_returns_the_training_state_or_says_there_is_none(tmp_pat
     model_lib.save_checkpoint(tmp_path / "best.pt", model_lib.build(), {})
     with pytest.raises(model_lib.CheckpointError, match="no complete training state"):
         model_lib.load_checkpoint(tmp_path / "best.pt", with_train_state=True)
+
+
+@pytest.mark.parametrize("size", ["27", "0", "abc"])
+def test_model_cli_refuses_a_size_the_model_cannot_take(size):
+    import subprocess
+    import sys
+    from pathlib import Path
+    result = subprocess.run([sys.executable, "model.py", "--size", size], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "even number" in result.stderr

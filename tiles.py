@@ -1,0 +1,96 @@
+"""tiles.py: image files as model input, and what makes an input one the model was not made for.
+
+    import tiles; image, original_size = tiles.read_image("tile.png", 28)
+
+Image files may be PNG, JPEG or TIFF of any size and mode (grayscale, RGBA, 16-bit). Like PathMNIST
+(built from square 224x224 tiles) they are centre-cropped to a square and resized to the model's
+input size; MedMNIST does not document its interpolation, so we use antialiased bicubic.
+
+input_warnings says when an answer may mean little: an image far smaller than the model's input,
+far larger than a tile, or with colour statistics unlike the training split's (data.colour_distance,
+with the threshold the checkpoint calibrated on its validation split). A warning is no verdict on
+the prediction, and no warning is no guarantee: the check sees colour, not tissue.
+"""
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+import data
+
+
+class ImageError(Exception):
+    """A file that cannot be read as an image; meant for the user."""
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+TILE_PX = 224  # PathMNIST's source tiles: 224 x 224 px at 0.5 um/px
+
+
+def read_image(path, size):
+    """Any PNG/JPEG/TIFF -> (uint8 (3, size, size), (width, height) as read): first frame, 8-bit RGB
+    on white, centre-cropped square, resized."""
+    try:
+        with Image.open(path) as img:
+            img.seek(0)
+            rgb = to_rgb8(img)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ImageError(f"{path} could not be read as an image ({e}). Give a PNG, JPEG or TIFF "
+                           f"file of an H&E tile.") from e
+    original, side = rgb.size, min(rgb.size)
+    rgb = ImageOps.fit(rgb, (side, side), centering=(0.5, 0.5))  # centre crop, as MedMNIST did
+    rgb = rgb.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous(), original
+
+
+def input_warnings(image, original, size, colour_reference):
+    """Why the model's answer for this input may mean little: a tiny or huge source image, or colour
+    statistics unlike the training split's (colour_reference from the checkpoint, if it has one)."""
+    warnings = []
+    if min(original) < size / 2:
+        warnings.append(f"the image is {original[0]}x{original[1]} px, far smaller than the model's "
+                        f"{size} px input: upsampling invents the detail the model looks at")
+    if max(original) > 4 * TILE_PX:
+        warnings.append(f"the image is {original[0]}x{original[1]} px, far larger than a {TILE_PX} px "
+                        f"tile: its centre square is squeezed to {size} px; crop or tile it first")
+    if colour_reference:
+        distance = float(data.colour_distance(colour_reference, image[None])[0])
+        if distance > colour_reference["threshold"]:
+            warnings.append(f"its colour statistics lie far from the training images' (distance "
+                            f"{distance:.1f}, above the {colour_reference['threshold']:.1f} that "
+                            f"{colour_reference['percentile']}% of validation images stay under): "
+                            f"another stain, scanner or kind of image")
+    return warnings
+
+
+def image_paths(inputs):
+    """The files to explain: each file given, and the image files inside each folder given."""
+    paths = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            paths.append(item)
+    return paths
+
+
+def output_stems(paths):
+    """A distinct figure name per input: the file's stem, prefixed by its folder's name (and then
+    numbered) where two inputs share a stem."""
+    stems = [p.stem for p in paths]
+    named = [f"{p.parent.name}_{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in paths]
+    return [n if named.count(n) == 1 else f"{n}_{named[:i].count(n) + 1}" for i, n in enumerate(named)]
+
+
+def to_rgb8(img):
+    """8-bit RGB from any PIL mode: 16/32-bit and float greyscale are rescaled, alpha goes on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 1.0 if img.mode == "F" and arr.max() <= 1 else (65535.0 if arr.max() > 255 else 255.0)
+        img = Image.fromarray(np.clip(arr / top * 255, 0, 255).round().astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # glass, not black, behind H&E
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
