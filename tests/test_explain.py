@@ -12,6 +12,7 @@ from PIL import Image
 import data
 import explain
 import model as model_lib
+import tiles
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,8 +142,18 @@ def test_cli_explains_png_gray_jpeg_rgba_and_16_bit_tiff(tmp_path, trained_run, 
     result = run_cli(*files, "--checkpoint", str(trained_run / "best.pt"), "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("top-3:") == 4
-    for stem in ("rgb", "gray", "rgba", "d16"):
-        assert (tmp_path / "out" / f"{stem}_ig.png").stat().st_size > 0
+    for stem, name in (("rgb", "rgb.png"), ("gray", "gray.jpg"), ("rgba", "rgba.png"), ("d16", "d16.tif")):
+        image, _ = tiles.read_image(tmp_path / name, 28)
+        assert pixels_in_the_colours_of(tmp_path / "out" / f"{stem}_ig.png", image) > 1000, stem
+
+
+def pixels_in_the_colours_of(figure, image):
+    """How many pixels of a figure have exactly one of the colours of a (3, H, W) uint8 image: the
+    image drawn in its true colours gives thousands; a re-normalised or missing one gives next to none."""
+    with Image.open(figure) as img:
+        drawn = np.asarray(img.convert("RGB")).reshape(-1, 3)
+    code = lambda rgb: (rgb[:, 0].astype(np.int64) << 16) | (rgb[:, 1].astype(np.int64) << 8) | rgb[:, 2]  # noqa: E731
+    return int(np.isin(code(drawn), code(image.reshape(3, -1).T.numpy())).sum())
 
 
 def test_cli_rerenders_a_stored_explanation(tmp_path, evaluated_run, syn_dir):
@@ -153,7 +164,8 @@ def test_cli_rerenders_a_stored_explanation(tmp_path, evaluated_run, syn_dir):
     result = run_cli("--db", str(run_dir / "explanations.db"), "--index", str(index),
                      "--data-dir", str(syn_dir), "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert len(list(tmp_path.glob("*_ig.png"))) == 1
+    (figure,) = tmp_path.glob("*_ig.png")
+    assert pixels_in_the_colours_of(figure, data.load(syn_dir, 28, synthetic=True).test.images[index]) > 1000
 
 
 def test_cli_non_image_file_exits_1_with_a_paragraph(tmp_path, trained_run):
@@ -207,3 +219,12 @@ def test_cli_rerender_reads_an_empty_file_without_changing_it(tmp_path):
 
 def synthetic_class_names(syn_dir):
     return data.load(syn_dir, 28, synthetic=True).class_names
+
+
+def test_figures_of_explained_files_are_not_tracked_by_git():
+    import shutil
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs the git checkout")
+    result = subprocess.run(["git", "check-ignore", "images/explain/tile_ig.png",
+                             "images/explain/predictions.csv"], cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.split() == ["images/explain/tile_ig.png", "images/explain/predictions.csv"]

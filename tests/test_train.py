@@ -1,6 +1,7 @@
 """train.py: learning, outputs, reproducibility, resume, early stopping, failures."""
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -274,6 +275,8 @@ def test_help_loads_neither_torchvision_nor_medmnists_datasets(script):
                             capture_output=True, text=True, timeout=120)
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
     assert result.returncode == 0 and "(default: None)" not in result.stdout
+    if script != "model.py":
+        assert re.search(r"--device DEVICE\s.*?\(default: auto\)", result.stdout, re.S)  # the same everywhere
     assert "torchvision" not in imported and "medmnist.dataset" not in imported and "pandas" not in imported
 
 
