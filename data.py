@@ -19,7 +19,9 @@ import csv
 import importlib
 import importlib.util
 import io
+import json
 import os
+import shutil
 import socket
 import sys
 import types
@@ -161,7 +163,7 @@ def fetch(data_dir, size=28):
     path = Path(data_dir) / name
     if not path.exists():
         download(url, path, md5)
-    actual = calculate_md5(path)
+    actual = verified_md5(path)
     if actual != md5:
         raise DataError(
             f"{path} has MD5 {actual}, but PathMNIST ({name}) has MD5 {md5}. The file is corrupt, "
@@ -189,8 +191,9 @@ def download(url, path, md5):
         part.unlink(missing_ok=True)
 
 
-def load(data_dir="data", size=28, synthetic=False):
-    """The dataset as uint8 tensors. Real PathMNIST unless `synthetic` is asked for explicitly."""
+def load(data_dir="data", size=28, synthetic=False, memory="auto"):
+    """The dataset as uint8 tensors. Real PathMNIST unless `synthetic` is asked for explicitly.
+    `memory` (auto, ram or map) says whether the images are read into memory or memory-mapped."""
     check_size(size)
     name = dataset_name(synthetic)
     if synthetic:
@@ -202,9 +205,10 @@ def load(data_dir="data", size=28, synthetic=False):
     else:
         path = fetch(data_dir, size)
         class_names = list(CLASS_NAMES)
-    splits = read_npz(path, size, len(class_names))
-    return Dataset(name=name, size=size, synthetic=synthetic, path=str(path),
-                   md5=calculate_md5(path), class_names=class_names, **splits)
+    md5 = verified_md5(path)
+    splits = read_npz(path, size, len(class_names), md5 if use_map(path, memory) else None)
+    return Dataset(name=name, size=size, synthetic=synthetic, path=str(path), md5=md5,
+                   class_names=class_names, **splits)
 
 
 def dataset_name(synthetic):
@@ -218,9 +222,9 @@ def describe(provenance):
     return tag + " (SYNTHETIC data, not PathMNIST)" if provenance["synthetic"] else tag
 
 
-def load_matching(provenance, data_dir="data"):
+def load_matching(provenance, data_dir="data", memory="auto"):
     """The dataset a checkpoint or DB run was made from, refusing a file with another MD5."""
-    ds = load(data_dir, provenance["size"], provenance["synthetic"])
+    ds = load(data_dir, provenance["size"], provenance["synthetic"], memory)
     if ds.md5 != provenance["md5"]:
         raise DataError(
             f"{ds.path} has MD5 {ds.md5}, but the model was trained and explained on a file with MD5 "
@@ -229,30 +233,39 @@ def load_matching(provenance, data_dir="data"):
     return ds
 
 
-def read_npz(path, size, n_classes):
-    """Validate a MedMNIST-format npz and return {split: Split}; any defect raises DataError."""
+def read_npz(path, size, n_classes, mapped_md5=None):
+    """Validate a MedMNIST-format npz and return {split: Split}; any defect raises DataError.
+
+    With `mapped_md5` (the file's verified MD5) the images are memory-mapped copies (mapped_images)
+    instead of arrays in memory; labels and masks are small and always read into memory."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path} does not exist.")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return {s: read_split(npz, s, size, n_classes, path) for s in SPLITS}
+            return {s: read_split(npz, s, size, n_classes, path,
+                                  None if mapped_md5 is None else mapped_images(path, mapped_md5, s, size))
+                    for s in SPLITS}
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
+        # numpy's reason for a non-npz file advises loading pickles, which we never pass on
+        why = "not an npz archive" if "pickle" in str(e) else f"{type(e).__name__}: {e}"
         raise DataError(
-            f"{path} could not be read as an npz archive ({type(e).__name__}: {e}). It is probably "
-            f"truncated by an interrupted download or corrupt. Delete it and rerun.") from e
+            f"{path} could not be read as an npz archive ({why}). It is probably truncated by an "
+            f"interrupted download or corrupt. Delete it and rerun.") from e
 
 
-def read_split(npz, split, size, n_classes, path):
+def read_split(npz, split, size, n_classes, path, images=None):
+    """One split as a Split; `images`, if given, is the split's (N, 3, H, W) tensor already (a map)."""
     keys = [f"{split}_images", f"{split}_labels"]
     missing = [k for k in keys if k not in npz.files]
     if missing:
         raise DataError(f"{path} lacks {missing}; a MedMNIST npz has train/val/test _images and "
                         f"_labels (it has {sorted(npz.files)}). Is it the right file?")
-    images, labels = npz[keys[0]], npz[keys[1]]
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
-        raise DataError(f"{path}: {keys[0]} is {images.dtype} {images.shape}; expected uint8 "
-                        f"(N, {size}, {size}, 3). Check --size matches the file.")
+    if images is None:
+        pixels = npz[keys[0]]
+        check_images(pixels.shape, pixels.dtype, keys[0], size, path)
+        images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+    labels = npz[keys[1]]
     if not np.issubdtype(labels.dtype, np.integer) or labels.shape not in ((len(images), 1), (len(images),)):
         raise DataError(f"{path}: {keys[1]} is {labels.dtype} {labels.shape}; expected integers of "
                         f"shape ({len(images)}, 1), one per image.")
@@ -263,11 +276,124 @@ def read_split(npz, split, size, n_classes, path):
     masks = None
     if f"{split}_masks" in npz.files:
         masks = npz[f"{split}_masks"]
-        if masks.shape != images.shape[:3]:
-            raise DataError(f"{path}: {split}_masks is {masks.shape}; expected {images.shape[:3]}.")
+        expected = (len(images), *images.shape[2:])
+        if masks.shape != expected:
+            raise DataError(f"{path}: {split}_masks is {masks.shape}; expected {expected}.")
         masks = torch.from_numpy(masks.astype(bool))
-    return Split(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
-                 torch.from_numpy(labels), masks)
+    return Split(images, torch.from_numpy(labels), masks)
+
+
+def check_images(shape, dtype, key, size, path):
+    if dtype != np.uint8 or len(shape) != 4 or tuple(shape[1:]) != (size, size, 3):
+        raise DataError(f"{path}: {key} is {dtype} {tuple(shape)}; expected uint8 "
+                        f"(N, {size}, {size}, 3). Check --size matches the file.")
+
+
+# ----------------------------------------------------------------------------- memory maps
+
+MEMORY_MODES = ("auto", "ram", "map")
+MAP_ABOVE_BYTES = 1 << 30  # auto: splits whose pixels add up to more than this are memory-mapped
+CONVERT_CHUNK_BYTES = 32 << 20  # what converting an npz member holds in memory at a time
+MEMORY_HELP = ("where the images live: ram (read into memory; fastest while it fits), map "
+               "(memory-mapped copies under <data-dir>/.mapped, converted once; memory does not grow "
+               "with the dataset) or auto (map above 1 GiB of pixels: PathMNIST at 64 px and up)")
+
+
+def use_map(path, memory):
+    """Whether to memory-map this npz's images: `memory` is auto, ram or map (see MEMORY_MODES).
+    auto maps when the pixels exceed MAP_ABOVE_BYTES: in memory is faster while it fits (28 px
+    PathMNIST is 0.25 GB), and a map keeps 64-224 px within a laptop's memory (224 px is 16 GB)."""
+    if memory != "auto":
+        return memory == "map"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            sizes = [np.prod(member_header(zf, f"{s}_images")[0]) for s in SPLITS
+                     if f"{s}_images.npy" in zf.namelist()]
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError):
+        return False  # read_npz then says what is wrong with the file
+    return sum(sizes) > MAP_ABOVE_BYTES
+
+
+def member_header(zf, member):
+    """(shape, dtype, open file positioned at the data) of an array inside an open npz."""
+    f = zf.open(f"{member}.npy")
+    version = np.lib.format.read_magic(f)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, fortran_order, dtype = read_header(f)
+    if fortran_order:
+        raise DataError(f"{member} is stored in Fortran order, which MedMNIST files never are.")
+    return shape, dtype, f
+
+
+def mapped_images(npz_path, md5, split, size):
+    """A split's images as a memory-mapped (N, 3, H, W) uint8 tensor.
+
+    On first use the npz member is converted into an uncompressed .npy under
+    <data dir>/.mapped/<file>-<md5>/, streamed a chunk at a time (so converting a 16 GB split
+    needs CONVERT_CHUNK_BYTES, not 16 GB) and written atomically. The folder is keyed to the npz's
+    verified MD5: a changed npz gets a new conversion, and the old one is deleted."""
+    npz_path = Path(npz_path)
+    folder = npz_path.parent / ".mapped" / f"{npz_path.stem}-{md5}"
+    out = folder / f"{split}_images.npy"
+    if not out.exists():
+        for stale in folder.parent.glob(f"{npz_path.stem}-*"):
+            if stale != folder:
+                shutil.rmtree(stale, ignore_errors=True)
+        convert_images(npz_path, f"{split}_images", out, size)
+    # copy-on-write mode: a tensor torch can wrap without warnings, and the file is never written
+    return torch.from_numpy(np.load(out, mmap_mode="c"))
+
+
+def convert_images(npz_path, member, out, size):
+    """Stream an (N, H, W, 3) member of an npz into an (N, 3, H, W) .npy file, chunk by chunk."""
+    npz_path = Path(npz_path)
+    with zipfile.ZipFile(npz_path) as zf:
+        shape, dtype, f = member_header(zf, member)
+        check_images(shape, dtype, member, size, npz_path)
+        n, h, w, c = shape
+        rows = max(1, CONVERT_CHUNK_BYTES // (h * w * c))
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                  "shape": (n, c, h, w)}
+        with f, atomic_path(out) as tmp, open(tmp, "wb") as dest:
+            np.lib.format.write_array_header_1_0(dest, header)
+            for start in progress(range(0, n, rows), desc=f"mapping {npz_path.name} {member}", unit="chunk"):
+                k = min(rows, n - start)
+                chunk = np.frombuffer(f.read(k * h * w * c), np.uint8)
+                if chunk.size != k * h * w * c:
+                    raise DataError(f"{npz_path}: {member} ends early; the file is truncated. Delete it "
+                                    f"and rerun.")
+                dest.write(chunk.reshape(k, h, w, c).transpose(0, 3, 1, 2).tobytes())
+
+
+# ----------------------------------------------------------------------------- file checks
+
+def verified_md5(path):
+    """The MD5 of a file, computed once: remembered in <folder>/.md5-cache.json with the file's size
+    and modification time, and computed afresh whenever either changes (a 12 GB file takes a minute
+    to hash)."""
+    path = Path(path)
+    stat = path.stat()
+    seen = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    cache_path = path.parent / MD5_CACHE
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(path.name, {})
+    if {k: entry.get(k) for k in seen} == seen and "md5" in entry:
+        return entry["md5"]
+    md5 = calculate_md5(path)
+    cache[path.name] = {**seen, "md5": md5}
+    try:
+        with atomic_path(cache_path) as tmp:
+            tmp.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
+    except OSError:
+        pass  # a read-only data folder: the MD5 is computed again next time, nothing else changes
+    return md5
+
+
+MD5_CACHE = ".md5-cache.json"
 
 
 # ----------------------------------------------------------------------------- batches
@@ -452,9 +578,11 @@ def main(argv=None):
                    "or 64/128/224 (MedMNIST+) (default: 28)")
     p.add_argument("--synthetic", action="store_true", help="use the offline SYNTHETIC dataset, not "
                    "PathMNIST (written on first use)")
+    p.add_argument("--memory", default="auto", choices=MEMORY_MODES, help=MEMORY_HELP + " (default: "
+                   "auto; `--memory map` converts the file now)")
     args = p.parse_args(argv)
     try:
-        ds = load(args.data_dir, args.size, args.synthetic)
+        ds = load(args.data_dir, args.size, args.synthetic, args.memory)
     except DataError as e:
         sys.exit(f"error: {e}")
     print(f"{ds.name} {ds.size}x{ds.size}  file {ds.path}  MD5 {ds.md5}")

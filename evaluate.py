@@ -55,6 +55,7 @@ def parse_args(argv=None):
                                 formatter_class=model_lib.HelpFormatter)
     p.add_argument("--checkpoint", default="runs/pathmnist_28/best.pt", help="model written by train.py")
     p.add_argument("--data-dir", default="data", help="folder holding the dataset npz")
+    p.add_argument("--memory", default="auto", choices=data.MEMORY_MODES, help=data.MEMORY_HELP)
     p.add_argument("--tta", action="store_true", help="average predictions over the 8 flips/rotations")
     p.add_argument("--explain", default="500", type=image_count, help="how many test images to explain with IG: a "
                    "number, 'all', or 0 to skip")
@@ -194,7 +195,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = model_lib.resolve_device(args.device)
     net, meta = model_lib.load_checkpoint(args.checkpoint, device)
-    ds = data.load_matching(meta["provenance"], args.data_dir)
+    ds = data.load_matching(meta["provenance"], args.data_dir, args.memory)
     tag = data.describe(meta["provenance"])
     run_dir = Path(args.checkpoint).parent
     images = Path(args.images) if args.images else run_dir / "images"

@@ -66,6 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt with its "
                    "optimizer, scheduler, early-stopping and RNG state")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--memory", default="auto", choices=data.MEMORY_MODES, help=data.MEMORY_HELP)
     p.add_argument("--colour-jitter", type=float, default=1.0, help="strength of the stain/colour "
                    "augmentation (0 turns it off; flips/rotations always apply)")
     args = p.parse_args(argv)
@@ -116,7 +117,7 @@ def main(argv=None):
         raise TrainingError(f"There is nothing to resume in {out}: it has no last.pt. Start the run "
                             f"without --resume, or pass the --out of the run to continue.")
 
-    ds = data.load(args.data_dir, args.size, args.synthetic)
+    ds = data.load(args.data_dir, args.size, args.synthetic, args.memory)
     label = data.describe(ds.provenance())
     print(f"Training on {label}: {len(ds.train)} train / {len(ds.val)} val images, device {device}")
 

@@ -1,11 +1,17 @@
 """data.py: npz validation, MD5/download handling, augmentation symmetries, synthetic data."""
+import os
+import subprocess
+import sys
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import data
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- npz validation
@@ -159,7 +165,7 @@ def test_download_is_verified_then_renamed_into_place(tmp_path, monkeypatch, mak
     monkeypatch.setattr(data, "download_url", fake_download)
     (tmp_path / "d").mkdir()
     assert data.fetch(tmp_path / "d", 28) == tmp_path / "d" / "pathmnist.npz"
-    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["pathmnist.npz"]
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [data.MD5_CACHE, "pathmnist.npz"]
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -270,3 +276,81 @@ def test_synthetic_dataset_is_named_synthetic_everywhere(syn_dir):
     ds = data.load(syn_dir, 28, synthetic=True)
     assert ds.synthetic and "synthetic" in ds.name and "synthetic" in ds.provenance()["file"]
     assert all(name.startswith("synthetic") for name in ds.class_names)
+
+
+# ----------------------------------------------------------------------------- memory maps and the MD5 cache
+
+def test_mapped_images_equal_the_npz_arrays(tmp_path, make_npz):
+    path = make_npz(tmp_path / "m.npz", n=7)
+    in_memory = data.read_npz(path, 28, 9)
+    mapped = data.read_npz(path, 28, 9, mapped_md5="abc")
+    arrays = np.load(path)
+    for s in data.SPLITS:
+        assert torch.equal(mapped[s].images, in_memory[s].images) and torch.equal(mapped[s].labels, in_memory[s].labels)
+        assert np.array_equal(mapped[s].images.numpy(), arrays[f"{s}_images"].transpose(0, 3, 1, 2))
+    assert isinstance(mapped["train"].images.numpy().base, np.memmap) or mapped["train"].images.numpy().base is not None
+
+
+def test_auto_maps_only_above_the_size_limit(tmp_path, make_npz, monkeypatch):
+    path = make_npz(tmp_path / "m.npz", n=10)  # 3 x 10 x 2,352 bytes of pixels
+    assert not data.use_map(path, "auto") and data.use_map(path, "map") and not data.use_map(path, "ram")
+    monkeypatch.setattr(data, "MAP_ABOVE_BYTES", 3 * 10 * 2352 - 1)
+    assert data.use_map(path, "auto")
+
+
+def test_an_interrupted_conversion_leaves_no_file_and_is_redone(tmp_path, make_npz, monkeypatch):
+    path = make_npz(tmp_path / "m.npz", n=40)
+    monkeypatch.setattr(data, "CONVERT_CHUNK_BYTES", 28 * 28 * 3 * 8)  # 5 chunks
+
+    def interrupted(chunks, **kwargs):
+        yield next(iter(chunks))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "progress", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.mapped_images(path, "abc", "train", 28)
+    folder = tmp_path / ".mapped" / "m-abc"
+    assert list(folder.iterdir()) == []  # neither the .npy nor a temporary file
+    monkeypatch.undo()
+    images = data.mapped_images(path, "abc", "train", 28)
+    assert np.array_equal(images.numpy(), np.load(path)["train_images"].transpose(0, 3, 1, 2))
+
+
+def test_a_changed_npz_gets_a_new_conversion_and_the_old_one_goes(tmp_path, make_npz):
+    path = make_npz(tmp_path / "m.npz", n=5)
+    old = data.mapped_images(path, data.verified_md5(path), "val", 28).clone()
+    make_npz(path, n=5, val_images=np.full((5, 28, 28, 3), 7, np.uint8))
+    new = data.mapped_images(path, data.verified_md5(path), "val", 28)
+    assert new.unique().tolist() == [7] and not torch.equal(old, new)
+    assert [p.name for p in (tmp_path / ".mapped").iterdir()] == [f"m-{data.verified_md5(path)}"]
+
+
+def test_converting_holds_a_chunk_in_memory_not_the_file(tmp_path):
+    # Peak resident memory of converting a 17 MB and a 170 MB member, each in a fresh process with
+    # 4 MB chunks: the larger file may not cost more than a few chunks more.
+    def peak_kb(n):
+        npz = tmp_path / f"big{n}.npz"
+        np.savez(npz, train_images=np.zeros((n, 28, 28, 3), np.uint8))
+        code = ("import resource, data\n"
+                "data.CONVERT_CHUNK_BYTES = 4 << 20\n"
+                f"data.convert_images({str(npz)!r}, 'train_images', {str(tmp_path / f'out{n}.npy')!r}, 28)\n"
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        npz.unlink()
+        return int(result.stdout.split()[-1])
+    small, large = peak_kb(7_000), peak_kb(70_000)
+    assert (tmp_path / "out70000.npy").stat().st_size > 160e6
+    assert large - small < 30_000  # KB: 150 MB more data, under 30 MB more memory
+
+
+def test_the_md5_is_computed_once_until_the_file_changes(tmp_path, make_npz, monkeypatch):
+    path = make_npz(tmp_path / "m.npz")
+    calls = []
+    real = data.calculate_md5
+    monkeypatch.setattr(data, "calculate_md5", lambda p: calls.append(p) or real(p))
+    first = data.verified_md5(path)
+    assert data.verified_md5(path) == first and len(calls) == 1
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # touched
+    assert data.verified_md5(path) == first and len(calls) == 2
+    make_npz(path, n=3)  # rewritten
+    assert data.verified_md5(path) != first and len(calls) == 3

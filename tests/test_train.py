@@ -152,6 +152,14 @@ def test_same_seed_gives_the_same_history_and_the_same_checkpoint_bytes(syn_dir,
     assert (tmp_path / "a" / "best.pt").read_bytes() == (tmp_path / "b" / "best.pt").read_bytes()
 
 
+def test_training_from_memory_maps_gives_the_same_history_and_weights(syn_dir, tmp_path, train_argv):
+    in_memory = train.main(train_argv(syn_dir, tmp_path / "ram", "--epochs", "2", "--memory", "ram"))
+    mapped = train.main(train_argv(syn_dir, tmp_path / "map", "--epochs", "2", "--memory", "map"))
+    assert without_seconds(mapped) == without_seconds(in_memory)
+    assert (tmp_path / "map" / "best.pt").read_bytes() == (tmp_path / "ram" / "best.pt").read_bytes()
+    assert any((syn_dir / ".mapped").iterdir())
+
+
 def test_default_run_folder_names_the_dataset_and_size_and_holds_its_figures(syn_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     train.main(["--synthetic", "--data-dir", str(syn_dir), "--epochs", "1", "--threads", "2"])
@@ -285,7 +293,7 @@ def test_corrupt_data_exits_1_with_a_paragraph_not_a_traceback(tmp_path):
     result = run_cli("--synthetic", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"))
     assert result.returncode == 1
     assert result.stderr.startswith("error:") and "Traceback" not in result.stderr
-    assert "Delete it and rerun" in result.stderr
+    assert "Delete it and rerun" in result.stderr and "pickle" not in result.stderr
 
 
 def test_resume_without_a_run_exits_1_and_names_the_flags_train_py_has(tmp_path, syn_dir, train_argv):
