@@ -13,6 +13,10 @@ from a Dataset that makes a PIL image per item (flip, rotate 10 degrees, ToTenso
 Captum IG one image at a time with its defaults (50 steps, zero baseline in normalised space) and
 parameters still requiring grad; attributions saved with np.save, base64-encoded into a TEXT column,
 with a SELECT, an INSERT and a commit per row.
+
+A second table compares this repo with the peer most users would pick instead: MedMNIST's own
+ResNet-18 for 28 px (medmnist_resnet18), trained and explained through this repo's own data and IG
+paths, so only the model differs.
 """
 import argparse
 import base64
@@ -30,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from captum.attr import IntegratedGradients
 from PIL import Image
+import torchvision
 from torchvision import transforms
 
 import data
@@ -37,13 +42,14 @@ import db
 import explain
 import model as model_lib
 
-FULL = {"train_images": 20000, "train_steps": 60, "ig_images_original": 40, "ig_images_ours": 480,
-        "db_rows": 2000, "repeats": 3}
-QUICK = {"train_images": 600, "train_steps": 4, "ig_images_original": 2, "ig_images_ours": 16,
-         "db_rows": 40, "repeats": 1}
-WARMUP_STEPS = 3
 OUR_BATCH = 128
 ORIGINAL_BATCH = 64
+FULL = {"train_images": 20000, "train_steps": 60, "ig_images_original": 40, "ig_images_ours": 480,
+        "db_rows": 2000, "repeats": 3, "peer_train_steps": 10, "ig_images_peer": 64, "warmup": 3,
+        "peer_batch": OUR_BATCH}
+QUICK = {"train_images": 600, "train_steps": 4, "ig_images_original": 2, "ig_images_ours": 16,
+         "db_rows": 40, "repeats": 1, "peer_train_steps": 1, "ig_images_peer": 2, "warmup": 1,
+         "peer_batch": 16}
 
 
 # ----------------------------------------------------------------------------- the original approach
@@ -136,10 +142,10 @@ def best_rate(measure, repeats):
     return max(measure() for _ in range(repeats))
 
 
-def timed_steps(step, n_steps, repeats):
+def timed_steps(step, n_steps, repeats, warmup):
     """Best images/s over `repeats` runs of n_steps calls of step() (each returns its batch size),
-    after WARMUP_STEPS untimed calls."""
-    for _ in range(WARMUP_STEPS):
+    after `warmup` untimed calls."""
+    for _ in range(warmup):
         step()
 
     def measure():
@@ -154,7 +160,7 @@ def cycle(make_iter):
         yield from make_iter()
 
 
-def train_original(images_hwc, labels, n_steps, repeats):
+def train_original(images_hwc, labels, n_steps, repeats, warmup):
     torch.manual_seed(0)
     net = original_model()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -170,16 +176,21 @@ def train_original(images_hwc, labels, n_steps, repeats):
         opt.step()
         return len(y)
     net.train()
-    return net.eval(), timed_steps(step, n_steps, repeats)
+    return net.eval(), timed_steps(step, n_steps, repeats, warmup)
 
 
-def train_ours(split, n_steps, repeats):
+def train_ours(split, n_steps, repeats, warmup):
     torch.manual_seed(0)
     mean, std = data.channel_stats(split.images)
-    net = model_lib.build(mean=mean, std=std)
+    return train_on_our_path(model_lib.build(mean=mean, std=std), split, n_steps, repeats, warmup)
+
+
+def train_on_our_path(net, split, n_steps, repeats, warmup, batch=None):
+    """Training steps through train.py's data path (batches of 128, flips and colour jitter)."""
+    batch = batch or OUR_BATCH
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
-    batches = cycle(lambda: data.batches(split, OUR_BATCH, generator=gen, colour=1.0))
+    batches = cycle(lambda: data.batches(split, batch, generator=gen, colour=1.0))
 
     def step():
         x, y = next(batches)
@@ -189,7 +200,7 @@ def train_ours(split, n_steps, repeats):
         opt.step()
         return len(y)
     net.train()
-    return net.eval(), timed_steps(step, n_steps, repeats)
+    return net.eval(), timed_steps(step, n_steps, repeats, warmup)
 
 
 def ig_ours(net, images_u8, labels, repeats, batch=32):
@@ -208,6 +219,18 @@ def ig_ours(net, images_u8, labels, repeats, batch=32):
     rate = best_rate(measure, repeats)
     rel = torch.cat([result.relative_error() for _, _, result in batches])
     return rate, float(rel.mean()), batches
+
+
+# ----------------------------------------------------------------------------- the peer
+
+def medmnist_resnet18(n_classes=9):
+    """MedMNIST's ResNet-18 for 28x28 inputs (MedMNIST/experiments, MedMNIST2D/models.py, adapted
+    from kuangliu/pytorch-cifar): torchvision's resnet18 with a 3x3 stride-1 first convolution and
+    no max-pool, which gives the same layers, behind MedMNIST's Normalize(0.5, 0.5)."""
+    net = torchvision.models.resnet18(num_classes=n_classes)
+    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return PixelInput(net)
 
 
 def ig_original(net, images_u8, repeats):
@@ -300,9 +323,13 @@ def run(cfg):
 
     reps = cfg["repeats"]
     stage("training, original approach")
-    original_net, original_train = train_original(images_hwc, labels, cfg["train_steps"], reps)
+    original_net, original_train = train_original(images_hwc, labels, cfg["train_steps"], reps, cfg["warmup"])
     stage("training, this repo")
-    our_net, our_train = train_ours(split, cfg["train_steps"], reps)
+    our_net, our_train = train_ours(split, cfg["train_steps"], reps, cfg["warmup"])
+    stage("training, MedMNIST's ResNet-18 on this repo's data path")
+    torch.manual_seed(0)
+    peer_net, peer_train = train_on_our_path(medmnist_resnet18(), split, cfg["peer_train_steps"], reps,
+                                             cfg["warmup"], cfg["peer_batch"])
 
     test_u8, test_labels = split.images[:cfg["ig_images_ours"]], split.labels[:cfg["ig_images_ours"]]
     stage("IG, both sides")
@@ -310,6 +337,9 @@ def run(cfg):
     our_ig_rate, our_rel, ig_batches = ig_ours(model_lib.fused_for_inference(our_net), test_u8, test_labels, reps)
     method_on_original_rate, method_on_original_rel, _ = ig_ours(PixelInput(original_net), test_u8,
                                                                  test_labels, reps)
+    stage("IG, MedMNIST's ResNet-18 on this repo's IG path")
+    peer_ig_rate, peer_rel, _ = ig_ours(peer_net, test_u8[:cfg["ig_images_peer"]],
+                                        test_labels[:cfg["ig_images_peer"]], reps)
 
     with tempfile.TemporaryDirectory() as tmp:
         stage("SQLite storage, both sides")
@@ -330,14 +360,25 @@ def run(cfg):
         ("parameters", original_cost[2], our_cost[2]),
         ("multiply-adds per image", original_cost[3], our_cost[3]),
     ]
+    peer_cost = model_lib.layer_costs(medmnist_resnet18())[-1]
+    peer_rows = [
+        ("training, img/s (data pipeline included)", peer_train, our_train),
+        ("IG, attributions/s", peer_ig_rate, our_ig_rate),
+        ("IG, mean relative completeness error", peer_rel, our_rel),
+        ("parameters", peer_cost[2], our_cost[2]),
+        ("multiply-adds per image", peer_cost[3], our_cost[3]),
+    ]
     results = {"train_speedup": our_train / original_train, "ig_speedup": our_ig_rate / original_ig_rate,
                "ig_rel_delta": our_rel, "db_write_speedup": store["ours_rows_s"] / store["original_rows_s"],
                "db_bytes_ratio": store["ours_bytes_row"] / store["original_bytes_row"],
                "read_class_ms": store["ours_read_ms"], "macs_ratio": our_cost[3] / original_cost[3],
                "ig_method_speedup_on_original_model": method_on_original_rate / original_ig_rate,
+               "train_speedup_vs_resnet18": our_train / peer_train,
+               "ig_speedup_vs_resnet18": our_ig_rate / peer_ig_rate,
                "table": [{"measure": m, "original": o, "ours": u} for m, o, u in rows],
+               "peer_table": [{"measure": m, "resnet18": o, "ours": u} for m, o, u in peer_rows],
                "settings": {**cfg, "threads": torch.get_num_threads(), "torch": str(torch.__version__)}}
-    return rows, results
+    return rows, peer_rows, results
 
 
 def stage(what):
@@ -345,10 +386,10 @@ def stage(what):
     print(f"[bench] measuring {what} ...", file=sys.stderr, flush=True)
 
 
-def format_table(rows):
+def format_table(rows, baseline="original"):
     """The comparison as text: errors in percent (no ratio: a share of a share says little), counts
     as whole numbers, rates and times with one decimal."""
-    lines = [f"{'measure':52s} {'original':>12s} {'this repo':>12s} {'ratio':>8s}"]
+    lines = [f"{'measure':52s} {baseline:>12s} {'this repo':>12s} {'ratio':>8s}"]
     for measure, original, ours in rows:
         if "error" in measure:
             lines.append(f"{measure:52s} {original:12.2%} {ours:12.2%} {'—':>8s}")
@@ -369,10 +410,12 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else FULL
-    rows, results = run(cfg)
+    rows, peer_rows, results = run(cfg)
     print(f"{'QUICK mode: sizes too small for conclusions' if args.quick else 'full mode'}; "
           f"{torch.get_num_threads()} threads, synthetic 28x28x3 images, 9 classes")
     print(format_table(rows))
+    print("\nPeer: MedMNIST's ResNet-18 (28 px), trained and explained through this repo's own paths")
+    print(format_table(peer_rows, baseline="ResNet-18"))
     if args.json:
         with data.atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(results, indent=2) + "\n")

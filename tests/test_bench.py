@@ -5,6 +5,7 @@ import math
 import bench
 
 KEYS = ("train_speedup", "ig_speedup", "ig_rel_delta", "db_write_speedup", "db_bytes_ratio",
+        "train_speedup_vs_resnet18", "ig_speedup_vs_resnet18",
         "read_class_ms", "macs_ratio")
 
 
@@ -37,3 +38,14 @@ def test_table_prints_counts_as_integers_and_no_ratio_for_errors():
     assert table[1].split()[-3:] == ["871,145", "254,857", "0.29x"]
     assert table[2].split()[-3:] == ["0.39%", "1.16%", "—"]
     assert table[3].split()[-3:] == ["36.2", "847.7", "23.42x"]
+
+
+def test_peer_is_medmnists_resnet18_for_28_px():
+    # MedMNIST/experiments' ResNet18(in_channels=3, num_classes=9): torchvision's 11,689,512
+    # parameters, less its 7x7 first convolution (9,408) and 1000-class head (513,000), plus a 3x3
+    # first convolution (1,728) and a 9-class head (4,617).
+    net = bench.medmnist_resnet18()
+    params = sum(p.numel() for p in net.parameters())
+    assert params == 11_689_512 - 9_408 - 513_000 + 1_728 + 4_617
+    assert net.eval()(bench.torch.rand(2, 3, 28, 28)).shape == (2, 9)
+    assert isinstance(net.net.maxpool, bench.nn.Identity) and net.net.conv1.stride == (1, 1)
