@@ -1,11 +1,11 @@
 """plots.py: every figure the project draws, from plain arrays and tensors.
 
-    training curves        plot_history        (train.py   -> images/accuracy_epoch.png)
-    confusion matrix       plot_confusion      (evaluate.py -> images/confusion_matrix.png)
-    IG gallery / one image explanation_figure  (evaluate.py -> images/ig_examples.png,
+    training curves        plot_history        (train.py    -> <run>/images/accuracy_epoch.png)
+    confusion matrix       plot_confusion      (evaluate.py -> <run>/images/confusion_matrix.png)
+    IG gallery / one image explanation_figure  (evaluate.py -> <run>/images/ig_examples.png,
                                                 explain.py  -> images/explain/<name>_ig.png)
-    deletion / insertion   plot_faithfulness   (evaluate.py -> images/faithfulness.png)
-    randomisation example  plot_randomization  (evaluate.py -> images/sanity_randomization.png)
+    deletion / insertion   plot_faithfulness   (evaluate.py -> <run>/images/faithfulness.png)
+    randomisation example  plot_randomization  (evaluate.py -> <run>/images/sanity_randomization.png)
 
 Images come in as float (C, H, W) tensors in [0, 1], i.e. already un-normalised: every panel shows
 the tissue in its true colours. This is the only module that imports matplotlib; it draws with the
