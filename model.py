@@ -40,7 +40,7 @@ DEFAULT_CONFIG = {"n_classes": 9, "unshuffle": 2, "channels": [32, 32, 64, 96, 1
                   "std": [0.5, 0.5, 0.5]}
 # What train.py stores to continue a run: optimizer, scheduler, early stopping and both RNGs.
 TRAIN_STATE_KEYS = ("optimizer", "scheduler", "epoch", "best_val_loss", "bad_epochs", "rng_torch",
-                    "rng_generator", "seconds")
+                    "rng_generator", "seconds", "scaler")
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
 
 

@@ -30,7 +30,7 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "l
 MIN_IMPROVEMENT = 1e-4  # a val-loss drop smaller than this does not count as progress
 # The flags that decide the weights: recorded in every checkpoint (paths and threads are not).
 RESULT_SETTINGS = ("epochs", "batch_size", "lr", "patience", "seed", "device", "size", "synthetic",
-                   "colour_jitter")
+                   "colour_jitter", "amp")
 
 
 class TrainingError(Exception):
@@ -67,6 +67,9 @@ def parse_args(argv=None):
                    "optimizer, scheduler, early-stopping and RNG state")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--memory", default="auto", choices=data.MEMORY_MODES, help=data.MEMORY_HELP)
+    p.add_argument("--amp", default="auto", choices=("auto", "on", "off"), help="mixed precision for "
+                   "training steps: bfloat16 autocast (float16 with a gradient scaler on GPUs without "
+                   "bfloat16); auto turns it on for CUDA only. Validation, metrics and IG stay float32")
     p.add_argument("--colour-jitter", type=float, default=1.0, help="strength of the stain/colour "
                    "augmentation (0 turns it off; flips/rotations always apply)")
     args = p.parse_args(argv)
@@ -75,22 +78,34 @@ def parse_args(argv=None):
     return args
 
 
-def train_epoch(model, split, opt, gen, args, device, epoch):
+def amp_dtype(device, amp):
+    """The autocast dtype for training on `device` (--amp), or None for float32."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def train_epoch(model, split, opt, gen, args, device, epoch, scaler):
     model.train()
+    dtype = amp_dtype(device, args.amp)
     loss_sum, correct = 0.0, 0
     bar = progress(data.batches(split, args.batch_size, device, gen, args.colour_jitter),
                total=math.ceil(len(split) / args.batch_size), desc=f"epoch {epoch}",
                unit="batch", leave=False)
     for x, y in bar:
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
         if not torch.isfinite(loss):
             raise TrainingError(f"The training loss became {loss.item()} in epoch {epoch}. The run "
                                 f"stopped; last.pt still holds the previous epoch. Lower --lr "
                                 f"(now {args.lr}) and check the data for corrupt images.")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()  # the scaler is a pass-through unless float16 needs it
+        scaler.step(opt)
+        scaler.update()
         loss_sum += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
@@ -135,11 +150,13 @@ def main(argv=None):
         ts = None
     net.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, args.amp) == torch.float16)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5,
                                                        patience=max(1, args.patience // 2))
     best_loss, bad_epochs, start = math.inf, 0, 1
     if ts is not None:
         opt.load_state_dict(ts["optimizer"])
+        scaler.load_state_dict(ts["scaler"])
         sched.load_state_dict(ts["scheduler"])
         best_loss, bad_epochs, start = ts["best_val_loss"], ts["bad_epochs"], ts["epoch"] + 1
         torch.set_rng_state(ts["rng_torch"])
@@ -157,7 +174,7 @@ def main(argv=None):
             if bad_epochs >= args.patience:
                 break
             t0 = time.perf_counter()
-            train_loss, train_acc = train_epoch(net, ds.train, opt, gen, args, device, epoch)
+            train_loss, train_acc = train_epoch(net, ds.train, opt, gen, args, device, epoch, scaler)
             val_loss, val_acc = evaluate_split(net, ds.val, args.batch_size, device)
             seconds = time.perf_counter() - t0
             row = {"epoch": epoch, "train_loss": round(train_loss, 6), "train_acc": round(train_acc, 6),
@@ -177,7 +194,7 @@ def main(argv=None):
             train_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),  # TRAIN_STATE_KEYS
                            "epoch": epoch, "best_val_loss": best_loss, "bad_epochs": bad_epochs,
                            "rng_torch": torch.get_rng_state(), "rng_generator": gen.get_state(),
-                           "seconds": seconds_per_epoch}
+                           "seconds": seconds_per_epoch, "scaler": scaler.state_dict()}
             if improved:
                 model_lib.save_checkpoint(out / "best.pt", net, meta)
             model_lib.save_checkpoint(out / "last.pt", net, meta, train_state)

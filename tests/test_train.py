@@ -160,6 +160,22 @@ def test_training_from_memory_maps_gives_the_same_history_and_weights(syn_dir, t
     assert any((syn_dir / ".mapped").iterdir())
 
 
+def test_amp_on_cpu_trains_in_bfloat16_and_learns(syn_dir, tmp_path, train_argv, monkeypatch):
+    dtypes = set()
+    real_forward = model_lib.TissueCNN.forward
+
+    def forward(self, x):
+        out = real_forward(self, x)
+        if self.training:
+            dtypes.add(out.dtype)
+        return out
+    monkeypatch.setattr(model_lib.TissueCNN, "forward", forward)
+    history = train.main(train_argv(syn_dir, tmp_path, "--epochs", "3", "--amp", "on"))
+    assert dtypes == {torch.bfloat16}  # the training passes ran under autocast
+    assert max(r["val_acc"] for r in history) >= 0.8  # chance is 1/9
+    assert model_lib.read_checkpoint(tmp_path / "best.pt")["state_dict"]["classifier.weight"].dtype == torch.float32
+
+
 def test_default_run_folder_names_the_dataset_and_size_and_holds_its_figures(syn_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     train.main(["--synthetic", "--data-dir", str(syn_dir), "--epochs", "1", "--threads", "2"])
