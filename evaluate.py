@@ -180,8 +180,8 @@ def plot_ig_examples(conn, run_id, ds, path, title):
                            order="-confidence", limit=1, with_arrays=True)
             for r in hits:
                 panels.append((data.to_unit(ds.test.images[r["image_index"]]), explain.stored_attributions([r])[0],
-                               plots.panel_title(ds.class_names, label, r["pred_label"], r["confidence"])
-                               + ("  WRONG" if wrong else "")))
+                               plots.panel_title(ds.class_names, label, r["pred_label"], r["confidence"],
+                                                 ["WRONG"] if wrong else [])))
     if panels:
         plots.explanation_figure(panels, path, title)
     return len(panels)

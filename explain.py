@@ -316,11 +316,9 @@ def explain_files(args):
         for warning in warnings:
             print(f"  warning: {warning}")
         out = Path(args.out) / f"{stem}_ig.png"
-        title = plots.panel_title(names, None, pred, float(top.values[0]))
-        if int(targets[0]) != pred:
-            title += f"\nexplaining {names[int(targets[0])]}"
-        if warnings:
-            title += "\nWARNING: unlike the training data"
+        notes = ([f"explaining {names[int(targets[0])]}"] if int(targets[0]) != pred else []) + (
+            ["WARNING: unlike the training data"] if warnings else [])
+        title = plots.panel_title(names, None, pred, float(top.values[0]), notes)
         plots.explanation_figure([(data.to_unit(image), result.attributions[0], title)], out,
                                  f"IG, model trained on {data.describe(meta['provenance'])}")
         error = float(result.relative_error()[0])

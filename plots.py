@@ -12,6 +12,8 @@ the tissue in its true colours. This is the only module that imports matplotlib;
 file-only Agg backend and writes every figure atomically (write_figure), so a crash never leaves
 half a PNG.
 """
+import textwrap
+
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
@@ -75,9 +77,15 @@ def plot_confusion(cm, class_names, path, title):
     write_figure(fig, path, dpi=130)
 
 
-def panel_title(class_names, true, pred, confidence):
-    true_text = "true ?" if true is None else f"true {class_names[true]}"
-    return f"{true_text}\npred {class_names[pred]} ({confidence:.0%})"
+TITLE_WIDTH = 24  # characters per line of a panel title: a 28 px panel is about this wide at fontsize 7
+
+
+def panel_title(class_names, true, pred, confidence, notes=()):
+    """'true X / pred Y (87%)' and any notes, each wrapped to the panel's width: PathMNIST names run
+    to 'colorectal adenocarcinoma epithelium', which would spill over the neighbouring panels."""
+    parts = ["true ?" if true is None else f"true {class_names[true]}",
+             f"pred {class_names[pred]} ({confidence:.0%})", *notes]
+    return "\n".join(line for part in parts for line in textwrap.wrap(part, TITLE_WIDTH))
 
 
 def draw_explanation(fig, axes, image, attribution, title):
@@ -100,7 +108,10 @@ def explanation_figure(panels, path, suptitle):
     """panels: [(image (C, H, W) in [0, 1], attribution (C, H, W), title)], drawn two per row."""
     per_row = 2 if len(panels) > 1 else 1
     rows = (len(panels) + per_row - 1) // per_row
-    fig, axes = plt.subplots(rows, 3 * per_row, figsize=(3 * per_row * 1.6, rows * 1.9 + 0.6),
+    title_lines = max(title.count("\n") + 1 for _, _, title in panels)
+    width = 3 * per_row * 1.6
+    # each row: the panels plus room for the longest title (about 0.13 in per line at fontsize 7)
+    fig, axes = plt.subplots(rows, 3 * per_row, figsize=(width, rows * (1.65 + 0.13 * title_lines) + 0.6),
                              squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
@@ -110,7 +121,7 @@ def explanation_figure(panels, path, suptitle):
         for ax in row_axes:
             ax.axis("on")
         draw_explanation(fig, row_axes, image, attribution, title)
-    fig.suptitle(suptitle, fontsize=9)
+    fig.suptitle(textwrap.fill(suptitle, int(width * 13)), fontsize=9)  # ~13 characters per inch
     write_figure(fig, path, dpi=130)
 
 
