@@ -243,9 +243,7 @@ def read_npz(path, size, n_classes, mapped_md5=None):
         raise DataError(f"{path} does not exist.")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return {s: read_split(npz, s, size, n_classes, path,
-                                  None if mapped_md5 is None else mapped_images(path, mapped_md5, s, size))
-                    for s in SPLITS}
+            return {s: read_split(npz, s, size, n_classes, path, mapped_md5) for s in SPLITS}
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
         # numpy's reason for a non-npz file advises loading pickles, which we never pass on
         why = "not an npz archive" if "pickle" in str(e) else f"{type(e).__name__}: {e}"
@@ -254,14 +252,16 @@ def read_npz(path, size, n_classes, mapped_md5=None):
             f"interrupted download or corrupt. Delete it and rerun.") from e
 
 
-def read_split(npz, split, size, n_classes, path, images=None):
-    """One split as a Split; `images`, if given, is the split's (N, 3, H, W) tensor already (a map)."""
+def read_split(npz, split, size, n_classes, path, mapped_md5=None):
+    """One split as a Split, its images memory-mapped when `mapped_md5` is given (see read_npz)."""
     keys = [f"{split}_images", f"{split}_labels"]
     missing = [k for k in keys if k not in npz.files]
     if missing:
         raise DataError(f"{path} lacks {missing}; a MedMNIST npz has train/val/test _images and "
                         f"_labels (it has {sorted(npz.files)}). Is it the right file?")
-    if images is None:
+    if mapped_md5 is not None:
+        images = mapped_images(path, mapped_md5, split, size)
+    else:
         pixels = npz[keys[0]]
         check_images(pixels.shape, pixels.dtype, keys[0], size, path)
         images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
@@ -307,8 +307,11 @@ def use_map(path, memory):
         return memory == "map"
     try:
         with zipfile.ZipFile(path) as zf:
-            sizes = [np.prod(member_header(zf, f"{s}_images")[0]) for s in SPLITS
-                     if f"{s}_images.npy" in zf.namelist()]
+            sizes = []
+            for member in (f"{s}_images" for s in SPLITS if f"{s}_images.npy" in zf.namelist()):
+                shape, _, f = member_header(zf, member)
+                f.close()
+                sizes.append(int(np.prod(shape)))
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError):
         return False  # read_npz then says what is wrong with the file
     return sum(sizes) > MAP_ABOVE_BYTES

@@ -3,9 +3,8 @@
     python db.py runs/pathmnist/explanations.db      # runs, rows per class, accuracy, mean |delta|
 
 Schema version 3 (kept in PRAGMA user_version; WAL journal while writing, one plain file at rest
-(see close); foreign keys on). Version 1 had the first
-two tables; version 2 added `quality`; version 3 stores each randomisation stage's name with its
-correlation. Opening an older file migrates it in place, each step in one transaction, keeping
+(see close); foreign keys on). Version 1 had the first two tables; version 2 added `quality`;
+version 3 stores each randomisation stage's name with its correlation. Opening an older file migrates it in place, each step in one transaction, keeping
 every row.
 
 runs: one row per (checkpoint, IG settings); rerunning evaluate.py with both unchanged reuses it.
@@ -112,6 +111,17 @@ QUALITY_CURVES = ("deletion_curve", "deletion_curve_random", "insertion_curve", 
 QUALITY_VALUES = ("relative_error", "deletion_auc", "deletion_auc_random", "insertion_auc",
                   "insertion_auc_random", "infidelity", "sensitivity_max", "randomization_spearman",
                   "randomization_spearman_signed", "randomization_input_spearman", "mask_mass", "mask_area")
+def name_v2_randomization_stages(conn):
+    """v2 -> v3: a v2 row's stage list becomes {layer: correlation}. The v2 code always ran the
+    same six stages (classifier, then features.4 down to features.0), so the names are known."""
+    rows = conn.execute("SELECT rowid, randomization_stages FROM quality").fetchall()
+    for rowid, text in rows:
+        values = json.loads(text)
+        names = ["classifier"] + [f"features.{i}" for i in reversed(range(len(values) - 1))]
+        conn.execute("UPDATE quality SET randomization_stages = ? WHERE rowid = ?",
+                     (json.dumps(dict(zip(names, values))), rowid))
+
+
 # MIGRATIONS[v] takes a version-v database to version v + 1: SQL, or a function of the connection.
 MIGRATIONS = {1: """
 CREATE TABLE quality (
@@ -124,7 +134,7 @@ CREATE TABLE quality (
     randomization_stages TEXT NOT NULL,
     PRIMARY KEY (run_id, split, image_index, method)
 );
-""", 2: lambda conn: name_v2_randomization_stages(conn)}
+""", 2: name_v2_randomization_stages}
 EXPLANATION_REALS = ("confidence", "delta", "score", "baseline_score")
 EXPLANATION_COLUMNS = ("run_id", "split", "image_index", "true_label", "pred_label", "target",
                        "confidence", "probs", "attribution", "attr_dtype", "attr_shape", "delta",
@@ -153,17 +163,6 @@ def relative_completeness_error(delta, gap):
     delta and gap may be numpy arrays or torch tensors (both have abs and clip); explain.py,
     quality.py and this module's summaries all use this one definition."""
     return abs(delta) / abs(gap).clip(min=TINY)
-
-
-def name_v2_randomization_stages(conn):
-    """v2 -> v3: a v2 row's stage list becomes {layer: correlation}. The v2 code always ran the
-    same six stages (classifier, then features.4 down to features.0), so the names are known."""
-    rows = conn.execute("SELECT rowid, randomization_stages FROM quality").fetchall()
-    for rowid, text in rows:
-        values = json.loads(text)
-        names = ["classifier"] + [f"features.{i}" for i in reversed(range(len(values) - 1))]
-        conn.execute("UPDATE quality SET randomization_stages = ? WHERE rowid = ?",
-                     (json.dumps(dict(zip(names, values))), rowid))
 
 
 def connect(path, create=True):

@@ -354,3 +354,9 @@ def test_the_md5_is_computed_once_until_the_file_changes(tmp_path, make_npz, mon
     assert data.verified_md5(path) == first and len(calls) == 2
     make_npz(path, n=3)  # rewritten
     assert data.verified_md5(path) != first and len(calls) == 3
+
+
+def test_a_missing_member_is_named_when_mapping_too(tmp_path, make_npz):
+    path = make_npz(tmp_path / "k.npz", val_images=None)
+    with pytest.raises(data.DataError, match="lacks \\['val_images'\\]"):
+        data.read_npz(path, 28, 9, mapped_md5="abc")
