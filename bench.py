@@ -190,7 +190,7 @@ def train_on_our_path(net, split, n_steps, repeats, warmup, batch=None):
     batch = batch or OUR_BATCH
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
-    batches = cycle(lambda: data.batches(split, batch, generator=gen, colour=1.0))
+    batches = cycle(lambda: data.batches(split, batch, generator=gen, augment=data.AUGMENTATION["pathmnist"]))
 
     def step():
         x, y = next(batches)

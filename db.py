@@ -2,10 +2,12 @@
 
     python db.py runs/pathmnist/explanations.db      # runs, rows per class, accuracy, mean |delta|
 
-Schema version 3 (kept in PRAGMA user_version; WAL journal while writing, one plain file at rest
+Schema version 4 (kept in PRAGMA user_version; WAL journal while writing, one plain file at rest
 (see close); foreign keys on). Version 1 had the first two tables; version 2 added `quality`;
-version 3 stores each randomisation stage's name with its correlation. Opening an older file migrates it in place, each step in one transaction, keeping
-every row.
+version 3 stores each randomisation stage's name with its correlation; version 4 serves every
+MedMNIST 2D dataset (runs.flag, runs.task, runs.data_verified; explanations.true_labels and
+explanations.correct for multi-label data). Opening an older file migrates it in place, each step in
+one transaction, keeping every row.
 
 runs: one row per (checkpoint, IG settings); rerunning evaluate.py with both unchanged reuses it.
     run_id             INTEGER PRIMARY KEY
@@ -13,7 +15,10 @@ runs: one row per (checkpoint, IG settings); rerunning evaluate.py with both unc
     checkpoint_path    TEXT     where it was when the run was made
     model_config       TEXT     JSON: the model config stored in the checkpoint
     class_names        TEXT     JSON list: the class names, by label
-    dataset            TEXT     'pathmnist' or 'pathmnist-synthetic'
+    dataset            TEXT     e.g. 'pathmnist' or 'pathmnist-synthetic'
+    flag               TEXT     (v4) the MedMNIST flag, e.g. 'pathmnist', 'chestmnist'
+    task               TEXT     (v4) medmnist's task string, e.g. 'multi-class', 'multi-label, binary-class'
+    data_verified      INTEGER  (v4) 0 when the data file's MD5 differed from medmnist.INFO's (--trust-file)
     size               INTEGER  image side in pixels
     data_file, data_md5 TEXT    the npz file name and its MD5
     synthetic          INTEGER  1 for the synthetic dataset
@@ -23,8 +28,13 @@ runs: one row per (checkpoint, IG settings); rerunning evaluate.py with both unc
 
 explanations: one row per explained image, keyed by (run_id, split, image_index).
     image_index        INTEGER  index into that split of the dataset npz
-    true_label, pred_label, target INTEGER  (target: the class that was explained)
-    confidence         REAL     softmax probability of pred_label
+    true_label, pred_label, target INTEGER  (target: the class that was explained; true_label is -1
+                                for multi-label data, whose labels are in true_labels)
+    true_labels        BLOB     (v4) multi-label data only: uint8 0/1 per label; NULL otherwise
+    correct            INTEGER  (v4) 1 when the prediction is right: pred_label = true_label; for
+                                multi-label data, pred_label is a true label (when its probability is
+                                at least 0.5) or, when no label reaches 0.5, the image has none
+    confidence         REAL     probability of pred_label (softmax; a sigmoid per label for multi-label)
     probs              BLOB     float32 little-endian, one per class
     attribution        BLOB     raw little-endian array of attr_dtype, C order, shape attr_shape
     attr_dtype         TEXT     'float16' or 'float32'
@@ -67,7 +77,7 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA_V1 = """
 CREATE TABLE runs (
     run_id INTEGER PRIMARY KEY,
@@ -134,11 +144,18 @@ CREATE TABLE quality (
     randomization_stages TEXT NOT NULL,
     PRIMARY KEY (run_id, split, image_index, method)
 );
-""", 2: name_v2_randomization_stages}
+""", 2: name_v2_randomization_stages, 3: """
+ALTER TABLE runs ADD COLUMN flag TEXT NOT NULL DEFAULT 'pathmnist';
+ALTER TABLE runs ADD COLUMN task TEXT NOT NULL DEFAULT 'multi-class';
+ALTER TABLE runs ADD COLUMN data_verified INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE explanations ADD COLUMN true_labels BLOB;
+ALTER TABLE explanations ADD COLUMN correct INTEGER NOT NULL DEFAULT 0;
+UPDATE explanations SET correct = (true_label = pred_label);
+"""}
 EXPLANATION_REALS = ("confidence", "delta", "score", "baseline_score")
 EXPLANATION_COLUMNS = ("run_id", "split", "image_index", "true_label", "pred_label", "target",
                        "confidence", "probs", "attribution", "attr_dtype", "attr_shape", "delta",
-                       "score", "baseline_score", "n_steps")
+                       "score", "baseline_score", "n_steps", "true_labels", "correct")
 # Sort orders of find(): name -> (column, descending); ties always go by image index.
 ORDERS = {"index": ("image_index", False), "confidence": ("confidence", False),
           "-confidence": ("confidence", True)}
@@ -267,11 +284,12 @@ def run_id_for(conn, checkpoint_sha256, checkpoint_path, model_config, class_nam
     with conn:
         conn.execute(
             "INSERT OR IGNORE INTO runs (checkpoint_sha256, checkpoint_path, model_config, class_names, "
-            "dataset, size, data_file, data_md5, synthetic, ig_settings, created_at, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "dataset, flag, task, data_verified, size, data_file, data_md5, synthetic, ig_settings, "
+            "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (checkpoint_sha256, str(checkpoint_path), json.dumps(model_config, sort_keys=True),
-             json.dumps(list(class_names)), provenance["dataset"], provenance["size"],
-             provenance["file"], provenance["md5"],
+             json.dumps(list(class_names)), provenance["dataset"], provenance.get("flag", "pathmnist"),
+             model_config.get("task", "multi-class"), int(provenance.get("verified", True)),
+             provenance["size"], provenance["file"], provenance["md5"],
              int(provenance["synthetic"]), settings, now(), now()))
     return conn.execute("SELECT run_id FROM runs WHERE checkpoint_sha256 = ? AND ig_settings = ?",
                         (checkpoint_sha256, settings)).fetchone()[0]
@@ -282,7 +300,8 @@ def explanation_rows(run_id, split, image_index, true_label, probs, target, attr
     """DB rows for one explained batch of N images, from numpy arrays or lists (one entry per image).
 
     probs is (N, K); attributions (N, C, H, W) already in the dtype to store; the predicted class and
-    its confidence are read from probs."""
+    its confidence are read from probs. true_label is (N,) class indices, or (N, K) of 0/1 for
+    multi-label data (stored as true_labels, with true_label -1)."""
     probs = np.asarray(probs, dtype="<f4")
     attributions = np.asarray(attributions)
     bad = ~(np.isfinite(attributions.reshape(len(attributions), -1)).all(1) & np.isfinite(probs).all(1))
@@ -291,9 +310,20 @@ def explanation_rows(run_id, split, image_index, true_label, probs, target, attr
                       f"{np.asarray(image_index)[bad].tolist()} hold NaN or inf, so this batch was not "
                       f"stored. With --attr-dtype float16, values beyond 65504 overflow: try "
                       f"--attr-dtype float32; otherwise the model itself gives non-finite outputs.")
+    true_label, pred = np.asarray(true_label), probs.argmax(1)
+    multi_label = true_label.ndim == 2
+    if multi_label:
+        sets = [np.asarray(t, np.uint8).tobytes() for t in true_label]
+        # Right when the top label is a finding the image has, or when no label reaches 0.5 and
+        # the image has none (chestmnist's many images without a finding).
+        correct = np.where(probs.max(1) >= 0.5, true_label[np.arange(len(pred)), pred] == 1,
+                           true_label.sum(1) == 0)
+        true_label = np.full(len(pred), -1)
+    else:
+        sets, correct = [None] * len(pred), true_label == pred
     # Whole-column conversions: per-element indexing of arrays costs microseconds a row.
-    columns = zip(np.asarray(image_index).tolist(), np.asarray(true_label).tolist(),
-                  probs.argmax(1).tolist(), np.asarray(target).tolist(), probs.max(1).tolist(),
+    columns = zip(np.asarray(image_index).tolist(), true_label.tolist(),
+                  pred.tolist(), np.asarray(target).tolist(), probs.max(1).tolist(),
                   np.asarray(delta).tolist(), np.asarray(score).tolist(),
                   np.asarray(baseline_score).tolist(), np.asarray(n_steps).tolist())
     rows = []
@@ -303,7 +333,7 @@ def explanation_rows(run_id, split, image_index, true_label, probs, target, attr
                      "pred_label": pred, "target": tgt, "confidence": confidence,
                      "probs": probs[i].tobytes(), "attribution": blob, "attr_dtype": dt,
                      "attr_shape": shape, "delta": d, "score": f_x, "baseline_score": f_b,
-                     "n_steps": steps})
+                     "n_steps": steps, "true_labels": sets[i], "correct": int(correct[i])})
     return rows
 
 
@@ -405,8 +435,9 @@ def get_run(conn, run_id=None):
     run = dict(row)
     for key in ("model_config", "class_names", "ig_settings", "metrics"):
         run[key] = json.loads(run[key]) if run[key] else None
-    run["provenance"] = {"dataset": run["dataset"], "size": run["size"], "file": run["data_file"],
-                         "md5": run["data_md5"], "synthetic": bool(run["synthetic"])}
+    run["provenance"] = {"dataset": run["dataset"], "flag": run["flag"], "size": run["size"],
+                         "file": run["data_file"], "md5": run["data_md5"],
+                         "synthetic": bool(run["synthetic"]), "verified": bool(run["data_verified"])}
     return run
 
 
@@ -416,6 +447,8 @@ def row_to_dict(row):
         d["attribution"] = decode_array(d["attribution"], d["attr_dtype"], d["attr_shape"])
     if "probs" in d:
         d["probs"] = np.frombuffer(d["probs"], dtype="<f4")
+    if d.get("true_labels") is not None:
+        d["true_labels"] = np.frombuffer(d["true_labels"], dtype=np.uint8)
     return d
 
 
@@ -441,7 +474,8 @@ def find(conn, run_id, split="test", misclassified=None, true_label=None, pred_l
     """Stored explanations matching every filter given, as dicts (arrays decoded if with_arrays)."""
     where, params = ["run_id = ?", "split = ?"], [run_id, split]
     if misclassified is not None:
-        where.append("true_label != pred_label" if misclassified else "true_label = pred_label")
+        where.append("correct = ?")
+        params.append(0 if misclassified else 1)
     for clause, value in (("true_label = ?", true_label), ("pred_label = ?", pred_label),
                           ("confidence >= ?", min_confidence), ("confidence <= ?", max_confidence)):
         if value is not None:
@@ -510,19 +544,22 @@ def summary(conn, describe):
                          f"AUC {m.get('auc', float('nan')):.4f}"
                          f"  (TTA {'on' if m.get('tta') else 'off'})")
         stats = conn.execute(
-            "SELECT split, COUNT(*), AVG(true_label = pred_label), AVG(ABS(delta)), "
+            "SELECT split, COUNT(*), AVG(correct), AVG(ABS(delta)), "
             "AVG(relative_error(delta, score - baseline_score)) FROM explanations "
             "WHERE run_id = ? GROUP BY split", (run_id,)).fetchall()
         for split, n, acc, mean_delta, rel in stats:
             lines.append(f"  {split}: {n} explanations, accuracy of stored rows {acc:.4f}, mean |delta| "
                          f"{mean_delta:.3e}, mean relative completeness error {rel:.2%}")
+            # Multi-label rows have no single true class: group them by the predicted label instead.
+            by, what = ("pred_label", "top label right") if run["task"].startswith("multi-label") else ("true_label", "accuracy")
             per_class = conn.execute(
-                "SELECT true_label, COUNT(*), AVG(true_label = pred_label) FROM explanations "
-                "WHERE run_id = ? AND split = ? GROUP BY true_label ORDER BY true_label",
-                (run_id, split)).fetchall()
+                f"SELECT {by}, COUNT(*), AVG(correct) FROM explanations "
+                f"WHERE run_id = ? AND split = ? GROUP BY {by} ORDER BY {by}", (run_id, split)).fetchall()
+            if by == "pred_label":
+                lines.append("    by predicted (highest-scoring) label:")
             for label, count, class_acc in per_class:
                 name = run["class_names"][label]
-                lines.append(f"    {label} {name:38s} {count:6d} rows  accuracy {class_acc:.3f}")
+                lines.append(f"    {label} {name:38s} {count:6d} rows  {what} {class_acc:.3f}")
         quality = conn.execute(
             "SELECT method, COUNT(*), AVG(deletion_auc), AVG(deletion_auc_random), AVG(insertion_auc), "
             "AVG(insertion_auc_random), AVG(randomization_spearman) FROM quality WHERE run_id = ? "

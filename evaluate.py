@@ -8,8 +8,8 @@
 It reads top to bottom in main():
 1. the checkpoint and the dataset it names (name, size, synthetic or not), refusing a data file whose
    MD5 differs from the one the model was trained on;
-2. metrics: ACC and AUC from medmnist.evaluator (getACC/getAUC), per-class precision/recall/F1, the
-   confusion matrix and ECE, printed;
+2. metrics: ACC and AUC from medmnist.evaluator (getACC/getAUC, with the dataset's task),
+   per-class precision/recall/F1, the confusion matrix (not for multi-label data) and ECE, printed;
 3. explanations: IG (explain.py) for --explain test images into <run dir>/explanations.db (db.py),
    a batch per transaction: Ctrl-C or a kill loses at most the batch in flight, and a rerun with the
    same checkpoint and IG settings computes only what is missing;
@@ -40,6 +40,10 @@ from progress import progress
 import quality
 
 ECE_BINS = 15
+
+
+class EvaluateError(Exception):
+    """A request this checkpoint cannot honour; meant for the user."""
 EXPLAIN_SEED = 0  # which test images get explained: a fixed shuffle, so reruns pick the same ones
 
 
@@ -79,25 +83,35 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- metrics
 
-def classification_metrics(labels, probs, class_names):
-    """MedMNIST's ACC/AUC plus per-class precision/recall/F1, confusion matrix and ECE."""
+def classification_metrics(labels, probs, class_names, task="multi-class"):
+    """MedMNIST's ACC/AUC for `task` (medmnist.evaluator.getACC/getAUC), per-class precision/recall/F1,
+    the confusion matrix and ECE. Multi-label data (labels (N, L) of 0/1, a probability per label)
+    is scored per label at probability 0.5, has no confusion matrix, and its ECE pools every
+    (image, label) decision."""
     evaluator = data.medmnist_module("evaluator")  # pandas and sklearn: loaded only when needed
     n = len(class_names)
-    pred = probs.argmax(1)
-    cm = np.bincount(labels * n + pred, minlength=n * n).reshape(n, n)  # rows: true, cols: predicted
-    tp = np.diag(cm).astype(float)
-    precision = np.divide(tp, cm.sum(0), out=np.zeros(n), where=cm.sum(0) > 0)
-    recall = np.divide(tp, cm.sum(1), out=np.zeros(n), where=cm.sum(1) > 0)
+    if task == data.MULTI_LABEL:
+        predicted, actual = probs > 0.5, labels.astype(bool)
+        tp = (predicted & actual).sum(0).astype(float)
+        predicted_n, actual_n, cm = predicted.sum(0), actual.sum(0), None
+        p_flat = probs.reshape(-1)
+        ece = expected_calibration_error(np.stack([1 - p_flat, p_flat], 1), actual.reshape(-1).astype(int))
+    else:
+        pred = probs.argmax(1)
+        cm = np.bincount(labels * n + pred, minlength=n * n).reshape(n, n)  # rows: true, cols: predicted
+        tp, predicted_n, actual_n = np.diag(cm).astype(float), cm.sum(0), cm.sum(1)
+        ece = expected_calibration_error(probs, labels)
+    precision = np.divide(tp, predicted_n, out=np.zeros(n), where=predicted_n > 0)
+    recall = np.divide(tp, actual_n, out=np.zeros(n), where=actual_n > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n),
                    where=(precision + recall) > 0)
-    return {"acc": float(evaluator.getACC(labels, probs, "multi-class")),
-            "auc": float(evaluator.getAUC(labels, probs, "multi-class")),
-            "ece": expected_calibration_error(probs, labels),
-            "n": int(len(labels)),
+    return {"acc": float(evaluator.getACC(labels, probs, task)),
+            "auc": float(evaluator.getAUC(labels, probs, task)),
+            "task": task, "ece": ece, "n": int(len(labels)),
             "per_class": [{"class": name, "precision": float(p), "recall": float(r), "f1": float(f),
                            "support": int(s)}
-                          for name, p, r, f, s in zip(class_names, precision, recall, f1, cm.sum(1))],
-            "confusion_matrix": cm.tolist()}
+                          for name, p, r, f, s in zip(class_names, precision, recall, f1, actual_n)],
+            "confusion_matrix": None if cm is None else cm.tolist()}
 
 
 def expected_calibration_error(probs, labels, n_bins=ECE_BINS):
@@ -116,9 +130,13 @@ def print_metrics(m, title):
     print(f"\n{title}")
     print(f"  ACC {m['acc']:.4f}   AUC {m['auc']:.4f}   ECE {m['ece']:.4f}   ({m['n']} images, "
           f"TTA {'on' if m['tta'] else 'off'})")
-    print(f"  {'class':40s} {'precision':>9s} {'recall':>7s} {'F1':>7s} {'support':>8s}")
+    multi = m["confusion_matrix"] is None
+    print(f"  {'label (at probability 0.5)' if multi else 'class':40s} {'precision':>9s} {'recall':>7s} "
+          f"{'F1':>7s} {'support':>8s}")
     for c in m["per_class"]:
         print(f"  {c['class']:40s} {c['precision']:9.3f} {c['recall']:7.3f} {c['f1']:7.3f} {c['support']:8d}")
+    if multi:
+        return
     print("  confusion matrix (rows true, columns predicted):")
     for row in m["confusion_matrix"]:
         print("   " + " ".join(f"{v:5d}" for v in row))
@@ -172,15 +190,18 @@ def explain_into_db(net, split, indices, settings, conn, run_id, args, device):
 
 
 def plot_ig_examples(conn, run_id, ds, path, title):
-    """Per class: the most confident correct and misclassified stored explanation, if any."""
+    """Per class: the most confident correct and misclassified stored explanation, if any. Classes
+    are the true class, or for multi-label data the predicted (highest-scoring) label, right or not."""
+    multi = ds.task == data.MULTI_LABEL
     panels = []
     for label in range(len(ds.class_names)):
         for wrong in (False, True):
-            hits = db.find(conn, run_id, "test", misclassified=wrong, true_label=label,
-                           order="-confidence", limit=1, with_arrays=True)
+            hits = db.find(conn, run_id, "test", misclassified=wrong, order="-confidence", limit=1,
+                           with_arrays=True, **{"pred_label" if multi else "true_label": label})
             for r in hits:
+                true = r["true_labels"].nonzero()[0].tolist() if multi else label
                 panels.append((data.to_unit(ds.test.images[r["image_index"]]), explain.stored_attributions([r])[0],
-                               plots.panel_title(ds.class_names, label, r["pred_label"], r["confidence"],
+                               plots.panel_title(ds.class_names, true, r["pred_label"], r["confidence"],
                                                  ["WRONG"] if wrong else [])))
     if panels:
         plots.explanation_figure(panels, path, title)
@@ -199,18 +220,24 @@ def main(argv=None):
     tag = data.describe(meta["provenance"])
     run_dir = Path(args.checkpoint).parent
     images = Path(args.images) if args.images else run_dir / "images"
-    settings = {**explain.ig_settings(args, ds.class_names), "attr_dtype": args.attr_dtype}
+    multi_label = ds.task == data.MULTI_LABEL
+    settings = {**explain.ig_settings(args, ds.class_names, multi_label=multi_label), "attr_dtype": args.attr_dtype}
+    if args.tta and not meta.get("settings", {}).get("flips", True):
+        raise EvaluateError(f"--tta averages over the 8 flips/rotations, but this model was trained "
+                            f"without them ({ds.flag}: {data.AUGMENTATION[ds.flag].why}). Its answers on "
+                            f"flipped images mean little; evaluate without --tta.")
 
     logits = model_lib.predict_logits(net, ds.test.images, args.batch_size, device, tta=args.tta)
-    probs = torch.softmax(logits, 1).numpy()
-    metrics = {**classification_metrics(ds.test.labels.numpy(), probs, ds.class_names),
+    probs = model_lib.probabilities(net, logits).numpy()
+    metrics = {**classification_metrics(ds.test.labels.numpy(), probs, ds.class_names, ds.task),
                "tta": args.tta, "checkpoint": str(args.checkpoint),
                "checkpoint_sha256": sha256_of(args.checkpoint), "provenance": meta["provenance"],
                "best_epoch": meta.get("best_epoch")}
     print_metrics(metrics, f"Test split of {tag}")
-    plots.plot_confusion(metrics["confusion_matrix"], ds.class_names, images / "confusion_matrix.png",
-                         f"Confusion matrix, test split of {tag} (ACC {metrics['acc']:.3f}, TTA "
-                         f"{'on' if args.tta else 'off'})")
+    if metrics["confusion_matrix"] is not None:  # multi-label data has none
+        plots.plot_confusion(metrics["confusion_matrix"], ds.class_names, images / "confusion_matrix.png",
+                             f"Confusion matrix, test split of {tag} (ACC {metrics['acc']:.3f}, TTA "
+                             f"{'on' if args.tta else 'off'})")
 
     db_path = args.db or run_dir / "explanations.db"
     conn = db.connect(db_path)
@@ -259,5 +286,5 @@ if __name__ == "__main__":
     try:
         main()
     except (data.DataError, model_lib.CheckpointError, model_lib.DeviceError, explain.ExplainError,
-            db.DBError) as e:
+            db.DBError, EvaluateError) as e:
         sys.exit(f"error: {e}")

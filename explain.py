@@ -117,8 +117,10 @@ def make_baseline(x, kind, mean):
 
 
 def forward_for(model, output):
+    """The function IG explains: the model's logits, or its probabilities (model.probabilities:
+    softmax, or a sigmoid per label for a multi-label model)."""
     if output == "prob":
-        return lambda x: torch.softmax(model(x), dim=1)
+        return lambda x: model_lib.probabilities(model, model(x))
     return model
 
 
@@ -139,7 +141,8 @@ def integrated_gradients(model, x, target, baseline="mean", n_steps=8, method="g
             internal_batch_size=internal_batch_size)
     with torch.no_grad():
         rows = torch.arange(len(x), device=x.device)
-        at_x = forward(x) if logits is None else (torch.softmax(logits, 1) if output == "prob" else logits)
+        at_x = forward(x) if logits is None else (
+            model_lib.probabilities(model, logits) if output == "prob" else logits)
         score, baseline_score = at_x[rows, target], forward(base)[rows, target]
         delta = attr.sum(dim=(1, 2, 3), dtype=torch.float64) - (score - baseline_score).double()
     steps = torch.full((len(x),), n_steps, dtype=torch.long)
@@ -193,13 +196,18 @@ def stored_attributions(rows):
     return torch.from_numpy(np.stack([r["attribution"] for r in rows]).astype(np.float32))
 
 
-def resolve_target(target, class_names, labels_known=True):
+def resolve_target(target, class_names, labels_known=True, multi_label=False):
     """'pred', 'true', or a class given by index or name -> 'pred' | 'true' | int. 'true' needs
-    true labels, which image files do not have (labels_known=False)."""
-    choices = "'pred', 'true'," if labels_known else "'pred',"
+    one true label per image: image files have none (labels_known=False), and multi-label images
+    have several or none, so there 'pred' (the highest-scoring label) or a named label is explained."""
+    choices = "'pred', 'true'," if labels_known and not multi_label else "'pred',"
     if target == "true" and not labels_known:
         raise ExplainError("--target true needs true labels, which image files do not have. Use "
                            "'pred', or name the class to explain by index or name.")
+    if target == "true" and multi_label:
+        raise ExplainError("--target true needs one true class per image, but this dataset is "
+                           "multi-label: an image has several true labels or none. Use 'pred' (the "
+                           "highest-scoring label), or name the label to explain by index or name.")
     if target in ("pred", "true"):
         return target
     if str(target).isdigit() and int(target) < len(class_names):
@@ -230,7 +238,7 @@ def explain_batch(model, images_u8, labels, settings, device="cpu"):
                              None if labels is None else labels.to(device))
     result = refined_integrated_gradients(model, x, targets, settings, logits=logits,
                                           internal_batch_size=chunk_size(x))
-    return torch.softmax(logits, 1).cpu(), targets.cpu(), result.cpu()
+    return model_lib.probabilities(model, logits).cpu(), targets.cpu(), result.cpu()
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -250,21 +258,23 @@ def add_ig_arguments(p):
     p.add_argument("--output", default=DEFAULT_IG["output"], choices=OUTPUTS,
                    help="explain the class logit or its softmax probability")
     p.add_argument("--target", default=DEFAULT_IG["target"], help="class to explain: 'pred' "
-                   "(predicted), 'true' (dataset images only), or a class index or name")
+                   "(predicted; for multi-label data the highest-scoring label), 'true' (dataset "
+                   "images of single-label data only), or a class index or name")
 
 
-def ig_settings(args, class_names, labels_known=True):
+def ig_settings(args, class_names, labels_known=True, multi_label=False):
     """The IG settings dict from parsed flags (they also identify a run in the DB)."""
     if args.max_steps < args.n_steps:
         raise ExplainError(f"--max-steps {args.max_steps} is below --n-steps {args.n_steps}.")
     return {"n_steps": args.n_steps, "max_steps": args.max_steps, "tolerance": args.tolerance,
             "method": args.method, "baseline": args.baseline, "output": args.output,
-            "target": resolve_target(args.target, class_names, labels_known)}
+            "target": resolve_target(args.target, class_names, labels_known, multi_label)}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Classify and explain H&E image files with Integrated "
-                                "Gradients, or re-render an explanation stored by evaluate.py.",
+    p = argparse.ArgumentParser(description="Classify and explain image files (H&E tiles for a "
+                                "PathMNIST model) with Integrated Gradients, or re-render an "
+                                "explanation stored by evaluate.py.",
                                 formatter_class=model_lib.HelpFormatter)
     p.add_argument("images", nargs="*", help="PNG/JPEG/TIFF files, or folders of them, to classify "
                    "and explain")
@@ -296,13 +306,13 @@ def explain_files(args):
     device = model_lib.resolve_device(args.device)
     net, meta = model_lib.load_checkpoint(args.checkpoint, device)
     net = model_lib.fused_for_inference(net)
-    names, size = meta["class_names"], meta["provenance"]["size"]
+    names, size, channels = meta["class_names"], meta["provenance"]["size"], net.config["in_channels"]
     settings = ig_settings(args, names, labels_known=False)
     paths = tiles.image_paths(args.images)
     rows, failed = [], []
     for path, stem in zip(paths, tiles.output_stems(paths)):
         try:
-            image, original = tiles.read_image(path, size)
+            image, original = tiles.read_image(path, size, channels)
         except tiles.ImageError as e:
             print(f"error: {e}", file=sys.stderr)
             failed.append(str(path))
@@ -341,11 +351,12 @@ def render_stored(args):
     ds = data.load_matching(run["provenance"], args.data_dir)
     image = data.to_unit(getattr(ds, args.split).images[args.index])
     names = ds.class_names
-    title = plots.panel_title(names, row["true_label"], row["pred_label"], row["confidence"])
+    true = row["true_labels"].nonzero()[0].tolist() if row.get("true_labels") is not None else row["true_label"]
+    title = plots.panel_title(names, true, row["pred_label"], row["confidence"])
     out = Path(args.out) / f"run{run['run_id']}_{args.split}_{args.index}_ig.png"
     plots.explanation_figure([(image, stored_attributions([row])[0], title)], out,
                 f"stored IG, run {run['run_id']}, {data.describe(run['provenance'])}")
-    print(f"{args.split}[{args.index}]: true {names[row['true_label']]}, pred {names[row['pred_label']]} "
+    print(f"{args.split}[{args.index}]: true {plots.label_text(names, true)}, pred {names[row['pred_label']]} "
           f"({row['confidence']:.1%}), delta {row['delta']:.2e} -> {out}")
 
 

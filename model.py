@@ -5,8 +5,8 @@
 
 The network takes float images in [0, 1] and normalises them itself with the training split's
 per-channel mean/std (stored as buffers, so they travel in every checkpoint). A space-to-depth stem
-(PixelUnshuffle 2: 3x28x28 -> 12x14x14, lossless) avoids full-resolution feature maps, which cost
-the most time on CPU for the least arithmetic; five Conv-BN-ReLU blocks follow, downsampling by
+(PixelUnshuffle 2: 3x28x28 -> 12x14x14, lossless; 1x28x28 -> 4x14x14 for 1-channel datasets) avoids
+full-resolution feature maps, which cost the most time on CPU for the least arithmetic; five Conv-BN-ReLU blocks follow, downsampling by
 stride; global average pooling makes it work at any (even) input size; then dropout and one linear
 layer. At 28x28 it costs 255K parameters and 8.75M multiply-adds, under half of the original
 PathMNIST-XAI CNN (871K, 19.5M).
@@ -14,6 +14,9 @@ PathMNIST-XAI CNN (871K, 19.5M).
 A checkpoint is one file: {"format", "version", "config", "state_dict", "meta", "train_state"}. Only
 tensors, numbers, strings, lists and dicts go in, so it loads with torch.load(weights_only=True) and
 an arbitrary pickle is refused. `train_state` (last.pt only) holds exactly TRAIN_STATE_KEYS.
+
+The config also records the input channels (3 or 1) and medmnist's task string: `probabilities`
+turns logits into one sigmoid per label for a multi-label model and a softmax otherwise.
 
 What the explainers (explain.py, quality.py) may assume of the network, all defined here so that a
 new architecture means editing this file alone: it takes [0, 1] images and `input_mean` is the
@@ -31,11 +34,11 @@ import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.flop_counter import FlopCounterMode
 
-from data import atomic_path, dihedral, to_unit
+from data import MULTI_LABEL, atomic_path, dihedral, to_unit
 
 FORMAT = "pathmnist-xai-checkpoint"
 VERSION = 1
-DEFAULT_CONFIG = {"n_classes": 9, "unshuffle": 2, "channels": [32, 32, 64, 96, 192],
+DEFAULT_CONFIG = {"n_classes": 9, "in_channels": 3, "task": "multi-class", "unshuffle": 2, "channels": [32, 32, 64, 96, 192],
                   "strides": [1, 1, 2, 1, 2], "dropout": 0.2, "mean": [0.5, 0.5, 0.5],
                   "std": [0.5, 0.5, 0.5]}
 # What train.py stores to continue a run: optimizer, scheduler, early stopping and both RNGs.
@@ -77,13 +80,19 @@ def conv_bn_relu(c_in, c_out, stride):
 
 
 class TissueCNN(nn.Module):
-    def __init__(self, n_classes, unshuffle, channels, strides, dropout, mean, std):
+    """`in_channels` is 3 (RGB) or 1 (grayscale); `task` is medmnist's task string, which decides
+    how logits become probabilities (see probabilities)."""
+
+    def __init__(self, n_classes, in_channels, task, unshuffle, channels, strides, dropout, mean, std):
         super().__init__()
-        self.config = {"n_classes": n_classes, "unshuffle": unshuffle, "channels": list(channels),
-                       "strides": list(strides), "dropout": dropout, "mean": list(mean), "std": list(std)}
+        if len(mean) != in_channels or len(std) != in_channels:
+            raise ValueError(f"mean/std have {len(mean)}/{len(std)} entries for {in_channels} input channels")
+        self.config = {"n_classes": n_classes, "in_channels": in_channels, "task": task,
+                       "unshuffle": unshuffle, "channels": list(channels), "strides": list(strides),
+                       "dropout": dropout, "mean": list(mean), "std": list(std)}
         self.normalize = Normalize(mean, std)
         self.stem = nn.PixelUnshuffle(unshuffle)
-        widths = [3 * unshuffle ** 2] + list(channels)
+        widths = [in_channels * unshuffle ** 2] + list(channels)
         self.features = nn.Sequential(*[conv_bn_relu(widths[i], widths[i + 1], s)
                                         for i, s in enumerate(strides)])
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -99,8 +108,27 @@ class TissueCNN(nn.Module):
 
 
 def build(config=None, **overrides):
-    """A TissueCNN from a config dict (defaults filled in), e.g. build(n_classes=9, mean=..., std=...)."""
-    return TissueCNN(**{**DEFAULT_CONFIG, **(config or {}), **overrides})
+    """A TissueCNN from a config dict (defaults filled in), e.g. build(n_classes=9, mean=..., std=...).
+    A 1-channel model without its own mean/std gets DEFAULT_CONFIG's first entries."""
+    config = {**DEFAULT_CONFIG, **(config or {}), **overrides}
+    for key in ("mean", "std"):
+        if len(config[key]) != config["in_channels"] and config[key] == DEFAULT_CONFIG[key]:
+            config[key] = DEFAULT_CONFIG[key][:config["in_channels"]]
+    return TissueCNN(**config)
+
+
+def input_channels(model):
+    """Channels the model takes: its config's, or 3 for models without one (bench.py's peers)."""
+    return getattr(model, "config", {}).get("in_channels", 3)
+
+
+def probabilities(model, logits):
+    """Class probabilities from a model's logits: one sigmoid per label for a multi-label model
+    (chestmnist: findings are not exclusive), softmax over the classes otherwise. Models without a
+    config (bench.py's peers) are single-label."""
+    if getattr(model, "config", {}).get("task") == MULTI_LABEL:
+        return torch.sigmoid(logits)
+    return torch.softmax(logits, dim=1)
 
 
 def input_mean(model):
@@ -170,7 +198,7 @@ def layer_costs(model, size=28):
     was_training = model.training
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, size, size))
+        model(torch.zeros(1, input_channels(model), size, size))
     model.train(was_training)
     for h in hooks:
         h.remove()
@@ -187,7 +215,7 @@ def layer_costs(model, size=28):
 
 @torch.no_grad()
 def predict_logits(model, images, batch_size=512, device="cpu", tta=False):
-    """Logits for uint8 (N, 3, H, W) images, in batches; `tta` averages over the 8 flips/rotations."""
+    """Logits for uint8 (N, C, H, W) images, in batches; `tta` averages over the 8 flips/rotations."""
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):

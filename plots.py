@@ -8,7 +8,7 @@
     randomisation example  plot_randomization  (evaluate.py -> <run>/images/sanity_randomization.png)
 
 Images come in as float (C, H, W) tensors in [0, 1], i.e. already un-normalised: every panel shows
-the tissue in its true colours. This is the only module that imports matplotlib; it draws with the
+the tissue in its true colours, and 1-channel images (X-ray, CT, OCT, ultrasound) in greyscale. This is the only module that imports matplotlib; it draws with the
 file-only Agg backend and writes every figure atomically (write_figure), so a crash never leaves
 half a PNG.
 """
@@ -35,6 +35,15 @@ def write_figure(fig, path, dpi=130):
 def hwc(t):
     """A (C, H, W) tensor as an (H, W, C) float numpy array, as matplotlib wants it."""
     return t.detach().float().permute(1, 2, 0).cpu().numpy()
+
+
+def show_image(ax, image):
+    """Draw a (C, H, W) [0, 1] image as it is: RGB in true colours, one channel in greyscale."""
+    img = np.clip(hwc(image), 0, 1)
+    if img.shape[2] == 1:
+        ax.imshow(img[:, :, 0], cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(img)
 
 
 def no_ticks(axes):
@@ -80,10 +89,21 @@ def plot_confusion(cm, class_names, path, title):
 TITLE_WIDTH = 24  # characters per line of a panel title: a 28 px panel is about this wide at fontsize 7
 
 
+def label_text(class_names, true):
+    """How a true label reads: '?' when unknown, the class name, or for multi-label data (a list of
+    label indices) the names joined by commas, 'none' when the image has no finding."""
+    if true is None:
+        return "?"
+    if isinstance(true, (list, tuple)):
+        return ", ".join(class_names[t] for t in true) or "none"
+    return class_names[true]
+
+
 def panel_title(class_names, true, pred, confidence, notes=()):
     """'true X / pred Y (87%)' and any notes, each wrapped to the panel's width: PathMNIST names run
-    to 'colorectal adenocarcinoma epithelium', which would spill over the neighbouring panels."""
-    parts = ["true ?" if true is None else f"true {class_names[true]}",
+    to 'colorectal adenocarcinoma epithelium', which would spill over the neighbouring panels.
+    `true` is a class index, a list of them (multi-label) or None (see label_text)."""
+    parts = [f"true {label_text(class_names, true)}",
              f"pred {class_names[pred]} ({confidence:.0%})", *notes]
     return "\n".join(line for part in parts for line in textwrap.wrap(part, TITLE_WIDTH))
 
@@ -92,7 +112,7 @@ def draw_explanation(fig, axes, image, attribution, title):
     """Three panels: the image in true colours, the signed attribution map, and the overlay."""
     img = hwc(image)
     attr = hwc(attribution).astype(np.float64)
-    axes[0].imshow(np.clip(img, 0, 1))
+    show_image(axes[0], image)
     axes[0].set_title(title, fontsize=7)
     if np.abs(attr).sum() > 0:
         viz.visualize_image_attr(attr, img, method="heat_map", sign="all", plt_fig_axis=(fig, axes[1]),
@@ -157,7 +177,7 @@ def plot_randomization(image, maps, correlations, path, title):
     maps: [(name, (C, H, W) map)], the trained model's first; correlations: one per later map.
     """
     fig, axes = plt.subplots(1, len(maps) + 1, figsize=(1.7 * (len(maps) + 1), 2.3))
-    axes[0].imshow(np.clip(hwc(image), 0, 1))
+    show_image(axes[0], image)
     axes[0].set_title("image", fontsize=7)
     for ax, (name, attribution), rho in zip(axes[1:], maps, [None] + list(correlations)):
         viz.visualize_image_attr(hwc(attribution).astype(np.float64), hwc(image), method="heat_map",

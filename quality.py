@@ -55,7 +55,7 @@ def perturbation_curves(model, x, baseline, order, target, insertion, points=CUR
     rank = rank.view(b, 1, h, w).to(x.device)
     start, end = (baseline, x) if insertion else (x, baseline)
     rows = torch.arange(b, device=x.device)
-    curve = [torch.softmax(model(torch.where(rank < k, end, start)), 1)[rows, target]
+    curve = [model_lib.probabilities(model, model(torch.where(rank < k, end, start)))[rows, target]
              for k in torch.linspace(0, h * w, points).round().long().tolist()]
     return torch.stack(curve, 1).cpu()
 

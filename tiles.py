@@ -1,6 +1,7 @@
 """tiles.py: image files as model input, and what makes an input one the model was not made for.
 
-    import tiles; image, original_size = tiles.read_image("tile.png", 28)
+    import tiles; image, original_size = tiles.read_image("tile.png", 28)      # (3, 28, 28) uint8
+    import tiles; image, original_size = tiles.read_image("xray.png", 28, 1)   # (1, 28, 28) greyscale
 
 Image files may be PNG, JPEG or TIFF of any size and mode (grayscale, RGBA, 16-bit). Like PathMNIST
 (built from square 224x224 tiles) they are centre-cropped to a square and resized to the model's
@@ -28,20 +29,24 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 TILE_PX = 224  # PathMNIST's source tiles: 224 x 224 px at 0.5 um/px
 
 
-def read_image(path, size):
-    """Any PNG/JPEG/TIFF -> (uint8 (3, size, size), (width, height) as read): first frame, 8-bit RGB
-    on white, centre-cropped square, resized."""
+def read_image(path, size, channels=3):
+    """Any PNG/JPEG/TIFF -> (uint8 (channels, size, size), (width, height) as read): first frame,
+    8-bit RGB on white (converted to greyscale, ITU-R 601 luma, for a 1-channel model),
+    centre-cropped square, resized."""
     try:
         with Image.open(path) as img:
             img.seek(0)
             rgb = to_rgb8(img)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ImageError(f"{path} could not be read as an image ({e}). Give a PNG, JPEG or TIFF "
-                           f"file of an H&E tile.") from e
+                           f"file of an image like the model's training data.") from e
+    if channels == 1:
+        rgb = rgb.convert("L")
     original, side = rgb.size, min(rgb.size)
     rgb = ImageOps.fit(rgb, (side, side), centering=(0.5, 0.5))  # centre crop, as MedMNIST did
     rgb = rgb.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)
-    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous(), original
+    pixels = np.asarray(rgb).copy().reshape(size, size, -1)
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), original
 
 
 def input_warnings(image, original, size, colour_reference):

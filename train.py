@@ -1,12 +1,15 @@
-"""train.py: train the lightweight CNN on PathMNIST.
+"""train.py: train the lightweight CNN on PathMNIST (or any MedMNIST 2D dataset).
 
     python train.py                          # PathMNIST 28x28 into runs/pathmnist_28/ (downloads the data)
+    python train.py --flag bloodmnist        # another MedMNIST 2D dataset, into runs/bloodmnist_28/
     python train.py --size 64 --device cuda  # a MedMNIST+ size on a GPU, into runs/pathmnist_64/
     python train.py --synthetic --epochs 10  # offline demo on the SYNTHETIC dataset (not PathMNIST),
                                              # into runs/pathmnist-synthetic_28/
     python train.py --resume                 # continue <out>/last.pt after Ctrl-C or a crash
 
-Adam, with ReduceLROnPlateau and early stopping both watching the *validation* loss (the original
+The dataset's task decides the loss: cross-entropy over softmax for multi-class, binary and ordinal
+tasks (as MedMNIST trains them), binary cross-entropy per label for multi-label chestmnist; its
+modality decides the augmentation (data.AUGMENTATION, overridable by flags). Adam, with ReduceLROnPlateau and early stopping both watching the *validation* loss (the original
 script watched training accuracy). Every epoch writes <out>/last.pt and <out>/history.csv; the best
 epoch on validation loss is kept as <out>/best.pt; the end writes <out>/images/accuracy_epoch.png.
 The same seed and settings on the same device give the same best.pt, byte for byte: a checkpoint
@@ -29,8 +32,8 @@ from progress import progress
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 MIN_IMPROVEMENT = 1e-4  # a val-loss drop smaller than this does not count as progress
 # The flags that decide the weights: recorded in every checkpoint (paths and threads are not).
-RESULT_SETTINGS = ("epochs", "batch_size", "lr", "patience", "seed", "device", "size", "synthetic",
-                   "colour_jitter", "amp")
+RESULT_SETTINGS = ("flag", "epochs", "batch_size", "lr", "patience", "seed", "device", "size",
+                   "synthetic", "trust_file", "flips", "stain_jitter", "colour_jitter", "amp")
 
 
 class TrainingError(Exception):
@@ -44,9 +47,17 @@ def positive_int(text):
     return int(text)
 
 
+def on_off(text):
+    """argparse type for --flips: on or off."""
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'on' or 'off'")
+    return text == "on"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].split(": ", 1)[1],
                                 formatter_class=model_lib.HelpFormatter)
+    p.add_argument("--flag", type=data.flag_arg, default=data.FLAG, help=data.FLAG_HELP)
     p.add_argument("--epochs", type=positive_int, default=25, help="maximum number of epochs")
     p.add_argument("--batch-size", type=int, default=128, help="images per training batch")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam's initial learning rate")
@@ -55,14 +66,16 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling, augmentation "
                    "and dropout; the same seed on the same device gives the same history")
     p.add_argument("--device", default="auto", help=model_lib.DEVICE_HELP)
-    p.add_argument("--data-dir", default="data", help="folder holding the PathMNIST npz files")
+    p.add_argument("--data-dir", default="data", help="folder holding the MedMNIST npz files")
     p.add_argument("--size", type=int, default=28, choices=data.SIZES, help="image size: 28 "
                    "(MedMNIST v2) or 64/128/224 (MedMNIST+ files)")
     p.add_argument("--out", help="run folder for best.pt, last.pt and history.csv (default: "
                    "runs/<dataset>_<size>, e.g. runs/pathmnist_28 or runs/pathmnist-synthetic_28)")
     p.add_argument("--images", help="folder for the training-curve plot (default: <out>/images)")
     p.add_argument("--synthetic", action="store_true", help="train on the offline SYNTHETIC "
-                   "dataset instead of PathMNIST (for demos and tests; never a PathMNIST result)")
+                   "stand-in for --flag (same channels, classes and task; for demos and tests, never a "
+                   "result on the real dataset)")
+    p.add_argument("--trust-file", action="store_true", help=data.TRUST_FILE_HELP)
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt with its "
                    "optimizer, scheduler, early-stopping and RNG state")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
@@ -70,12 +83,38 @@ def parse_args(argv=None):
     p.add_argument("--amp", default="auto", choices=("auto", "on", "off"), help="mixed precision for "
                    "training steps: bfloat16 autocast (float16 with a gradient scaler on GPUs without "
                    "bfloat16); auto turns it on for CUDA only. Validation, metrics and IG stay float32")
-    p.add_argument("--colour-jitter", type=float, default=1.0, help="strength of the stain/colour "
-                   "augmentation (0 turns it off; flips/rotations always apply)")
+    p.add_argument("--flips", type=on_off, metavar="{on,off}", help="random flips/rotations (the 8 symmetries of a "
+                   "square): on or off (default: the dataset's, off where anatomy has a side; see "
+                   "data.AUGMENTATION and the README)")
+    p.add_argument("--stain-jitter", type=float, help="strength of HED stain jitter, 0 for none "
+                   "(RGB only; default: 1 for pathmnist's H&E, 0 elsewhere)")
+    p.add_argument("--colour-jitter", type=float, help="strength of per-channel colour (or, on one "
+                   "channel, brightness/contrast) jitter, 0 for none (default: the dataset's)")
     args = p.parse_args(argv)
-    args.out = args.out or str(Path("runs") / f"{data.dataset_name(args.synthetic)}_{args.size}")
+    args.out = args.out or str(Path("runs") / f"{data.dataset_name(args.synthetic, args.flag)}_{args.size}")
     args.images = args.images or str(Path(args.out) / "images")
+    try:
+        aug = data.augmentation(args.flag, args.flips, args.stain_jitter, args.colour_jitter)
+    except data.DataError as e:
+        p.error(str(e))
+    args.flips, args.stain_jitter, args.colour_jitter = aug.flips, aug.stain, aug.colour  # as recorded
+    args.augment = aug
     return args
+
+
+def task_loss(logits, labels, task):
+    """Cross-entropy for single-label tasks; binary cross-entropy per label for multi-label ones."""
+    if task == data.MULTI_LABEL:
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    return F.cross_entropy(logits.float(), labels)
+
+
+def correct_count(logits, labels, task):
+    """How many predictions are right, as medmnist's ACC counts them: argmax = label, or, for a
+    multi-label task, the share of labels right at probability 0.5 (logit 0), summed over images."""
+    if task == data.MULTI_LABEL:
+        return ((logits > 0) == labels.bool()).float().mean(1).sum().item()
+    return (logits.argmax(1) == labels).sum().item()
 
 
 def amp_dtype(device, amp):
@@ -90,14 +129,15 @@ def amp_dtype(device, amp):
 def train_epoch(model, split, opt, gen, args, device, epoch, scaler):
     model.train()
     dtype = amp_dtype(device, args.amp)
+    task = model.config["task"]
     loss_sum, correct = 0.0, 0
-    bar = progress(data.batches(split, args.batch_size, device, gen, args.colour_jitter),
+    bar = progress(data.batches(split, args.batch_size, device, gen, args.augment),
                total=math.ceil(len(split) / args.batch_size), desc=f"epoch {epoch}",
                unit="batch", leave=False)
     for x, y in bar:
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
+            loss = task_loss(logits, y, task)
         if not torch.isfinite(loss):
             raise TrainingError(f"The training loss became {loss.item()} in epoch {epoch}. The run "
                                 f"stopped; last.pt still holds the previous epoch. Lower --lr "
@@ -107,7 +147,7 @@ def train_epoch(model, split, opt, gen, args, device, epoch, scaler):
         scaler.step(opt)
         scaler.update()
         loss_sum += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        correct += correct_count(logits, y, task)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return loss_sum / len(split), correct / len(split)
 
@@ -115,8 +155,8 @@ def train_epoch(model, split, opt, gen, args, device, epoch, scaler):
 @torch.no_grad()
 def evaluate_split(model, split, batch_size, device):
     logits = model_lib.predict_logits(model, split.images, batch_size=4 * batch_size, device=device)
-    loss = F.cross_entropy(logits, split.labels).item()
-    return loss, (logits.argmax(1) == split.labels).float().mean().item()
+    task = model.config["task"]
+    return task_loss(logits, split.labels, task).item(), correct_count(logits, split.labels, task) / len(split)
 
 
 def main(argv=None):
@@ -132,9 +172,10 @@ def main(argv=None):
         raise TrainingError(f"There is nothing to resume in {out}: it has no last.pt. Start the run "
                             f"without --resume, or pass the --out of the run to continue.")
 
-    ds = data.load(args.data_dir, args.size, args.synthetic, args.memory)
+    ds = data.load(args.data_dir, args.size, args.synthetic, args.memory, args.flag, args.trust_file)
     label = data.describe(ds.provenance())
-    print(f"Training on {label}: {len(ds.train)} train / {len(ds.val)} val images, device {device}")
+    print(f"Training on {label}: {len(ds.train)} train / {len(ds.val)} val images, device {device}; "
+          f"{ds.task}, {ds.channels} channel(s); augmentation: {args.augment.summary()}")
 
     gen = torch.Generator().manual_seed(args.seed)  # shuffling and augmentation
     if args.resume:
@@ -142,8 +183,9 @@ def main(argv=None):
         check_resumable(meta, ds, args)
     else:
         mean, std = data.channel_stats(ds.train.images)
-        net = model_lib.build(n_classes=len(ds.class_names), mean=mean, std=std)
-        meta = {"class_names": ds.class_names, "provenance": ds.provenance(),
+        net = model_lib.build(n_classes=len(ds.class_names), in_channels=ds.channels, task=ds.task,
+                              mean=mean, std=std)
+        meta = {"class_names": ds.class_names, "task": ds.task, "provenance": ds.provenance(),
                 "settings": {k: getattr(args, k) for k in RESULT_SETTINGS},
                 "colour_reference": data.colour_reference(ds.train.images, ds.val.images),
                 "history": [], "best_epoch": None, "torch": str(torch.__version__)}
@@ -220,9 +262,9 @@ def main(argv=None):
 
 def check_resumable(meta, ds, args):
     """Refuse a resume onto different data: the history would stop meaning anything."""
-    if meta["provenance"] != ds.provenance():
+    if data.with_defaults(meta["provenance"]) != ds.provenance():
         raise TrainingError(f"{args.out}/last.pt was trained on {meta['provenance']}, not on "
-                            f"{ds.provenance()}. Resume with the same --size/--synthetic/--data-dir, "
+                            f"{ds.provenance()}. Resume with the same --flag/--size/--synthetic/--data-dir, "
                             f"or start a new run with another --out.")
 
 

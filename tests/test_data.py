@@ -152,8 +152,8 @@ def test_a_valid_file_is_not_downloaded_again(tmp_path, monkeypatch, make_npz):
     monkeypatch.setitem(data.INFO, "MD5", data.calculate_md5(path))
     monkeypatch.setattr(data, "download_url", lambda *a, **k: pytest.fail("downloaded again"))
     ds = data.load(tmp_path, 28)
-    assert ds.provenance() == {"dataset": "pathmnist", "size": 28, "synthetic": False,
-                               "file": "pathmnist.npz", "md5": data.calculate_md5(path)}
+    assert ds.provenance() == {"dataset": "pathmnist", "flag": "pathmnist", "size": 28, "synthetic": False,
+                               "file": "pathmnist.npz", "md5": data.calculate_md5(path), "verified": True}
 
 
 def test_download_is_verified_then_renamed_into_place(tmp_path, monkeypatch, make_npz):
@@ -193,7 +193,7 @@ def test_the_eight_dihedral_transforms_are_distinct_and_invertible():
 def test_colour_jitter_changes_colours_and_keeps_shape():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(16, 3, 28, 28)
-    y = data.colour_jitter(x.clone(), g, strength=3.0)
+    y = data.colour_jitter(x.clone(), g, colour=3.0, stain=3.0)
     assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
     assert (y - x).abs().mean() > 0.01  # it does change colours
 
@@ -201,7 +201,7 @@ def test_colour_jitter_changes_colours_and_keeps_shape():
 def test_colour_jitter_of_strength_zero_is_the_identity():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, 8, 8) * 0.98 + 0.01
-    assert torch.allclose(data.colour_jitter(x.clone(), g, strength=0.0), x, atol=1e-5)
+    assert torch.allclose(data.colour_jitter(x.clone(), g, colour=0.0, stain=0.0), x, atol=1e-5)
 
 
 def test_augmented_batches_keep_shape_and_labels():
@@ -211,7 +211,7 @@ def test_augmented_batches_keep_shape_and_labels():
     split = data.Split(images, labels)
     g = torch.Generator().manual_seed(1)
     seen = []
-    for x, y in data.batches(split, 16, generator=g, colour=0.0):
+    for x, y in data.batches(split, 16, generator=g, augment=data.Augmentation(True, 0.0, 0.0, "flips only")):
         assert x.shape[1:] == (3, 12, 12) and x.dtype == torch.float32
         assert torch.equal(((x[:, 0, 0, 0] * 255).round() - 30) / 20, y.float())
         seen.append(y)
@@ -307,19 +307,19 @@ def test_an_interrupted_conversion_leaves_no_file_and_is_redone(tmp_path, make_n
         raise KeyboardInterrupt
     monkeypatch.setattr(data, "progress", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        data.mapped_images(path, "abc", "train", 28)
+        data.mapped_images(path, "abc", "train", data.ImageShape(28, 3))
     folder = tmp_path / ".mapped" / "m-abc"
     assert list(folder.iterdir()) == []  # neither the .npy nor a temporary file
     monkeypatch.undo()
-    images = data.mapped_images(path, "abc", "train", 28)
+    images = data.mapped_images(path, "abc", "train", data.ImageShape(28, 3))
     assert np.array_equal(images.numpy(), np.load(path)["train_images"].transpose(0, 3, 1, 2))
 
 
 def test_a_changed_npz_gets_a_new_conversion_and_the_old_one_goes(tmp_path, make_npz):
     path = make_npz(tmp_path / "m.npz", n=5)
-    old = data.mapped_images(path, data.verified_md5(path), "val", 28).clone()
+    old = data.mapped_images(path, data.verified_md5(path), "val", data.ImageShape(28, 3)).clone()
     make_npz(path, n=5, val_images=np.full((5, 28, 28, 3), 7, np.uint8))
-    new = data.mapped_images(path, data.verified_md5(path), "val", 28)
+    new = data.mapped_images(path, data.verified_md5(path), "val", data.ImageShape(28, 3))
     assert new.unique().tolist() == [7] and not torch.equal(old, new)
     assert [p.name for p in (tmp_path / ".mapped").iterdir()] == [f"m-{data.verified_md5(path)}"]
 
@@ -332,7 +332,7 @@ def test_converting_holds_a_chunk_in_memory_not_the_file(tmp_path):
         np.savez(npz, train_images=np.zeros((n, 28, 28, 3), np.uint8))
         code = ("import resource, data\n"
                 "data.CONVERT_CHUNK_BYTES = 4 << 20\n"
-                f"data.convert_images({str(npz)!r}, 'train_images', {str(tmp_path / f'out{n}.npy')!r}, 28)\n"
+                f"data.convert_images({str(npz)!r}, 'train_images', {str(tmp_path / f'out{n}.npy')!r}, data.ImageShape(28, 3))\n"
                 "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
         result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
@@ -360,3 +360,226 @@ def test_a_missing_member_is_named_when_mapping_too(tmp_path, make_npz):
     path = make_npz(tmp_path / "k.npz", val_images=None)
     with pytest.raises(data.DataError, match="lacks \\['val_images'\\]"):
         data.read_npz(path, 28, 9, mapped_md5="abc")
+
+
+# ----------------------------------------------------------------------------- every MedMNIST 2D flag
+
+def grey_npz(path, n=4, size=28, **override):
+    """A tiny 1-channel MedMNIST-format npz: images (N, H, W), as MedMNIST stores grayscale."""
+    rng = np.random.default_rng(1)
+    arrays = {}
+    for split in data.SPLITS:
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, size, size), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 2, (n, 1))
+    arrays.update(override)
+    np.savez(path, **arrays)
+    return path
+
+
+def test_the_twelve_2d_flags_are_the_ones_medmnist_lists():
+    assert set(data.FLAGS) == {"pathmnist", "chestmnist", "dermamnist", "octmnist", "pneumoniamnist",
+                               "retinamnist", "breastmnist", "bloodmnist", "tissuemnist", "organamnist",
+                               "organcmnist", "organsmnist"}
+
+
+def test_an_unknown_flag_is_refused_with_the_valid_ones_listed():
+    with pytest.raises(data.DataError, match="not a MedMNIST 2D dataset") as err:
+        data.flag_info("pathmnistt")
+    assert all(flag in str(err.value) for flag in data.FLAGS)
+
+
+def test_a_3d_flag_is_refused_as_3d():
+    with pytest.raises(data.DataError, match="3D MedMNIST dataset") as err:
+        data.flag_info("organmnist3d")
+    assert "bloodmnist" in str(err.value)
+
+
+def test_files_urls_and_md5s_of_any_flag_come_from_medmnist_info():
+    info = data.medmnist_module("info").INFO["organcmnist"]
+    assert data.real_source(128, "organcmnist") == ("organcmnist_128.npz", info["url_128"], info["MD5_128"])
+    assert data.class_names_of("bloodmnist")[0] == data.medmnist_module("info").INFO["bloodmnist"]["label"]["0"]
+
+
+def test_a_grayscale_file_loads_as_one_channel_with_its_pixels_in_place(tmp_path):
+    img = np.zeros((4, 28, 28), np.uint8)
+    img[1, 3, 7] = 200
+    splits = data.read_npz(grey_npz(tmp_path / "g.npz", train_images=img), 28, 2, channels=1)
+    assert splits["train"].images.shape == (4, 1, 28, 28)
+    assert splits["train"].images[1, 0, 3, 7] == 200 and splits["train"].images.sum() == 200
+
+
+def test_a_mapped_grayscale_file_equals_the_npz(tmp_path):
+    path = grey_npz(tmp_path / "g.npz", n=5)
+    mapped = data.read_npz(path, 28, 2, mapped_md5="abc", channels=1)
+    for s in data.SPLITS:
+        assert np.array_equal(mapped[s].images.numpy()[:, 0], np.load(path)[f"{s}_images"])
+
+
+def test_an_rgb_file_is_refused_for_a_grayscale_flag_and_the_message_names_flag_and_size(tmp_path, make_npz):
+    with pytest.raises(data.DataError, match="--flag and --size"):
+        data.read_npz(make_npz(tmp_path / "rgb.npz"), 28, 2, channels=1)
+
+
+def test_a_grayscale_file_is_refused_for_an_rgb_flag(tmp_path):
+    with pytest.raises(data.DataError, match=r"expected uint8 \(N, 28, 28, 3\)"):
+        data.read_npz(grey_npz(tmp_path / "g.npz"), 28, 9, channels=3)
+
+
+def test_labels_beyond_the_flags_classes_are_refused_as_another_flags_file(tmp_path):
+    labels = np.full((4, 1), 7)  # an organ*mnist label in a breastmnist-shaped file
+    with pytest.raises(data.DataError, match="another --flag"):
+        data.read_npz(grey_npz(tmp_path / "g.npz", train_labels=labels), 28, 2, channels=1)
+
+
+def test_multi_label_labels_load_as_rows_of_zeros_and_ones(tmp_path):
+    labels = np.array([[0, 1, 1], [0, 0, 0], [1, 0, 0], [1, 1, 1]])
+    path = grey_npz(tmp_path / "m.npz", **{f"{s}_labels": labels for s in data.SPLITS})
+    split = data.read_npz(path, 28, 3, channels=1, multi_label=True)["val"]
+    assert split.labels.shape == (4, 3) and split.labels.tolist() == labels.tolist()
+
+
+@pytest.mark.parametrize("labels", [np.zeros((4, 1), int), np.full((4, 3), 2)])
+def test_multi_label_labels_of_another_shape_or_beyond_one_are_refused(tmp_path, labels):
+    path = grey_npz(tmp_path / "m.npz", train_labels=labels)
+    with pytest.raises(data.DataError, match="another --flag"):
+        data.read_npz(path, 28, 3, channels=1, multi_label=True)
+
+
+def test_a_file_with_another_md5_is_refused_unless_trusted_and_then_marked_unverified(tmp_path, monkeypatch):
+    grey_npz(tmp_path / "breastmnist.npz")
+    with pytest.raises(data.DataError, match="--trust-file"):
+        data.load(tmp_path, 28, flag="breastmnist")
+    ds = data.load(tmp_path, 28, flag="breastmnist", trust_file=True)
+    assert ds.provenance()["verified"] is False and ds.channels == 1 and ds.task == "binary-class"
+    assert data.describe(ds.provenance()).endswith("(unverified file)")
+
+
+def test_a_matching_md5_is_verified_even_with_trust_file(tmp_path, monkeypatch):
+    path = grey_npz(tmp_path / "breastmnist.npz")
+    monkeypatch.setitem(data.ALL_INFO["breastmnist"], "MD5", data.calculate_md5(path))
+    ds = data.load(tmp_path, 28, flag="breastmnist", trust_file=True)
+    assert ds.provenance()["verified"] is True and "unverified" not in data.describe(ds.provenance())
+
+
+@pytest.mark.parametrize("flag", data.FLAGS)
+def test_synthetic_data_of_a_flag_has_its_channels_classes_and_task(flag, tmp_path):
+    info = data.medmnist_module("info").INFO[flag]
+    data.write_synthetic(tmp_path / data.synthetic_file_name(28, flag), 28,
+                         counts={"train": 300, "val": 5, "test": 5}, flag=flag)
+    ds = data.load(tmp_path, 28, synthetic=True, flag=flag)
+    k = len(info["label"])
+    assert ds.train.images.shape[1] == info["n_channels"] and ds.task == info["task"]
+    assert len(ds.class_names) == k and ds.name == f"{flag}-synthetic"
+    if info["task"] == data.MULTI_LABEL:
+        per_image = ds.train.labels.sum(1)
+        assert ds.train.labels.shape == (300, k) and set(per_image.tolist()) == {0, 1, 2}
+    else:
+        assert set(ds.train.labels.tolist()) == set(range(k))
+    assert "SYNTHETIC" in data.describe(ds.provenance()) and info["python_class"] in data.describe(ds.provenance())
+
+
+def test_multi_label_synthetic_evidence_sits_where_the_labels_say(tmp_path):
+    images, labels, masks = data.synthetic_split(np.random.default_rng(0), 200, 28, flag="chestmnist")
+    # No finding, no evidence; a second finding is painted in the right half.
+    assert masks[labels.sum(1) == 0].sum() == 0 and masks[labels.sum(1) > 0].sum(axis=(1, 2)).min() > 0
+    assert masks[labels.sum(1) == 2][:, :, 14:].sum(axis=(1, 2)).min() > 0
+
+
+def test_every_flag_has_an_augmentation_row_with_a_reason():
+    assert set(data.AUGMENTATION) == set(data.FLAGS)
+    assert all(len(a.why) > 30 for a in data.AUGMENTATION.values())
+    # HED stain jitter is for H&E alone; anatomy with a side is never flipped.
+    assert [f for f, a in data.AUGMENTATION.items() if a.stain > 0] == ["pathmnist"]
+    assert not any(data.AUGMENTATION[f].flips for f in ("chestmnist", "pneumoniamnist", "organamnist",
+                                                        "organcmnist", "organsmnist"))
+
+
+def test_augmentation_defaults_can_be_overridden_one_field_at_a_time():
+    aug = data.augmentation("chestmnist", flips=True)
+    assert (aug.flips, aug.stain, aug.colour) == (True, 0.0, data.AUGMENTATION["chestmnist"].colour)
+
+
+def test_stain_jitter_is_refused_for_a_one_channel_flag():
+    with pytest.raises(data.DataError, match="1 channel"):
+        data.augmentation("pneumoniamnist", stain=1.0)
+
+
+def test_without_flips_a_batch_keeps_its_orientation():
+    images = torch.arange(2 * 36, dtype=torch.uint8).view(2, 1, 6, 6)
+    split = data.Split(images, torch.tensor([0, 1]))
+    g = torch.Generator().manual_seed(0)
+    x, _ = next(data.batches(split, 2, generator=g, augment=data.Augmentation(False, 0.0, 0.0, "none")))
+    order = x.flatten(1).argsort(1)  # the pixel order survives any brightness change
+    assert torch.equal(order, images.float().flatten(1).argsort(1))
+
+
+def test_colour_jitter_on_one_channel_changes_brightness_and_keeps_the_shape():
+    x = torch.full((64, 1, 4, 4), 0.5)
+    y = data.colour_jitter(x.clone(), torch.Generator().manual_seed(0), colour=1.0)
+    assert y.shape == x.shape and y.std() > 0.01 and (y.max() - y.min()) < 0.2
+
+
+# ----------------------------------------------------------------------------- augmentation on real H&E
+
+REAL = ROOT / "tests" / "fixtures" / "realdata"
+
+
+def od_chromaticity(x):
+    """Per image, the mean share of each RGB channel in the optical density (OD = -ln I) of its
+    tissue pixels (total OD > 0.3; glass and fat left out): the stain's hue in OD space, free of how
+    much tissue there is. Returns (chromaticity (N, 3), tissue share (N,))."""
+    od = -torch.log(x.clamp_min(1 / 255))
+    total = od.sum(1, keepdim=True)
+    tissue = (total > 0.3).float()
+    return (od / total.clamp_min(1e-6) * tissue).sum((2, 3)) / tissue.sum((2, 3)).clamp_min(1), tissue.mean((1, 2, 3))
+
+
+@pytest.fixture(scope="module")
+def real_he():
+    """The OD hue of real H&E: its range over the tissue-rich images of both centres and PathMNIST,
+    the shift between the two centres' mean hues (L1), and the tissue-rich real PathMNIST images."""
+    import tiles
+    folders = ("nct-crc-he-100k", "crc-val-he-7k", "pathmnist-28")
+    files = [f for folder in folders for f in sorted((REAL / folder).iterdir())]
+    images = data.to_unit(torch.stack([tiles.read_image(f, 28)[0] for f in files]))
+    chroma, tissue = od_chromaticity(images)
+    rich = tissue >= 0.5
+    source = np.array([f.parent.name for f in files])
+    centre = {folder: chroma[rich & torch.from_numpy(source == folder)].mean(0) for folder in folders[:2]}
+    return {"lo": chroma[rich].min(0).values, "hi": chroma[rich].max(0).values,
+            "centre_shift": float((centre[folders[0]] - centre[folders[1]]).abs().sum()),
+            "images": images[rich & torch.from_numpy(source == folders[2])]}
+
+
+def jittered_chromaticity(real_he, **strengths):
+    """(original, jittered) OD hue of 20 jittered copies of each real PathMNIST image."""
+    images = real_he["images"].repeat(20, 1, 1, 1)
+    jittered = data.colour_jitter(images.clone(), torch.Generator().manual_seed(0), **strengths)
+    return od_chromaticity(images)[0], od_chromaticity(jittered)[0]
+
+
+def share_inside(real_he, margin, **strengths):
+    _, chroma = jittered_chromaticity(real_he, **strengths)
+    inside = (chroma >= real_he["lo"] - margin) & (chroma <= real_he["hi"] + margin)
+    return inside.all(1).float().mean().item()
+
+
+def test_hed_stain_jitter_keeps_real_tissue_within_the_stain_range_of_two_centres(real_he):
+    # Measured: 95% of jittered tissue-rich PathMNIST images stay inside the OD-hue range that 53
+    # real images from NCT-CRC-HE-100K, CRC-VAL-HE-7K and PathMNIST span (89% at strength 3).
+    assert share_inside(real_he, 0.0, colour=0.0, stain=1.0) >= 0.9
+
+
+def test_hed_stain_jitter_moves_the_hue_about_as_far_as_one_centre_from_the_other(real_he):
+    # Measured: a mean L1 hue change of 0.026 against 0.039 between the two centres' mean hues;
+    # strength 2 doubles the change, past the centres' difference.
+    before, after = jittered_chromaticity(real_he, colour=0.0, stain=1.0)
+    change = float((after - before).abs().sum(1).mean())
+    assert 0.25 * real_he["centre_shift"] < change <= real_he["centre_shift"]
+
+
+def test_pathmnists_default_augmentation_stays_near_real_h_and_e_colours(real_he):
+    # The per-channel scale/shift moves the OD hue more than the stain jitter (77% stay inside the
+    # exact range); within 0.1 of it: 99% at the defaults, 90% at strength 2, 74% at strength 3.
+    default = data.AUGMENTATION["pathmnist"]
+    assert share_inside(real_he, 0.1, colour=default.colour, stain=default.stain) >= 0.97

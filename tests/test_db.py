@@ -179,7 +179,7 @@ def v1_database(path):
 def test_a_version_1_database_is_migrated_keeping_its_rows(tmp_path):
     v1_database(tmp_path / "v1.db").close()
     migrated = db.connect(tmp_path / "v1.db")
-    assert migrated.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION == 3
+    assert migrated.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION == 4
     assert migrated.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1
     assert "quality" in db.table_names(migrated)
 
@@ -200,6 +200,44 @@ def test_version_2_randomisation_lists_gain_their_layer_names(tmp_path):
     stored = json.loads(migrated.execute("SELECT randomization_stages FROM quality").fetchone()[0])
     assert stored == {"classifier": 0.8, "features.4": 0.7, "features.3": 0.6, "features.2": 0.5,
                       "features.1": 0.4, "features.0": 0.3}
+
+
+def test_version_3_rows_gain_a_correct_flag_and_pathmnist_run_columns(tmp_path):
+    conn = v1_database(tmp_path / "v3.db")
+    conn.executescript(f"BEGIN; {db.MIGRATIONS[1]} PRAGMA user_version = 3; COMMIT;")
+    for index, (true, pred) in enumerate([(2, 2), (2, 5)]):
+        conn.execute("INSERT INTO explanations (run_id, split, image_index, true_label, pred_label, target, "
+                     "confidence, probs, attribution, attr_dtype, attr_shape, delta, score, baseline_score, "
+                     "n_steps) VALUES (1, 'test', ?, ?, ?, 0, 0.5, x'00', x'00', 'float16', '1', 0, 1, 0, 8)",
+                     (index, true, pred))
+    conn.commit()
+    conn.close()
+    migrated = db.connect(tmp_path / "v3.db")
+    assert [r[0] for r in migrated.execute("SELECT correct FROM explanations ORDER BY image_index")] == [1, 0]
+    run = db.get_run(migrated, 1)
+    assert (run["flag"], run["task"], run["provenance"]["verified"]) == ("pathmnist", "multi-class", True)
+
+
+# ----------------------------------------------------------------------------- multi-label rows
+
+def multi_label_rows(run_id):
+    """Three images, two labels: image 0 has label 0 and the model's top label is 0 (70%); image 1
+    has none and no label reaches 0.5; image 2 has label 1 but the top label is 0 (60%)."""
+    probs = np.array([[.7, .2], [.3, .1], [.6, .4]], "<f4")
+    return db.explanation_rows(run_id, "test", [0, 1, 2], np.array([[1, 0], [0, 0], [0, 1]]), probs,
+                               [0, 0, 0], np.zeros((3, 1, 28, 28), "float16"), [0.0] * 3, [1.0] * 3,
+                               [0.0] * 3, [8] * 3)
+
+
+def test_multi_label_rows_keep_every_true_label_and_say_whether_the_top_one_is_right(tmp_path):
+    conn = db.connect(tmp_path / "e.db")
+    run = new_run(conn)
+    db.insert_explanations(conn, multi_label_rows(run))
+    rows = db.find(conn, run, with_arrays=True)
+    assert [r["true_labels"].tolist() for r in rows] == [[1, 0], [0, 0], [0, 1]]
+    assert [r["true_label"] for r in rows] == [-1, -1, -1]
+    assert [r["image_index"] for r in db.find(conn, run, misclassified=True)] == [2]
+    assert [r["image_index"] for r in db.find(conn, run, misclassified=False)] == [0, 1]
 
 
 # ----------------------------------------------------------------------------- whole batches or nothing

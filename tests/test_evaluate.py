@@ -68,6 +68,33 @@ def test_per_class_precision_recall_f1_match_numbers_worked_by_hand():
     assert m["confusion_matrix"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
 
 
+def test_multi_label_metrics_are_per_label_at_probability_one_half():
+    labels = np.array([[1, 0], [1, 1], [0, 0], [0, 1]])
+    probs = np.array([[.9, .2], [.6, .4], [.7, .1], [.3, .8]])
+    m = evaluate.classification_metrics(labels, probs, ["a", "b"], data.MULTI_LABEL)
+    # predicted: a on images 0, 1, 2 (right on 0, 1); b on image 3 only (right; image 1's b missed).
+    # ACC: label a right on 3 of 4 images, b on 3 of 4. AUC: a ranks its two positives (.9, .6)
+    # above .3 and below/above .7: (1 + 1 + 1 + 0) / 4; b: positives .4, .8 vs .2, .1: 4 / 4.
+    assert m["acc"] == pytest.approx(0.75) and m["auc"] == pytest.approx((0.75 + 1.0) / 2)
+    got = [[c["precision"], c["recall"], c["support"]] for c in m["per_class"]]
+    assert np.allclose(got, [[2 / 3, 1.0, 2], [1.0, 0.5, 2]]) and m["confusion_matrix"] is None
+
+
+def test_multi_label_ece_pools_every_image_and_label_decision():
+    # Eight decisions, each 90% confident; 4 of them right: ECE = |0.5 - 0.9|.
+    labels = np.array([[1, 1], [0, 0], [1, 0], [0, 1]])
+    probs = np.array([[.9, .1], [.1, .9], [.9, .9], [.1, .1]])
+    assert evaluate.classification_metrics(labels, probs, ["a", "b"], data.MULTI_LABEL)["ece"] == pytest.approx(0.4)
+
+
+def test_binary_metrics_score_the_positive_column_as_medmnist_does():
+    labels = np.array([0, 1, 1, 0])
+    probs = np.array([[.8, .2], [.3, .7], [.6, .4], [.45, .55]])
+    m = evaluate.classification_metrics(labels, probs, ["benign", "malignant"], "binary-class")
+    # positive scores .7, .4 against .2, .55: pairs won 2 + 1 of 4; ACC at 0.5: images 0 and 1 right.
+    assert m["auc"] == pytest.approx(0.75) and m["acc"] == pytest.approx(0.5)
+
+
 def test_ece_uses_fifteen_equal_width_bins():
     # Two images in each of the 15 bins, at the bin's centre c_b = (b + 0.5) / 15 minus and plus
     # 0.025: in even bins the first is right and the second wrong (accuracy 0.5), in odd bins both
@@ -329,3 +356,10 @@ def test_metrics_json_describes_everything_stored_after_a_smaller_rerun(trained_
     assert saved["ig"]["explained"] == 12 and saved["quality_images"] == 12
     assert saved["requested"] == {"explain": "4", "quality": "4"}
     assert (run_dir / "images" / "ig_examples.png").is_file()  # the run's figures stay in its folder
+
+
+def test_tta_is_refused_for_a_model_trained_without_flips(syn_dir, tmp_path, train_argv):
+    import train
+    train.main(train_argv(syn_dir, tmp_path, "--epochs", "1", "--flips", "off"))
+    with pytest.raises(evaluate.EvaluateError, match="without them"):
+        evaluate.main(["--checkpoint", str(tmp_path / "best.pt"), "--data-dir", str(syn_dir), "--tta"])

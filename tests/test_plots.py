@@ -101,3 +101,9 @@ def test_rows_grow_to_fit_long_titles(tmp_path):
     plots.explanation_figure([(image, torch.randn(3, 28, 28), long)] * 2, tmp_path / "l.png", "t")
     assert pixels(tmp_path / "l.png").shape[0] > pixels(tmp_path / "s.png").shape[0]
     assert count_colour(pixels(tmp_path / "l.png"), TISSUE) >= count_colour(pixels(tmp_path / "s.png"), TISSUE) * 0.9
+
+
+def test_a_multi_label_title_names_every_true_label_or_none():
+    names = ["atelectasis", "cardiomegaly", "effusion"]
+    assert plots.panel_title(names, [0, 2], 2, 0.7).startswith("true atelectasis,\neffusion")
+    assert plots.panel_title(names, [], 1, 0.3).startswith("true none\n")

@@ -132,7 +132,8 @@ def jitter_calls(monkeypatch):
 @pytest.mark.parametrize("strength, batches", [("1.0", 12), ("0", 0)])  # 1500 images, batches of 128
 def test_colour_jitter_runs_on_every_training_batch_when_asked(syn_dir, tmp_path, train_argv, jitter_calls,
                                                                strength, batches):
-    train.main(train_argv(syn_dir, tmp_path, "--epochs", "1", "--colour-jitter", strength))
+    train.main(train_argv(syn_dir, tmp_path, "--epochs", "1", "--colour-jitter", strength,
+                          "--stain-jitter", strength))
     assert len(jitter_calls) == batches and sum(jitter_calls) == (1500 if batches else 0)
 
 
@@ -258,7 +259,8 @@ def run_cli(*args):
 def test_help_explains_every_flag():
     out = run_cli("--help").stdout
     for flag in ("--epochs", "--batch-size", "--lr", "--patience", "--seed", "--device",
-                 "--data-dir", "--size", "--out", "--synthetic", "--resume", "--threads"):
+                 "--data-dir", "--size", "--out", "--synthetic", "--resume", "--threads", "--flag",
+                 "--trust-file", "--flips", "--stain-jitter", "--colour-jitter"):
         assert flag in out
 
 
@@ -324,3 +326,60 @@ def test_resume_with_nothing_to_resume_downloads_nothing(tmp_path, monkeypatch):
     with pytest.raises(train.TrainingError, match="nothing to resume"):
         train.main(["--resume", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")])
     assert not (tmp_path / "data").exists()
+
+
+# ----------------------------------------------------------------------------- --flag
+
+@pytest.mark.parametrize("flag, message", [("organmnist3d", "3D MedMNIST dataset"),
+                                           ("pathmnistt", "not a MedMNIST 2D dataset")])
+def test_a_3d_or_unknown_flag_exits_2_listing_the_2d_flags(flag, message, tmp_path):
+    result = run_cli("--flag", flag, "--synthetic", "--data-dir", str(tmp_path))
+    assert result.returncode == 2 and message in result.stderr and "organsmnist" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stain_jitter_on_a_one_channel_flag_exits_2_before_any_work(tmp_path):
+    result = run_cli("--flag", "chestmnist", "--stain-jitter", "1", "--synthetic", "--data-dir", str(tmp_path))
+    assert result.returncode == 2 and "1 channel" in result.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_trust_file_trains_on_a_resaved_copy_and_records_it_unverified(tmp_path, train_argv):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 64), ("val", 16), ("test", 16)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 2, (n, 1))
+    np.savez(tmp_path / "pneumoniamnist.npz", **arrays)  # a real-format file, not the published bytes
+    argv = ["--flag", "pneumoniamnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"),
+            "--epochs", "1", "--threads", "2"]
+    with pytest.raises(data.DataError, match="--trust-file"):
+        train.main(argv)
+    train.main(argv + ["--trust-file"])
+    _, meta = model_lib.load_checkpoint(tmp_path / "run" / "best.pt")
+    assert meta["provenance"]["verified"] is False and meta["settings"]["trust_file"] is True
+    assert "unverified file" in data.describe(meta["provenance"])
+
+
+def test_every_figure_of_a_trusted_file_says_unverified_file(tmp_path, monkeypatch):
+    import matplotlib.text
+    import evaluate
+    import plots
+    texts = {}
+    real_write = plots.write_figure
+
+    def recording(fig, path, dpi=130):
+        texts[Path(path).name] = " ".join(t.get_text() for t in fig.findobj(matplotlib.text.Text))
+        real_write(fig, path, dpi)
+    monkeypatch.setattr(plots, "write_figure", recording)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "bloodmnist.npz", **{k: v for split, n in (("train", 64), ("val", 16), ("test", 16))
+                                              for k, v in ((f"{split}_images", rng.integers(0, 256, (n, 28, 28, 3), dtype=np.uint8)),
+                                                           (f"{split}_labels", rng.integers(0, 8, (n, 1))))})
+    run = tmp_path / "run"
+    train.main(["--flag", "bloodmnist", "--trust-file", "--data-dir", str(tmp_path), "--out", str(run),
+                "--epochs", "1", "--threads", "2"])
+    evaluate.main(["--checkpoint", str(run / "best.pt"), "--data-dir", str(tmp_path), "--explain", "8",
+                   "--quality", "4"])
+    assert set(texts) == {"accuracy_epoch.png", "confusion_matrix.png", "ig_examples.png",
+                          "faithfulness.png", "sanity_randomization.png"}
+    assert all("unverified file" in t.replace("\n", " ") for t in texts.values()), texts
