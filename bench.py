@@ -3,6 +3,8 @@
     python bench.py                      # full mode (a few minutes on 2 CPU cores)
     python bench.py --quick              # seconds; what the tests run so the benchmark cannot rot
     python bench.py --json bench.json    # also write the numbers as JSON
+    python bench.py --device cuda        # the same tables on a GPU
+    python bench.py --no-memory          # skip the memory section (it writes ~7 GB of temporary files)
 
 Both sides run in this one process, on synthetic images with PathMNIST's shapes (28x28x3, 9
 classes), so every number comes with a baseline measured beside it and only the ratios count. Each
@@ -17,15 +19,25 @@ with a SELECT, an INSERT and a commit per row.
 A second table compares this repo with the peer most users would pick instead: MedMNIST's own
 ResNet-18 for 28 px (medmnist_resnet18), trained and explained through this repo's own data and IG
 paths, so only the model differs.
+
+A third table is memory: PathMNIST-sized npz files of random pixels (89,996 / 10,004 / 7,180 images)
+at 28, 64 and 128 px, each loaded by the in-memory loader (--memory ram, the only loader before
+memory maps) and by the memory-mapped one (--memory map), then trained for some steps with batches
+drawn across the whole split. Each measurement runs in its own process, which samples its anonymous
+resident memory (RssAnon in /proc/self/status: the process's own memory, not the page cache) every
+few milliseconds and reports the peak. A fit of peak = a + b * size^2 projects both to 224 px.
 """
 import argparse
 import base64
 import io
 import json
 import sqlite3
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +62,9 @@ FULL = {"train_images": 20000, "train_steps": 60, "ig_images_original": 40, "ig_
 QUICK = {"train_images": 600, "train_steps": 4, "ig_images_original": 2, "ig_images_ours": 16,
          "db_rows": 40, "repeats": 1, "peer_train_steps": 1, "ig_images_peer": 2, "warmup": 1,
          "peer_batch": 16}
+PATHMNIST_COUNTS = {"train": 89996, "val": 10004, "test": 7180}
+FULL_MEMORY = {"counts": PATHMNIST_COUNTS, "sizes": (28, 64, 128), "steps": 60}
+QUICK_MEMORY = {"counts": {"train": 2000, "val": 200, "test": 200}, "sizes": (28, 64), "steps": 3}
 
 
 # ----------------------------------------------------------------------------- the original approach
@@ -160,9 +175,9 @@ def cycle(make_iter):
         yield from make_iter()
 
 
-def train_original(images_hwc, labels, n_steps, repeats, warmup):
+def train_original(images_hwc, labels, n_steps, repeats, warmup, device="cpu"):
     torch.manual_seed(0)
-    net = original_model()
+    net = original_model().to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     loader = torch.utils.data.DataLoader(OriginalDataset(images_hwc, labels, ORIGINAL_TRAIN_TRANSFORM),
                                          batch_size=ORIGINAL_BATCH, shuffle=True)
@@ -170,7 +185,7 @@ def train_original(images_hwc, labels, n_steps, repeats, warmup):
 
     def step():
         x, y = next(batches)
-        loss = F.cross_entropy(net(x), y)
+        loss = F.cross_entropy(net(x.to(device)), y.to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -179,18 +194,20 @@ def train_original(images_hwc, labels, n_steps, repeats, warmup):
     return net.eval(), timed_steps(step, n_steps, repeats, warmup)
 
 
-def train_ours(split, n_steps, repeats, warmup):
+def train_ours(split, n_steps, repeats, warmup, device="cpu"):
     torch.manual_seed(0)
     mean, std = data.channel_stats(split.images)
-    return train_on_our_path(model_lib.build(mean=mean, std=std), split, n_steps, repeats, warmup)
+    return train_on_our_path(model_lib.build(mean=mean, std=std), split, n_steps, repeats, warmup,
+                             device=device)
 
 
-def train_on_our_path(net, split, n_steps, repeats, warmup, batch=None):
+def train_on_our_path(net, split, n_steps, repeats, warmup, batch=None, device="cpu"):
     """Training steps through train.py's data path (batches of 128, flips and colour jitter)."""
     batch = batch or OUR_BATCH
+    net = net.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
-    batches = cycle(lambda: data.batches(split, batch, generator=gen, augment=data.AUGMENTATION["pathmnist"]))
+    batches = cycle(lambda: data.batches(split, batch, device, gen, data.AUGMENTATION["pathmnist"]))
 
     def step():
         x, y = next(batches)
@@ -203,8 +220,8 @@ def train_on_our_path(net, split, n_steps, repeats, warmup, batch=None):
     return net.eval(), timed_steps(step, n_steps, repeats, warmup)
 
 
-def ig_ours(net, images_u8, labels, repeats, batch=32):
-    """evaluate.py's path: batches of 32, default settings.
+def ig_ours(net, images_u8, labels, repeats, batch=32, device="cpu"):
+    """evaluate.py's path: batches of 32, default settings, on `device`.
 
     Returns (best attributions/s, mean relative completeness error, [(probs, targets, IGResult)]).
     """
@@ -213,7 +230,7 @@ def ig_ours(net, images_u8, labels, repeats, batch=32):
         t0 = time.perf_counter()
         for i in range(0, len(images_u8), batch):
             batches.append(explain.explain_batch(net, images_u8[i:i + batch], labels[i:i + batch],
-                                                 explain.DEFAULT_IG))
+                                                 explain.DEFAULT_IG, device))
         return len(images_u8) / (time.perf_counter() - t0)
     batches = []
     rate = best_rate(measure, repeats)
@@ -233,8 +250,8 @@ def medmnist_resnet18(n_classes=9):
     return PixelInput(net)
 
 
-def ig_original(net, images_u8, repeats):
-    x = (data.to_unit(images_u8) - 0.5) / 0.5
+def ig_original(net, images_u8, repeats, device="cpu"):
+    x = ((data.to_unit(images_u8) - 0.5) / 0.5).to(device)
     with torch.no_grad():
         targets = net(x).argmax(1)
     rel = []
@@ -313,9 +330,150 @@ def db_size(path):
     return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
 
 
+# ----------------------------------------------------------------------------- memory
+
+def write_random_npz(path, size, counts, seed=0, chunk=2048):
+    """A MedMNIST-format npz of random pixels and labels, streamed member by member and `chunk`
+    images at a time (stored, not compressed), so writing a 16 GB file needs one chunk of memory."""
+    rng = np.random.default_rng(seed)
+    with data.atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for split, n in counts.items():
+            with zf.open(f"{split}_images.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
+                                                         "shape": (n, size, size, 3)})
+                for start in range(0, n, chunk):
+                    f.write(rng.integers(0, 256, (min(chunk, n - start), size, size, 3), dtype=np.uint8).tobytes())
+            with zf.open(f"{split}_labels.npy", "w") as f:
+                np.lib.format.write_array(f, rng.integers(0, 9, (n, 1), dtype=np.int64))
+
+
+class AnonPeak(threading.Thread):
+    """Samples this process's RssAnon (anonymous resident memory, not the page cache) every
+    `interval` seconds and keeps the peak, in bytes; None where /proc is missing (not Linux)."""
+
+    def __init__(self, interval=0.002):
+        super().__init__(daemon=True)
+        self.interval, self.peak, self.running = interval, self.current(), True
+
+    @staticmethod
+    def current():
+        try:
+            with open("/proc/self/status") as f:
+                line = next(line for line in f if line.startswith("RssAnon:"))
+        except (OSError, StopIteration):
+            return None
+        return int(line.split()[1]) * 1024
+
+    def run(self):
+        while self.running and self.peak is not None:
+            self.peak = max(self.peak, self.current())
+            time.sleep(self.interval)
+
+    def stop(self):
+        self.running = False
+        self.join()
+        now = self.current()
+        return None if now is None else max(self.peak, now)
+
+
+def probe_memory(path, size, memory, steps, device="cpu"):
+    """In this process: load `path` with the in-memory (ram) or mapped (map) loader, then train
+    `steps` batches of 128 drawn across the whole train split; with memory "none", train on one
+    random batch in memory instead (what the model and a batch cost alone). Times and peak RssAnon."""
+    torch.manual_seed(0)
+    net = model_lib.build().to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    sampler = AnonPeak()
+    baseline = sampler.current()
+    sampler.start()
+    t0 = time.perf_counter()
+    if memory == "none":
+        train_split = data.Split(torch.randint(0, 256, (OUR_BATCH, 3, size, size), dtype=torch.uint8),
+                                 torch.randint(0, 9, (OUR_BATCH,)))
+    else:
+        train_split = data.read_npz(path, size, 9, "bench" if memory == "map" else None)["train"]
+    load_s = time.perf_counter() - t0
+    load_peak = sampler.peak
+    gen, net = torch.Generator().manual_seed(0), net.train()
+    stream = cycle(lambda: data.batches(train_split, OUR_BATCH, device, gen, data.AUGMENTATION["pathmnist"]))
+    t1, images = time.perf_counter(), 0
+    for _, (x, y) in zip(range(steps), stream):
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        images += len(y)
+    train_s = time.perf_counter() - t1
+    peak = sampler.stop()
+    return {"size": size, "memory": memory, "load_s": load_s, "baseline_anon": baseline,
+            "load_peak_anon": load_peak, "peak_anon": peak, "train_img_s": images / train_s,
+            "epoch_s": len(train_split) / (images / train_s)}
+
+
+def probe_in_subprocess(path, size, memory, steps, device):
+    """probe_memory in a fresh Python, so each peak is that loader's alone."""
+    out = subprocess.run([sys.executable, __file__, "--probe", str(path), "--probe-size", str(size),
+                          "--probe-memory", memory, "--probe-steps", str(steps), "--device", str(device),
+                          "--threads", str(torch.get_num_threads())],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def memory_bench(cfg, folder, device="cpu"):
+    """Per size: the in-memory loader, then the mapped one on first use (converting) and again."""
+    rows = []
+    for size in cfg["sizes"]:
+        path = Path(folder) / f"pathmnist_random_{size}.npz"
+        stage(f"memory at {size} px: writing a {sum(cfg['counts'].values()):,}-image file of random pixels")
+        write_random_npz(path, size, cfg["counts"])
+        stage(f"memory at {size} px: in-memory loader, then memory maps (first use converts)")
+        ram = probe_in_subprocess(path, size, "ram", cfg["steps"], device)
+        first = probe_in_subprocess(path, size, "map", cfg["steps"], device)
+        mapped = probe_in_subprocess(path, size, "map", cfg["steps"], device)
+        alone = probe_in_subprocess(path, size, "none", cfg["steps"], device)
+        rows.append({"size": size, "pixel_bytes": sum(cfg["counts"].values()) * size * size * 3,
+                     "ram": ram, "map_first": first, "map": mapped, "model_and_batch": alone})
+        path.unlink()
+        for converted in (Path(folder) / ".mapped").glob("*"):
+            for f in converted.iterdir():
+                f.unlink()
+            converted.rmdir()
+    return rows
+
+
+def projected_peak(rows, key, size=224):
+    """Peak RssAnon at `size` from a least-squares fit of peak = a + b * size^2 over the rows."""
+    x = np.array([r["size"] ** 2 for r in rows], float)
+    y = np.array([r[key]["peak_anon"] for r in rows], float)
+    b, a = np.polyfit(x, y, 1)
+    return a + b * size ** 2
+
+
+def format_memory(rows):
+    gb = 1e9
+    lines = [f"{'size':>5s} {'pixels':>7s} | {'in memory (ram)':^30s} | {'memory-mapped (map)':^42s} | "
+             f"{'model+batch':>11s} | {'map/ram':>7s} {'map minus':>9s}",
+             f"{'px':>5s} {'GB':>7s} | {'load s':>7s} {'peak GB':>7s} {'img/s':>5s} {'epoch s':>7s} | "
+             f"{'1st load s':>10s} {'load s':>6s} {'peak GB':>7s} {'img/s':>5s} {'epoch s':>7s} | "
+             f"{'peak GB':>11s} | {'peak':>7s} {'mod+bat GB':>9s}"]
+    for r in rows:
+        ram, m, first, alone = r["ram"], r["map"], r["map_first"], r["model_and_batch"]
+        lines.append(f"{r['size']:5d} {r['pixel_bytes'] / gb:7.2f} | {ram['load_s']:7.1f} {ram['peak_anon'] / gb:7.2f} "
+                     f"{ram['train_img_s']:5.0f} {ram['epoch_s']:7.0f} | {first['load_s']:10.1f} {m['load_s']:6.2f} "
+                     f"{m['peak_anon'] / gb:7.2f} {m['train_img_s']:5.0f} {m['epoch_s']:7.0f} | "
+                     f"{alone['peak_anon'] / gb:11.2f} | {m['peak_anon'] / ram['peak_anon']:6.2f}x "
+                     f"{(m['peak_anon'] - alone['peak_anon']) / gb:9.2f}")
+    if len(rows) >= 2:
+        pixels = sum(PATHMNIST_COUNTS.values()) * 224 * 224 * 3
+        lines.append(f"{224:5d} {pixels / gb:7.2f} | {'':7s} {projected_peak(rows, 'ram') / gb:7.2f} {'':5s} {'':7s} | "
+                     f"{'':10s} {'':6s} {projected_peak(rows, 'map') / gb:7.2f} {'':5s} {'':7s} | "
+                     f"{projected_peak(rows, 'model_and_batch') / gb:11.2f} | (projected: a + b * size^2)")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- report
 
-def run(cfg):
+def run(cfg, device="cpu"):
     rng = np.random.default_rng(0)
     images_hwc, labels, _ = data.synthetic_split(rng, cfg["train_images"], 28)
     labels = labels.reshape(-1)
@@ -323,23 +481,26 @@ def run(cfg):
 
     reps = cfg["repeats"]
     stage("training, original approach")
-    original_net, original_train = train_original(images_hwc, labels, cfg["train_steps"], reps, cfg["warmup"])
+    original_net, original_train = train_original(images_hwc, labels, cfg["train_steps"], reps,
+                                                  cfg["warmup"], device)
     stage("training, this repo")
-    our_net, our_train = train_ours(split, cfg["train_steps"], reps, cfg["warmup"])
+    our_net, our_train = train_ours(split, cfg["train_steps"], reps, cfg["warmup"], device)
     stage("training, MedMNIST's ResNet-18 on this repo's data path")
     torch.manual_seed(0)
     peer_net, peer_train = train_on_our_path(medmnist_resnet18(), split, cfg["peer_train_steps"], reps,
-                                             cfg["warmup"], cfg["peer_batch"])
+                                             cfg["warmup"], cfg["peer_batch"], device)
 
     test_u8, test_labels = split.images[:cfg["ig_images_ours"]], split.labels[:cfg["ig_images_ours"]]
     stage("IG, both sides")
-    original_ig_rate, original_rel = ig_original(original_net, test_u8[:cfg["ig_images_original"]], reps)
-    our_ig_rate, our_rel, ig_batches = ig_ours(model_lib.fused_for_inference(our_net), test_u8, test_labels, reps)
-    method_on_original_rate, method_on_original_rel, _ = ig_ours(PixelInput(original_net), test_u8,
-                                                                 test_labels, reps)
+    original_ig_rate, original_rel = ig_original(original_net, test_u8[:cfg["ig_images_original"]], reps,
+                                                 device)
+    our_ig_rate, our_rel, ig_batches = ig_ours(model_lib.fused_for_inference(our_net), test_u8, test_labels,
+                                               reps, device=device)
+    method_on_original_rate, method_on_original_rel, _ = ig_ours(PixelInput(original_net).to(device), test_u8,
+                                                                 test_labels, reps, device=device)
     stage("IG, MedMNIST's ResNet-18 on this repo's IG path")
     peer_ig_rate, peer_rel, _ = ig_ours(peer_net, test_u8[:cfg["ig_images_peer"]],
-                                        test_labels[:cfg["ig_images_peer"]], reps)
+                                        test_labels[:cfg["ig_images_peer"]], reps, device=device)
 
     with tempfile.TemporaryDirectory() as tmp:
         stage("SQLite storage, both sides")
@@ -377,7 +538,8 @@ def run(cfg):
                "ig_speedup_vs_resnet18": our_ig_rate / peer_ig_rate,
                "table": [{"measure": m, "original": o, "ours": u} for m, o, u in rows],
                "peer_table": [{"measure": m, "resnet18": o, "ours": u} for m, o, u in peer_rows],
-               "settings": {**cfg, "threads": torch.get_num_threads(), "torch": str(torch.__version__)}}
+               "settings": {**cfg, "threads": torch.get_num_threads(), "torch": str(torch.__version__),
+                            "device": str(device)}}
     return rows, peer_rows, results
 
 
@@ -406,16 +568,46 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a seconds-long run with tiny sizes (for tests)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--device", default="cpu", help=f"where both sides train and explain: "
+                   f"{model_lib.DEVICE_HELP} (default: cpu, the machine the original ran on)")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory section (full mode writes "
+                   "and converts PathMNIST-sized files up to 128 px: about 7 GB of temporary files and "
+                   "a few minutes)")
+    p.add_argument("--memory-dir", help="folder for the memory section's temporary files (default: a "
+                   "new folder in the system's temporary directory, deleted afterwards)")
+    p.add_argument("--probe", help=argparse.SUPPRESS)  # internal: one memory measurement in this process
+    p.add_argument("--probe-size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--probe-memory", help=argparse.SUPPRESS)
+    p.add_argument("--probe-steps", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        device = model_lib.resolve_device(args.device)
+    except model_lib.DeviceError as e:
+        sys.exit(f"error: {e}")
+    if args.probe:
+        print(json.dumps(probe_memory(args.probe, args.probe_size, args.probe_memory, args.probe_steps, device)))
+        return None
     cfg = QUICK if args.quick else FULL
-    rows, peer_rows, results = run(cfg)
+    rows, peer_rows, results = run(cfg, device)
+    memory_rows = []
+    if not args.no_memory:
+        with tempfile.TemporaryDirectory(dir=args.memory_dir) as folder:
+            memory_rows = memory_bench(QUICK_MEMORY if args.quick else FULL_MEMORY, folder, device)
+        results["memory"] = memory_rows
     print(f"{'QUICK mode: sizes too small for conclusions' if args.quick else 'full mode'}; "
-          f"{torch.get_num_threads()} threads, synthetic 28x28x3 images, 9 classes")
+          f"{torch.get_num_threads()} threads, device {device}, synthetic 28x28x3 images, 9 classes")
     print(format_table(rows))
     print("\nPeer: MedMNIST's ResNet-18 (28 px), trained and explained through this repo's own paths")
     print(format_table(peer_rows, baseline="ResNet-18"))
+    if memory_rows:
+        counts = (QUICK_MEMORY if args.quick else FULL_MEMORY)["counts"]
+        print(f"\nMemory: npz files of random pixels with {sum(counts.values()):,} images "
+              f"({'PathMNIST-sized' if counts == PATHMNIST_COUNTS else 'QUICK: not PathMNIST-sized'}); peak "
+              f"RssAnon over loading and {(QUICK_MEMORY if args.quick else FULL_MEMORY)['steps']} training "
+              f"steps; epoch s = train split / img/s")
+        print(format_memory(memory_rows))
     if args.json:
         with data.atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(results, indent=2) + "\n")

@@ -613,19 +613,40 @@ def batches(split, batch_size, device="cpu", generator=None, augment=NO_AUGMENTA
     """Yield (float [0,1] images, labels) on `device`.
 
     With a `generator` the order is shuffled and each batch is augmented as `augment` says (an
-    Augmentation): a random one of the 8 flips/rotations, then stain and/or colour jitter.
+    Augmentation): a random one of the 8 flips/rotations, then stain and/or colour jitter. A split
+    already on the device (see place) is cut there; from host memory a batch bound for a GPU is
+    copied through pinned memory, without blocking.
     """
     n = len(split)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     for i in range(0, n, batch_size):
-        idx = order[i:i + batch_size]
-        x = to_unit(split.images[idx].to(device, non_blocking=True))
+        idx = order[i:i + batch_size].to(split.images.device)
+        x = to_unit(to_device(split.images[idx], device))
         if generator is not None:
             if augment.flips:
                 x = random_dihedral(x, generator)
             if augment.stain > 0 or augment.colour > 0:
                 x = colour_jitter(x, generator, augment.colour, augment.stain)
-        yield x, split.labels[idx].to(device, non_blocking=True)
+        yield x, to_device(split.labels[idx.to(split.labels.device)], device)
+
+
+def to_device(t, device):
+    """t on `device`; a host tensor bound for a GPU goes through pinned memory, asynchronously."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def place(split, device, budget_bytes):
+    """The split with images and labels on `device` when its images fit in `budget_bytes`, else
+    unchanged. On a GPU this saves a host-to-device copy per batch; 28 px PathMNIST's training
+    images are 0.21 GB. Masks stay where they are (only the quality pass reads them)."""
+    if split.images.element_size() * split.images.nelement() > budget_bytes:
+        return split
+    return Split(split.images.to(device), split.labels.to(device), split.masks)
 
 
 def dihedral(x, k):

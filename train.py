@@ -33,7 +33,8 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "l
 MIN_IMPROVEMENT = 1e-4  # a val-loss drop smaller than this does not count as progress
 # The flags that decide the weights: recorded in every checkpoint (paths and threads are not).
 RESULT_SETTINGS = ("flag", "epochs", "batch_size", "lr", "patience", "seed", "device", "size",
-                   "synthetic", "trust_file", "flips", "stain_jitter", "colour_jitter", "amp")
+                   "synthetic", "trust_file", "flips", "stain_jitter", "colour_jitter", "amp", "compile")
+GPU_DATA_SHARE = 0.25  # on a GPU, keep train/val images there when they take at most this share of its free memory
 
 
 class TrainingError(Exception):
@@ -83,6 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--amp", default="auto", choices=("auto", "on", "off"), help="mixed precision for "
                    "training steps: bfloat16 autocast (float16 with a gradient scaler on GPUs without "
                    "bfloat16); auto turns it on for CUDA only. Validation, metrics and IG stay float32")
+    p.add_argument("--compile", action="store_true", help="compile the training step with "
+                   "torch.compile (worth it on a GPU for long runs; the first epoch pays the compile time)")
     p.add_argument("--flips", type=on_off, metavar="{on,off}", help="random flips/rotations (the 8 symmetries of a "
                    "square): on or off (default: the dataset's, off where anatomy has a side; see "
                    "data.AUGMENTATION and the README)")
@@ -126,10 +129,10 @@ def amp_dtype(device, amp):
     return torch.bfloat16
 
 
-def train_epoch(model, split, opt, gen, args, device, epoch, scaler):
+def train_epoch(model, task, split, opt, gen, args, device, epoch, scaler):
+    """One epoch of training steps; `model` may be a torch.compile wrapper (hence `task` apart)."""
     model.train()
     dtype = amp_dtype(device, args.amp)
-    task = model.config["task"]
     loss_sum, correct = 0.0, 0
     bar = progress(data.batches(split, args.batch_size, device, gen, args.augment),
                total=math.ceil(len(split) / args.batch_size), desc=f"epoch {epoch}",
@@ -191,6 +194,8 @@ def main(argv=None):
                 "history": [], "best_epoch": None, "torch": str(torch.__version__)}
         ts = None
     net.to(device)
+    train_split, val_split = on_device(ds, device)
+    step_net = torch.compile(net) if args.compile else net  # shares net's parameters; net is saved
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, args.amp) == torch.float16)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5,
@@ -216,8 +221,9 @@ def main(argv=None):
             if bad_epochs >= args.patience:
                 break
             t0 = time.perf_counter()
-            train_loss, train_acc = train_epoch(net, ds.train, opt, gen, args, device, epoch, scaler)
-            val_loss, val_acc = evaluate_split(net, ds.val, args.batch_size, device)
+            train_loss, train_acc = train_epoch(step_net, ds.task, train_split, opt, gen, args, device,
+                                                epoch, scaler)
+            val_loss, val_acc = evaluate_split(net, val_split, args.batch_size, device)
             seconds = time.perf_counter() - t0
             row = {"epoch": epoch, "train_loss": round(train_loss, 6), "train_acc": round(train_acc, 6),
                    "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 6),
@@ -258,6 +264,18 @@ def main(argv=None):
               f"epoch; continue with: python train.py --resume (and the same flags).", file=sys.stderr)
         raise SystemExit(130)
     return history
+
+
+def on_device(ds, device):
+    """(train, val) splits, kept on a GPU when they fit in GPU_DATA_SHARE of its free memory."""
+    if device.type != "cuda":
+        return ds.train, ds.val
+    budget = int(torch.cuda.mem_get_info(device)[0] * GPU_DATA_SHARE)
+    train_split = data.place(ds.train, device, budget)
+    val_split = data.place(ds.val, device, budget - (train_split.images.nbytes if train_split.images.is_cuda else 0))
+    kept = [name for name, s in (("train", train_split), ("val", val_split)) if s.images.is_cuda]
+    print(f"Images kept on {device}: {', '.join(kept) or 'none (they do not fit; batches are copied from pinned memory)'}")
+    return train_split, val_split
 
 
 def check_resumable(meta, ds, args):

@@ -2,6 +2,8 @@
 import json
 import math
 
+import pytest
+
 import bench
 
 KEYS = ("train_speedup", "ig_speedup", "ig_rel_delta", "db_write_speedup", "db_bytes_ratio",
@@ -10,11 +12,41 @@ KEYS = ("train_speedup", "ig_speedup", "ig_rel_delta", "db_write_speedup", "db_b
 
 
 def test_quick_benchmark_reports_every_key(tmp_path, capsys):
-    bench.main(["--quick", "--json", str(tmp_path / "b.json")])
+    bench.main(["--quick", "--json", str(tmp_path / "b.json"), "--memory-dir", str(tmp_path)])
     results = json.loads((tmp_path / "b.json").read_text())
     for key in KEYS:
         assert math.isfinite(results[key]) and results[key] > 0, key
-    assert "ratio" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ratio" in out and "(projected" in out
+    assert [r["size"] for r in results["memory"]] == [28, 64]
+    for row in results["memory"]:
+        for side in ("ram", "map_first", "map", "model_and_batch"):
+            assert row[side]["peak_anon"] >= row[side]["baseline_anon"] > 0 and row[side]["train_img_s"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]  # its temporary files are gone
+
+
+def test_random_npz_is_written_in_medmnist_format_chunk_by_chunk(tmp_path):
+    bench.write_random_npz(tmp_path / "r.npz", 8, {"train": 5, "val": 3, "test": 2}, chunk=2)
+    splits = bench.data.read_npz(tmp_path / "r.npz", 8, 9)
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [5, 3, 2]
+    assert splits["train"].images.shape == (5, 3, 8, 8) and splits["train"].images.float().std() > 50
+
+
+def test_the_memory_sampler_sees_an_allocation_and_its_peak_stays_after_it_is_freed():
+    import numpy as np
+    sampler = bench.AnonPeak()
+    before = sampler.current()
+    sampler.start()
+    block = np.ones(200 << 20, np.uint8)  # 200 MiB, touched
+    bench.time.sleep(0.05)
+    del block
+    peak = sampler.stop()
+    assert peak - before >= 150 << 20 and sampler.current() < peak - (150 << 20)
+
+
+def test_projection_to_224_follows_the_area():
+    rows = [{"size": s, "ram": {"peak_anon": 1e9 + 10 * s * s}} for s in (28, 64, 128)]
+    assert bench.projected_peak(rows, "ram") == pytest.approx(1e9 + 10 * 224 * 224)
 
 
 def test_original_model_is_the_one_the_issue_describes():

@@ -583,3 +583,18 @@ def test_pathmnists_default_augmentation_stays_near_real_h_and_e_colours(real_he
     # exact range); within 0.1 of it: 99% at the defaults, 90% at strength 2, 74% at strength 3.
     default = data.AUGMENTATION["pathmnist"]
     assert share_inside(real_he, 0.1, colour=default.colour, stain=default.stain) >= 0.97
+
+
+# ----------------------------------------------------------------------------- device placement
+
+def test_a_split_that_fits_the_budget_moves_to_the_device_and_one_that_does_not_stays():
+    split = data.Split(torch.zeros(10, 3, 4, 4, dtype=torch.uint8), torch.zeros(10, dtype=torch.long))
+    assert data.place(split, "meta", budget_bytes=480).images.device.type == "meta"  # 10*3*4*4 bytes
+    kept = data.place(split, "meta", budget_bytes=479)
+    assert kept is split and kept.images.device.type == "cpu"
+
+
+def test_batches_of_a_split_on_another_device_are_cut_there():
+    split = data.Split(torch.zeros(10, 3, 4, 4, dtype=torch.uint8), torch.zeros(10, dtype=torch.long))
+    x, y = next(data.batches(data.place(split, "meta", 1 << 20), 4, device="meta"))
+    assert x.device.type == "meta" and x.shape == (4, 3, 4, 4) and y.device.type == "meta"

@@ -383,3 +383,26 @@ def test_every_figure_of_a_trusted_file_says_unverified_file(tmp_path, monkeypat
     assert set(texts) == {"accuracy_epoch.png", "confusion_matrix.png", "ig_examples.png",
                           "faithfulness.png", "sanity_randomization.png"}
     assert all("unverified file" in t.replace("\n", " ") for t in texts.values()), texts
+
+
+def test_compile_trains_and_saves_the_plain_module(syn_dir, tmp_path, train_argv, monkeypatch):
+    compiled = []
+    real_compile = torch.compile
+
+    def counting_compile(module, *args, **kwargs):
+        compiled.append(module)
+        wrapped = real_compile(module, *args, **kwargs)
+        calls = []
+        original_forward = wrapped.forward
+
+        def forward(*a, **k):
+            calls.append(1)
+            return original_forward(*a, **k)
+        wrapped.forward = forward
+        compiled.append(calls)
+        return wrapped
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    train.main(train_argv(syn_dir, tmp_path, "--epochs", "1", "--compile"))
+    assert len(compiled) == 2 and len(compiled[1]) == 12  # every training step of 1,500 images went through it
+    net, meta = model_lib.load_checkpoint(tmp_path / "best.pt")  # no torch.compile prefixes in it
+    assert meta["settings"]["compile"] is True and meta["history"][0]["train_acc"] > 0.3  # chance: 0.11
