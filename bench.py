@@ -238,6 +238,23 @@ def ig_ours(net, images_u8, labels, repeats, batch=32, device="cpu"):
     return rate, float(rel.mean()), batches
 
 
+def methods_rates(net, images_u8, labels, repeats, batch=32, device="cpu"):
+    """{method: best attributions/s} of every explain.ATTRIBUTION_METHODS on the same images, batches
+    of 32 (IG at its fixed 8 steps here, without refinement)."""
+    x_all, y_all = data.to_unit(images_u8).to(device), labels.to(device)
+    rates = {}
+    for method in explain.ATTRIBUTION_METHODS:
+        attribute = explain.method_fn(method, explain.DEFAULT_IG)
+
+        def measure():
+            t0 = time.perf_counter()
+            for i in range(0, len(x_all), batch):
+                attribute(net, x_all[i:i + batch], y_all[i:i + batch])
+            return len(x_all) / (time.perf_counter() - t0)
+        rates[method] = best_rate(measure, repeats)
+    return rates
+
+
 # ----------------------------------------------------------------------------- the peer
 
 def medmnist_resnet18(n_classes=9):
@@ -502,6 +519,9 @@ def run(cfg, device="cpu"):
     peer_ig_rate, peer_rel, _ = ig_ours(peer_net, test_u8[:cfg["ig_images_peer"]],
                                         test_labels[:cfg["ig_images_peer"]], reps, device=device)
 
+    stage("every attribution method, this repo's model")
+    method_rates = methods_rates(model_lib.fused_for_inference(our_net), test_u8, test_labels, reps, device=device)
+
     with tempfile.TemporaryDirectory() as tmp:
         stage("SQLite storage, both sides")
         store = db_bench(ig_batches, cfg["db_rows"], Path(tmp), reps)
@@ -536,6 +556,7 @@ def run(cfg, device="cpu"):
                "ig_method_speedup_on_original_model": method_on_original_rate / original_ig_rate,
                "train_speedup_vs_resnet18": our_train / peer_train,
                "ig_speedup_vs_resnet18": our_ig_rate / peer_ig_rate,
+               "method_rates": method_rates,
                "table": [{"measure": m, "original": o, "ours": u} for m, o, u in rows],
                "peer_table": [{"measure": m, "resnet18": o, "ours": u} for m, o, u in peer_rows],
                "settings": {**cfg, "threads": torch.get_num_threads(), "torch": str(torch.__version__),
@@ -601,6 +622,8 @@ def main(argv=None):
     print(format_table(rows))
     print("\nPeer: MedMNIST's ResNet-18 (28 px), trained and explained through this repo's own paths")
     print(format_table(peer_rows, baseline="ResNet-18"))
+    print(f"\nAttribution methods on this repo's model, attributions/s ({cfg['ig_images_ours']} images, batches of 32):")
+    print("  " + "  ".join(f"{m} {r:,.1f}" for m, r in results["method_rates"].items()))
     if memory_rows:
         counts = (QUICK_MEMORY if args.quick else FULL_MEMORY)["counts"]
         print(f"\nMemory: npz files of random pixels with {sum(counts.values()):,} images "

@@ -2,11 +2,12 @@
 
     python db.py runs/pathmnist/explanations.db      # runs, rows per class, accuracy, mean |delta|
 
-Schema version 4 (kept in PRAGMA user_version; WAL journal while writing, one plain file at rest
+Schema version 5 (kept in PRAGMA user_version; WAL journal while writing, one plain file at rest
 (see close); foreign keys on). Version 1 had the first two tables; version 2 added `quality`;
 version 3 stores each randomisation stage's name with its correlation; version 4 serves every
 MedMNIST 2D dataset (runs.flag, runs.task, runs.data_verified; explanations.true_labels and
-explanations.correct for multi-label data). Opening an older file migrates it in place, each step in
+explanations.correct for multi-label data); version 5 keys explanations by attribution method too
+and stores every randomisation mode (quality.randomization). Opening an older file migrates it in place, each step in
 one transaction, keeping every row.
 
 runs: one row per (checkpoint, IG settings); rerunning evaluate.py with both unchanged reuses it.
@@ -26,8 +27,10 @@ runs: one row per (checkpoint, IG settings); rerunning evaluate.py with both unc
     metrics            TEXT     JSON: the latest test metrics for this checkpoint (NULL before)
     created_at, updated_at TEXT UTC, ISO 8601
 
-explanations: one row per explained image, keyed by (run_id, split, image_index).
+explanations: one row per explained image and method, keyed by (run_id, split, image_index, method).
     image_index        INTEGER  index into that split of the dataset npz
+    method             TEXT     (v5) 'ig' (refined, completeness-checked IG) or another attribution
+                                method: ig_local, saliency, smoothgrad_sq, gradcam, occlusion
     true_label, pred_label, target INTEGER  (target: the class that was explained; true_label is -1
                                 for multi-label data, whose labels are in true_labels)
     true_labels        BLOB     (v4) multi-label data only: uint8 0/1 per label; NULL otherwise
@@ -42,6 +45,7 @@ explanations: one row per explained image, keyed by (run_id, split, image_index)
     delta              REAL     Captum's convergence delta: sum(attribution) - (score - baseline_score)
     score, baseline_score REAL  the explained output at the image and at the IG baseline
     n_steps            INTEGER  integration steps used for this image
+                                (delta, baseline_score and n_steps are NULL for methods other than ig)
 
 quality (v2): explanation quality per image and method, keyed by (run_id, split, image_index, method).
     method             TEXT     'ig', or 'smoothgrad_ig:n=<samples>,sd=<stdev>'
@@ -55,6 +59,8 @@ quality (v2): explanation quality per image and method, keyed by (run_id, split,
     randomization_stages TEXT  JSON object {layer: |map| correlation after re-initialising it and
                                every layer above}, in cascading order, top layer first (v2: a list)
     mask_mass, mask_area REAL   synthetic data only: share of |map| inside the evidence mask, the mask's area
+    randomization      TEXT     (v5) JSON {"top_down" | "bottom_up" | "single": {layer: {"spearman",
+                                "signed", "ssim"}}}: every randomisation mode, per stage
 
 Writes are all or nothing per batch: a row already stored is kept as it was, and a row that cannot be
 stored (a missing run, a missing value) fails its whole batch with a DBError that says why.
@@ -77,7 +83,7 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SCHEMA_V1 = """
 CREATE TABLE runs (
     run_id INTEGER PRIMARY KEY,
@@ -151,9 +157,40 @@ ALTER TABLE runs ADD COLUMN data_verified INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE explanations ADD COLUMN true_labels BLOB;
 ALTER TABLE explanations ADD COLUMN correct INTEGER NOT NULL DEFAULT 0;
 UPDATE explanations SET correct = (true_label = pred_label);
+""", 4: """
+CREATE TABLE explanations_v5 (
+    run_id INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
+    split TEXT NOT NULL,
+    image_index INTEGER NOT NULL,
+    method TEXT NOT NULL,
+    true_label INTEGER NOT NULL,
+    pred_label INTEGER NOT NULL,
+    target INTEGER NOT NULL,
+    confidence REAL NOT NULL,
+    probs BLOB NOT NULL,
+    attribution BLOB NOT NULL,
+    attr_dtype TEXT NOT NULL,
+    attr_shape TEXT NOT NULL,
+    delta REAL,
+    score REAL NOT NULL,
+    baseline_score REAL,
+    n_steps INTEGER,
+    true_labels BLOB,
+    correct INTEGER NOT NULL,
+    PRIMARY KEY (run_id, split, image_index, method),
+    CHECK (method != 'ig' OR (delta IS NOT NULL AND baseline_score IS NOT NULL AND n_steps IS NOT NULL))
+);
+INSERT INTO explanations_v5 SELECT run_id, split, image_index, 'ig', true_label, pred_label, target,
+    confidence, probs, attribution, attr_dtype, attr_shape, delta, score, baseline_score, n_steps,
+    true_labels, correct FROM explanations;
+DROP TABLE explanations;
+ALTER TABLE explanations_v5 RENAME TO explanations;
+CREATE INDEX explanations_by_true ON explanations (run_id, split, method, true_label);
+CREATE INDEX explanations_by_pred ON explanations (run_id, split, method, pred_label);
+ALTER TABLE quality ADD COLUMN randomization TEXT;
 """}
 EXPLANATION_REALS = ("confidence", "delta", "score", "baseline_score")
-EXPLANATION_COLUMNS = ("run_id", "split", "image_index", "true_label", "pred_label", "target",
+EXPLANATION_COLUMNS = ("run_id", "split", "image_index", "method", "true_label", "pred_label", "target",
                        "confidence", "probs", "attribution", "attr_dtype", "attr_shape", "delta",
                        "score", "baseline_score", "n_steps", "true_labels", "correct")
 # Sort orders of find(): name -> (column, descending); ties always go by image index.
@@ -296,12 +333,13 @@ def run_id_for(conn, checkpoint_sha256, checkpoint_path, model_config, class_nam
 
 
 def explanation_rows(run_id, split, image_index, true_label, probs, target, attributions, delta,
-                     score, baseline_score, n_steps):
+                     score, baseline_score, n_steps, method="ig"):
     """DB rows for one explained batch of N images, from numpy arrays or lists (one entry per image).
 
     probs is (N, K); attributions (N, C, H, W) already in the dtype to store; the predicted class and
     its confidence are read from probs. true_label is (N,) class indices, or (N, K) of 0/1 for
-    multi-label data (stored as true_labels, with true_label -1)."""
+    multi-label data (stored as true_labels, with true_label -1). Methods other than IG have no
+    completeness terms: their delta, baseline_score and n_steps are None (NULL)."""
     probs = np.asarray(probs, dtype="<f4")
     attributions = np.asarray(attributions)
     bad = ~(np.isfinite(attributions.reshape(len(attributions), -1)).all(1) & np.isfinite(probs).all(1))
@@ -329,7 +367,7 @@ def explanation_rows(run_id, split, image_index, true_label, probs, target, attr
     rows = []
     for i, (index, true, pred, tgt, confidence, d, f_x, f_b, steps) in enumerate(columns):
         blob, dt, shape = encode_array(attributions[i], attributions.dtype)
-        rows.append({"run_id": run_id, "split": split, "image_index": index, "true_label": true,
+        rows.append({"run_id": run_id, "split": split, "image_index": index, "method": method, "true_label": true,
                      "pred_label": pred, "target": tgt, "confidence": confidence,
                      "probs": probs[i].tobytes(), "attribution": blob, "attr_dtype": dt,
                      "attr_shape": shape, "delta": d, "score": f_x, "baseline_score": f_b,
@@ -337,9 +375,17 @@ def explanation_rows(run_id, split, image_index, true_label, probs, target, attr
     return rows
 
 
-def done_indices(conn, run_id, split):
+def done_indices(conn, run_id, split, method="ig"):
     return {r[0] for r in conn.execute(
-        "SELECT image_index FROM explanations WHERE run_id = ? AND split = ?", (run_id, split))}
+        "SELECT image_index FROM explanations WHERE run_id = ? AND split = ? AND method = ?",
+        (run_id, split, method))}
+
+
+def explanation_methods(conn, run_id, split="test"):
+    """The attribution methods with stored maps for this run, 'ig' first."""
+    found = {r[0] for r in conn.execute("SELECT DISTINCT method FROM explanations WHERE run_id = ? AND split = ?",
+                                        (run_id, split))}
+    return sorted(found, key=lambda m: (m != "ig", m))
 
 
 def insert_explanations(conn, rows):
@@ -386,17 +432,22 @@ def done_quality(conn, run_id, split, method):
 
 
 def insert_quality(conn, rows):
-    """Insert a batch of quality dicts (curves as float32 arrays, stages as {layer: correlation})
-    in one transaction."""
+    """Insert a batch of quality dicts (curves as float32 arrays, stages as {layer: correlation},
+    `randomization` as {mode: {layer: {measure: value}}} or absent) in one transaction."""
     columns = ("run_id", "split", "image_index", "method") + QUALITY_VALUES + QUALITY_CURVES + (
-        "randomization_stages",)
+        "randomization_stages", "randomization")
     checked = [{"image_index": row["image_index"], **{c: row.get(c) for c in QUALITY_VALUES},
                 **{c: float(np.sum(row[c])) for c in QUALITY_CURVES},  # NaN or inf if any point is
-                "randomization_stages": float(sum(row["randomization_stages"].values()))} for row in rows]
-    refuse_non_finite(checked, "quality", QUALITY_VALUES + QUALITY_CURVES + ("randomization_stages",))
+                "randomization_stages": float(sum(row["randomization_stages"].values())),
+                "randomization": float(sum(v for mode in (row.get("randomization") or {}).values()
+                                           for stage in mode.values() for v in stage.values()))}
+               for row in rows]
+    refuse_non_finite(checked, "quality", QUALITY_VALUES + QUALITY_CURVES + ("randomization_stages", "randomization"))
     encoded = [tuple(np.asarray(row[c], "<f4").tobytes() if c in QUALITY_CURVES
                      else json.dumps({k: round(v, 6) for k, v in row[c].items()})
-                     if c == "randomization_stages" else row.get(c) for c in columns) for row in rows]
+                     if c == "randomization_stages"
+                     else (json.dumps(row[c]) if row.get(c) is not None else None)
+                     if c == "randomization" else row.get(c) for c in columns) for row in rows]
     return insert_batch(conn, "quality", columns, encoded)
 
 
@@ -412,6 +463,7 @@ def quality_rows(conn, run_id, split, method, image_indices=None):
         for c in QUALITY_CURVES:
             d[c] = np.frombuffer(d[c], "<f4")
         d["randomization_stages"] = json.loads(d["randomization_stages"])
+        d["randomization"] = json.loads(d["randomization"]) if d.get("randomization") else None
         out.append(d)
     return out
 
@@ -452,27 +504,28 @@ def row_to_dict(row):
     return d
 
 
-def get_explanation(conn, run_id, split, image_index):
-    row = conn.execute("SELECT * FROM explanations WHERE run_id = ? AND split = ? AND image_index = ?",
-                       (run_id, split, image_index)).fetchone()
+def get_explanation(conn, run_id, split, image_index, method="ig"):
+    row = conn.execute("SELECT * FROM explanations WHERE run_id = ? AND split = ? AND image_index = ? "
+                       "AND method = ?", (run_id, split, image_index, method)).fetchone()
     if row is None:
-        stored = sorted(done_indices(conn, run_id, split))
+        stored = sorted(done_indices(conn, run_id, split, method))
         shown = ", ".join(map(str, stored[:20])) + (f", ... ({len(stored)} in all)" if len(stored) > 20 else "")
-        raise DBError(f"Run {run_id} has no stored explanation for {split} image {image_index}. Stored "
-                      f"{split} images: {shown or 'none'}. `python db.py DB` summarises the store.")
+        raise DBError(f"Run {run_id} has no stored {method} explanation for {split} image {image_index}. "
+                      f"Stored {split} images: {shown or 'none'}. `python db.py DB` summarises the store.")
     return row_to_dict(row)
 
 
-def attribution(conn, run_id, split, image_index):
-    """One stored attribution as a numpy array of shape (C, H, W)."""
-    return get_explanation(conn, run_id, split, image_index)["attribution"]
+def attribution(conn, run_id, split, image_index, method="ig"):
+    """One stored attribution map as a numpy array of shape (C, H, W), read the same way for every method."""
+    return get_explanation(conn, run_id, split, image_index, method)["attribution"]
 
 
 def find(conn, run_id, split="test", misclassified=None, true_label=None, pred_label=None,
          min_confidence=None, max_confidence=None, image_indices=None, order="index", limit=None,
-         with_arrays=False):
-    """Stored explanations matching every filter given, as dicts (arrays decoded if with_arrays)."""
-    where, params = ["run_id = ?", "split = ?"], [run_id, split]
+         with_arrays=False, method="ig"):
+    """Stored explanations of `method` matching every filter given, as dicts (arrays decoded if
+    with_arrays)."""
+    where, params = ["run_id = ?", "split = ?", "method = ?"], [run_id, split, method]
     if misclassified is not None:
         where.append("correct = ?")
         params.append(0 if misclassified else 1)
@@ -519,11 +572,11 @@ def ig_summary(conn, run_id, split, image_indices=None, tolerance=0.05):
             "share_within_5pct": float((rel <= tolerance).mean())}
 
 
-def class_attributions(conn, run_id, label, split="test"):
+def class_attributions(conn, run_id, label, split="test", method="ig"):
     """Every stored attribution of one true class, stacked into (N, C, H, W)."""
     rows = conn.execute("SELECT attribution, attr_dtype, attr_shape FROM explanations "
-                        "WHERE run_id = ? AND split = ? AND true_label = ? ORDER BY image_index",
-                        (run_id, split, label)).fetchall()
+                        "WHERE run_id = ? AND split = ? AND method = ? AND true_label = ? ORDER BY image_index",
+                        (run_id, split, method, label)).fetchall()
     return np.stack([decode_array(*r) for r in rows]) if rows else np.empty((0,))
 
 
@@ -546,7 +599,7 @@ def summary(conn, describe):
         stats = conn.execute(
             "SELECT split, COUNT(*), AVG(correct), AVG(ABS(delta)), "
             "AVG(relative_error(delta, score - baseline_score)) FROM explanations "
-            "WHERE run_id = ? GROUP BY split", (run_id,)).fetchall()
+            "WHERE run_id = ? AND method = 'ig' GROUP BY split", (run_id,)).fetchall()
         for split, n, acc, mean_delta, rel in stats:
             lines.append(f"  {split}: {n} explanations, accuracy of stored rows {acc:.4f}, mean |delta| "
                          f"{mean_delta:.3e}, mean relative completeness error {rel:.2%}")
@@ -554,12 +607,17 @@ def summary(conn, describe):
             by, what = ("pred_label", "top label right") if run["task"].startswith("multi-label") else ("true_label", "accuracy")
             per_class = conn.execute(
                 f"SELECT {by}, COUNT(*), AVG(correct) FROM explanations "
-                f"WHERE run_id = ? AND split = ? GROUP BY {by} ORDER BY {by}", (run_id, split)).fetchall()
+                f"WHERE run_id = ? AND split = ? AND method = 'ig' GROUP BY {by} ORDER BY {by}",
+                (run_id, split)).fetchall()
             if by == "pred_label":
                 lines.append("    by predicted (highest-scoring) label:")
             for label, count, class_acc in per_class:
                 name = run["class_names"][label]
                 lines.append(f"    {label} {name:38s} {count:6d} rows  {what} {class_acc:.3f}")
+        others = conn.execute("SELECT method, COUNT(*) FROM explanations WHERE run_id = ? AND method != 'ig' "
+                              "GROUP BY method ORDER BY method", (run_id,)).fetchall()
+        if others:
+            lines.append("  other methods' maps: " + ", ".join(f"{m} {n}" for m, n in others))
         quality = conn.execute(
             "SELECT method, COUNT(*), AVG(deletion_auc), AVG(deletion_auc_random), AVG(insertion_auc), "
             "AVG(insertion_auc_random), AVG(randomization_spearman) FROM quality WHERE run_id = ? "

@@ -64,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--explain", default="500", type=image_count, help="how many test images to explain with IG: a "
                    "number, 'all', or 0 to skip")
     p.add_argument("--db", help="SQLite store for the explanations (default: <run dir>/explanations.db)")
+    p.add_argument("--methods", type=explain.methods_arg, default=["ig"], help="attribution methods to "
+                   "store, score and draw side by side (images/methods.png), comma-separated or 'all': "
+                   + ", ".join(explain.ATTRIBUTION_METHODS) + " (default: ig)")
     explain.add_ig_arguments(p)
     p.add_argument("--quality", default="200", type=image_count, help="how many of the explained images get the "
                    "quality checks (completeness, deletion/insertion, infidelity, sensitivity, "
@@ -189,6 +192,56 @@ def explain_into_db(net, split, indices, settings, conn, run_id, args, device):
     return stored
 
 
+def methods_into_db(net, split, indices, settings, conn, run_id, args, device, method):
+    """Maps of another attribution method for the images IG explained, stored under its name, one
+    transaction per batch; the prediction and the explained class are IG's rows'. Returns the count."""
+    todo = sorted(set(indices) - db.done_indices(conn, run_id, "test", method))
+    if not todo:
+        return 0
+    attribute = explain.method_fn(method, settings)
+    bar = progress(total=len(todo), unit="img", desc=method)
+    t0, stored = time.perf_counter(), 0
+    for start in range(0, len(todo), args.ig_batch):
+        rows = db.find(conn, run_id, "test", image_indices=todo[start:start + args.ig_batch], with_arrays=True)
+        idx = torch.tensor([r["image_index"] for r in rows])
+        x = data.to_unit(split.images[idx].to(device))
+        targets = torch.tensor([r["target"] for r in rows], device=device)
+        maps = attribute(net, x, targets).cpu().numpy().astype(args.attr_dtype)
+        labels = split.labels[idx].numpy()
+        n = len(rows)
+        stored += db.insert_explanations(conn, db.explanation_rows(
+            run_id, "test", idx.numpy(), labels, np.stack([r["probs"] for r in rows]), targets.cpu().numpy(),
+            maps, [None] * n, [r["score"] for r in rows], [None] * n, [None] * n, method=method))
+        bar.update(n)
+    bar.close()
+    print(f"Stored {stored} {method} maps ({len(todo) / (time.perf_counter() - t0):.1f} attributions/s)")
+    return stored
+
+
+def plot_method_examples(conn, run_id, ds, methods, path, title):
+    """The ig_examples images (per class, the most confident correct and wrong) in every method."""
+    examples, maps = [], {m: [] for m in methods}
+    multi = ds.task == data.MULTI_LABEL
+    for label in range(len(ds.class_names)):
+        for wrong in (False, True):
+            for r in db.find(conn, run_id, "test", misclassified=wrong, order="-confidence", limit=1,
+                             **{"pred_label" if multi else "true_label": label}):
+                i = r["image_index"]
+                per_method = {m: db.find(conn, run_id, "test", image_indices=[i], with_arrays=True, method=m)
+                              for m in methods}
+                if not all(per_method.values()):
+                    continue
+                true = [int(t) for t in r["true_labels"].nonzero()[0]] if multi else label
+                examples.append((data.to_unit(ds.test.images[i]),
+                                 plots.panel_title(ds.class_names, true, r["pred_label"], r["confidence"],
+                                                   ["WRONG"] if wrong else [])))
+                for m in methods:
+                    maps[m].append(explain.stored_attributions(per_method[m])[0])
+    if examples:
+        plots.plot_methods(examples, maps, path, title)
+    return len(examples)
+
+
 def plot_ig_examples(conn, run_id, ds, path, title):
     """Per class: the most confident correct and misclassified stored explanation, if any. Classes
     are the true class, or for multi-label data the predicted (highest-scoring) label, right or not."""
@@ -246,11 +299,13 @@ def main(argv=None):
     indices = explanation_indices(len(ds.test), args.explain)
     quality_idx = indices[:len(indices) if args.quality == "all" else int(args.quality)]
     fused = model_lib.fused_for_inference(net)
-    methods = quality.methods(settings, args.smooth, args.smooth_sd)
-    stages = quality.randomized_models(net) if quality_idx else []
+    methods = quality.methods(settings, args.smooth, args.smooth_sd, names=args.methods)
+    stages = quality.all_randomized_models(net) if quality_idx else {}
     try:
         if indices:
             explain_into_db(fused, ds.test, indices, settings, conn, run_id, args, device)
+            for method in args.methods[1:]:
+                methods_into_db(fused, ds.test, indices, settings, conn, run_id, args, device, method)
         if quality_idx:
             quality.quality_into_db(fused, stages, ds.test, quality_idx, settings, methods, conn,
                                     run_id, device)
@@ -266,12 +321,16 @@ def main(argv=None):
     if db.quality_methods(conn, run_id):
         metrics.update(quality.report_quality(conn, run_id, settings))
     if quality_idx:
-        quality.quality_figures(conn, run_id, methods, quality_idx, stages, ds.test, images, tag)
+        quality.quality_figures(conn, run_id, methods, quality_idx, stages, ds.test, images, tag, fused)
     db.set_metrics(conn, run_id, metrics)
     write_json(run_dir / "metrics.json", metrics)
     if indices:
         n = plot_ig_examples(conn, run_id, ds, images / "ig_examples.png",
                              f"Integrated Gradients on the test split of {tag}")
+        if len(args.methods) > 1:
+            shown = plot_method_examples(conn, run_id, ds, args.methods, images / "methods.png",
+                                         f"Attribution methods side by side, test split of {tag}")
+            print(f"{shown} examples in {len(args.methods)} methods -> {images / 'methods.png'}")
         ig = metrics["ig"]
         print(f"IG: {ig['explained']} stored, mean relative completeness error "
               f"{ig['mean_relative_completeness_error']:.2%}, {ig['share_within_5pct']:.0%} within 5%; "

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from captum.attr import IntegratedGradients, NoiseTunnel
+from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, NoiseTunnel, Occlusion, Saliency
 
 import data
 import db
@@ -191,6 +191,71 @@ def attribution_fn(settings, smooth=0, smooth_stdev=0.1):
     return smoothgrad_ig if smooth else ig
 
 
+# ----------------------------------------------------------------------------- other methods
+
+# Every attribution method evaluate.py and explain.py offer (--methods), all from Captum. "ig" is
+# the stored, completeness-checked IG above; the others give maps of the input's shape too.
+ATTRIBUTION_METHODS = ("ig", "ig_local", "saliency", "smoothgrad_sq", "gradcam", "occlusion")
+SMOOTHGRAD_SAMPLES, SMOOTHGRAD_SD = 16, 0.1  # smoothgrad_sq: noisy copies, noise s.d. in [0, 1] pixel units
+
+
+def methods_arg(text):
+    """argparse type for --methods: 'all' or a comma-separated list of ATTRIBUTION_METHODS; 'ig'
+    always comes first (the other methods reuse its predictions)."""
+    names = list(ATTRIBUTION_METHODS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in ATTRIBUTION_METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or repr(text)} is not an attribution "
+                                         f"method; choose from {', '.join(ATTRIBUTION_METHODS)}, or all")
+    return ["ig"] + [m for m in ATTRIBUTION_METHODS[1:] if m in names]
+
+
+def occlusion_window(size):
+    """(window, stride) in pixels for occlusion: 4 and 2 at 28 px, growing with the image."""
+    return max(2, round(size / 7)), max(1, round(size / 14))
+
+
+def method_fn(name, settings):
+    """(model, x, target) -> float32 attributions of x's shape, for one of ATTRIBUTION_METHODS.
+
+    ig: IG at settings' fixed step count (evaluate.py stores the refined IG instead);
+    ig_local: IG without the (x - baseline) factor (Captum's multiply_by_inputs=False), the path
+    average of the gradient; saliency: |input gradient| (Simonyan et al.; Captum's default); smoothgrad_sq: SmoothGrad-Squared
+    of the gradient (NoiseTunnel); gradcam: LayerGradCam on model_lib.gradcam_layer, upsampled
+    bilinearly and spread evenly over the channels; occlusion: the drop in the output when a window
+    (occlusion_window) is set to the IG baseline."""
+    if name == "ig":
+        return attribution_fn(settings)
+
+    def run(model, x, target):
+        forward = forward_for(model, settings["output"])
+        base = make_baseline(x, settings["baseline"], model_lib.input_mean(model))
+        with input_gradients_only(model):
+            if name == "ig_local":
+                attr = IntegratedGradients(forward, multiply_by_inputs=False).attribute(
+                    x, baselines=base, target=target, n_steps=settings["n_steps"], method=settings["method"],
+                    internal_batch_size=chunk_size(x))
+            elif name == "saliency":  # an input that requires grad spares Captum's warning
+                attr = Saliency(forward).attribute(x.detach().requires_grad_(), target=target)
+            elif name == "smoothgrad_sq":
+                attr = NoiseTunnel(Saliency(forward)).attribute(
+                    x, nt_type="smoothgrad_sq", nt_samples=SMOOTHGRAD_SAMPLES, stdevs=SMOOTHGRAD_SD,
+                    nt_samples_batch_size=SMOOTHGRAD_SAMPLES, target=target, abs=False)
+            elif name == "gradcam":
+                cam = LayerGradCam(forward, model_lib.gradcam_layer(model)).attribute(x, target=target)
+                cam = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), "bilinear")
+                attr = cam.expand_as(x) / x.shape[1]
+            elif name == "occlusion":
+                window, stride = occlusion_window(x.shape[-1])
+                attr = Occlusion(forward).attribute(
+                    x, sliding_window_shapes=(x.shape[1], window, window), strides=(x.shape[1], stride, stride),
+                    baselines=base, target=target, perturbations_per_eval=16)
+            else:
+                raise ValueError(f"unknown attribution method {name!r}; choose from {ATTRIBUTION_METHODS}")
+        return attr.detach().float().contiguous()
+    return run
+
+
 def stored_attributions(rows):
     """The attributions of stored explanation rows (read with arrays) as one float32 (N, C, H, W) tensor."""
     return torch.from_numpy(np.stack([r["attribution"] for r in rows]).astype(np.float32))
@@ -279,6 +344,9 @@ def parse_args(argv=None):
     p.add_argument("images", nargs="*", help="PNG/JPEG/TIFF files, or folders of them, to classify "
                    "and explain")
     p.add_argument("--checkpoint", default="runs/pathmnist_28/best.pt", help="trained model (train.py)")
+    p.add_argument("--methods", type=methods_arg, default=["ig"], help="also draw these attribution "
+                   "methods beside IG (<name>_methods.png), comma-separated or 'all': "
+                   + ", ".join(ATTRIBUTION_METHODS) + " (default: ig)")
     p.add_argument("--out", default="images/explain", help="folder for the attribution figures and "
                    "predictions.csv")
     add_ig_arguments(p)
@@ -333,6 +401,14 @@ def explain_files(args):
                                  f"IG, model trained on {data.describe(meta['provenance'])}")
         error = float(result.relative_error()[0])
         print(f"  attribution figure -> {out}  (completeness error {error:.1%} of f(x) - f(baseline))")
+        if len(args.methods) > 1:
+            x = data.to_unit(image[None].to(device))
+            maps = {"ig": [result.attributions[0]]}
+            maps.update({m: [method_fn(m, settings)(net, x, targets.to(device))[0].cpu()] for m in args.methods[1:]})
+            side_by_side = Path(args.out) / f"{stem}_methods.png"
+            plots.plot_methods([(data.to_unit(image), title)], maps, side_by_side,
+                               f"Attribution methods, model trained on {data.describe(meta['provenance'])}")
+            print(f"  methods side by side -> {side_by_side}")
         rows.append({"file": str(path), "class": names[pred], "confidence": f"{float(top.values[0]):.4f}",
                      "top3": top3, "completeness_error": f"{error:.4f}", "figure": str(out),
                      "warnings": "; ".join(warnings)})

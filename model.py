@@ -21,7 +21,8 @@ turns logits into one sigmoid per label for a multi-label model and a softmax ot
 What the explainers (explain.py, quality.py) may assume of the network, all defined here so that a
 new architecture means editing this file alone: it takes [0, 1] images and `input_mean` is the
 colour it normalises around; `randomization_layers` lists the layers to re-initialise, top first;
-`fused_for_inference` folds BatchNorm into the Conv-BN-ReLU blocks.
+`gradcam_layer` is the block Grad-CAM reads; `fused_for_inference` folds BatchNorm into the
+Conv-BN-ReLU blocks.
 """
 import argparse
 import copy
@@ -134,6 +135,12 @@ def probabilities(model, logits):
 def input_mean(model):
     """The training split's mean colour, (C,), on the model's device: what the model centres on."""
     return model.normalize.mean.flatten()
+
+
+def gradcam_layer(model):
+    """The layer Grad-CAM reads: the last convolutional block (coarsest, most semantic maps; 4x4 at
+    28 px)."""
+    return model.features[-1]
 
 
 def randomization_layers(model):

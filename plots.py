@@ -5,7 +5,8 @@
     IG gallery / one image explanation_figure  (evaluate.py -> <run>/images/ig_examples.png,
                                                 explain.py  -> images/explain/<name>_ig.png)
     deletion / insertion   plot_faithfulness   (evaluate.py -> <run>/images/faithfulness.png)
-    randomisation example  plot_randomization  (evaluate.py -> <run>/images/sanity_randomization.png)
+    randomisation example  plot_randomization_rows (evaluate.py -> <run>/images/sanity_randomization.png)
+    methods side by side   plot_methods        (evaluate.py -> <run>/images/methods.png)
 
 Images come in as float (C, H, W) tensors in [0, 1], i.e. already un-normalised: every panel shows
 the tissue in its true colours, and 1-channel images (X-ray, CT, OCT, ultrasound) in greyscale. This is the only module that imports matplotlib; it draws with the
@@ -13,6 +14,7 @@ file-only Agg backend and writes every figure atomically (write_figure), so a cr
 half a PNG.
 """
 import textwrap
+import warnings
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -172,17 +174,64 @@ def plot_faithfulness(curves, path, title):
 
 
 def plot_randomization(image, maps, correlations, path, title):
-    """One image, its map, and the maps after each randomisation stage.
+    """One image, its map, and the maps after each randomisation stage: a one-row
+    plot_randomization_rows. maps: [(name, (C, H, W) map)], the trained model's first;
+    correlations: one per later map."""
+    plot_randomization_rows(image, [("", maps, correlations)], path, title)
 
-    maps: [(name, (C, H, W) map)], the trained model's first; correlations: one per later map.
-    """
-    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(1.7 * (len(maps) + 1), 2.3))
-    show_image(axes[0], image)
-    axes[0].set_title("image", fontsize=7)
-    for ax, (name, attribution), rho in zip(axes[1:], maps, [None] + list(correlations)):
-        viz.visualize_image_attr(hwc(attribution).astype(np.float64), hwc(image), method="heat_map",
-                                 sign="absolute_value", plt_fig_axis=(fig, ax), use_pyplot=False)
-        ax.set_title(name if rho is None else f"{name}\nSpearman {rho:.2f}", fontsize=7)
-    no_ticks(axes)
-    fig.suptitle(title, fontsize=8)
+
+def plot_randomization_rows(image, rows, path, title):
+    """One image and, per row (a method), its trained map and its maps after each randomisation
+    stage. rows: [(method, [(stage name, (C, H, W) map)], [Spearman per later map])]."""
+    columns = 1 + max(len(maps) for _, maps, _ in rows)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(1.7 * columns, 2.1 * len(rows) + 0.4), squeeze=False)
+    for r, (method, maps, correlations) in enumerate(rows):
+        show_image(axes[r, 0], image)
+        axes[r, 0].set_title("image" if not method else f"{method}\nimage", fontsize=7)
+        for ax, (name, attribution), rho in zip(axes[r, 1:], maps, [None] + list(correlations)):
+            if attribution.abs().sum() > 0:  # Captum cannot scale an all-zero map
+                with warnings.catch_warnings():  # a randomised model's tiny maps are still drawn to scale
+                    warnings.filterwarnings("ignore", message="Attempting to normalize by value approximately 0")
+                    viz.visualize_image_attr(hwc(attribution).astype(np.float64), hwc(image), method="heat_map",
+                                             sign="absolute_value", plt_fig_axis=(fig, ax), use_pyplot=False)
+            ax.set_title(name if rho is None else f"{name}\nSpearman {rho:.2f}", fontsize=7)
+        for ax in axes[r, 1 + len(maps):]:
+            ax.axis("off")
+    no_ticks(axes.flat)
+    fig.suptitle(textwrap.fill(title, int(1.7 * columns * 13)), fontsize=8)
     write_figure(fig, path, dpi=130)
+
+
+def plot_methods(examples, method_maps, path, title):
+    """The same examples in every attribution method, side by side: per row the image (true
+    colours, or grey for one channel) and one signed map per method, summed over channels, red
+    positive and blue negative. Each method (column) has one colour scale for all rows, symmetric
+    around 0 at the 99th percentile of its |values|, so maps of one method compare across images.
+
+    examples: [(image (C, H, W) in [0, 1], row title)]; method_maps: {method: [(C, H, W) map per example]}.
+    """
+    methods = list(method_maps)
+    rows, columns = len(examples), 1 + len(methods)
+    title_lines = max(t.count("\n") + 1 for _, t in examples)
+    height = rows * (1.45 + 0.12 * title_lines) + 0.9
+    fig, axes = plt.subplots(rows, columns, figsize=(1.45 * columns, height), squeeze=False)
+    fig.subplots_adjust(top=1 - 0.55 / height, bottom=0.45 / height, hspace=0.25)
+    for c, method in enumerate(methods, start=1):
+        sums = [m.detach().float().sum(0).cpu().numpy() for m in method_maps[method]]
+        scale = float(np.percentile(np.abs(np.stack(sums)), 99)) or 1.0
+        for r, m in enumerate(sums):
+            shown = axes[r, c].imshow(m, cmap="RdBu_r", vmin=-scale, vmax=scale)
+        axes[0, c].set_title(method, fontsize=8)
+        colorbar = fig.colorbar(shown, ax=axes[:, c].tolist(), orientation="horizontal", fraction=0.02,
+                                pad=0.01, aspect=12)
+        colorbar.ax.tick_params(labelsize=5)
+        colorbar.set_ticks([-scale, 0, scale])
+        colorbar.ax.set_xticklabels([f"{-scale:.2g}", "0", f"{scale:.2g}"])
+    for r, (image, row_title) in enumerate(examples):
+        show_image(axes[r, 0], image)
+        axes[r, 0].set_ylabel(row_title, fontsize=6, rotation=0, ha="right", va="center")
+    no_ticks(axes.flat)
+    fig.suptitle(textwrap.fill(title, int(1.45 * columns * 13)), fontsize=9)
+    with atomic_path(path) as tmp:  # no tight_layout: it cannot place the per-column colour bars
+        fig.savefig(tmp, dpi=130, bbox_inches="tight")
+    plt.close(fig)

@@ -17,6 +17,7 @@ its Spearman correlations and verdict, and mask mass. Rows go to the `quality` t
 transaction per batch, so an interrupted pass resumes where it stopped.
 """
 import copy
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +32,12 @@ import plots
 from progress import progress
 
 CURVE_POINTS = 29  # deletion/insertion curves: 0, 1/28, ..., all of the pixels
-# The randomisation check fails when the fully randomised maps keep a rank correlation above 0.5
-# with the originals, unless that is within 0.1 of what |x - baseline| alone shares with them.
-RANDOMIZATION_FAIL, INPUT_MARGIN = 0.5, 0.1
+# The randomisation check: a method passes when its fully randomised |maps| keep a Spearman rank
+# correlation with its trained maps at least RANDOMIZATION_MARGIN below the input-only control's, a
+# map that ignores the model and so keeps 1.0 (measured each run, through the identical test).
+RANDOMIZATION_MARGIN = 0.5
+RANDOMIZATION_MODES = ("top_down", "bottom_up", "single")
+SSIM_WINDOW = 7  # pixels; the Gaussian-free (uniform) window of Wang et al.'s SSIM
 INFIDELITY_NOISE, SENSITIVITY_RADIUS = 0.05, 0.02  # in [0, 1] pixel units
 
 
@@ -83,34 +87,93 @@ def rank_correlation(a, b, absolute=True):
     return ((ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1)).clamp_min(1e-12)).float()
 
 
-def randomization_verdict(spearman, input_spearman):
-    """'failed' when fully randomised maps keep more of their ranking than the input alone explains."""
-    return "failed" if spearman > max(RANDOMIZATION_FAIL, input_spearman + INPUT_MARGIN) else "passed"
+def randomization_verdict(spearman, control_spearman=1.0):
+    """'passed' when fully randomised maps keep at least RANDOMIZATION_MARGIN less rank correlation
+    with the trained maps than the input-only control keeps (1.0: it ignores the model)."""
+    return "passed" if spearman <= control_spearman - RANDOMIZATION_MARGIN else "failed"
 
 
-def randomized_models(model, seed=0):
-    """[(stage, model)]: weights re-initialised cumulatively from the top layer down, each copy
-    BN-folded for IG. Seeded, and without touching the global RNG."""
+def reinitialise(model, stage):
+    for m in model.get_submodule(stage).modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+
+
+def randomized_models(model, seed=0, mode="top_down"):
+    """[(stage, model)], each copy BN-folded for the explainers. top_down: weights re-initialised
+    cumulatively from the top layer down (Adebayo et al., 2018); bottom_up: cumulatively from the
+    first layer up (what Binder et al., 2023, and Quantus recommend); single: each layer alone.
+    Seeded, and without touching the global RNG."""
+    layers = model_lib.randomization_layers(model)
+    if mode == "bottom_up":
+        layers = layers[::-1]
     out, rand = [], copy.deepcopy(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for stage in model_lib.randomization_layers(model):
-            for m in rand.get_submodule(stage).modules():
-                if hasattr(m, "reset_parameters"):
-                    m.reset_parameters()
-                if isinstance(m, torch.nn.BatchNorm2d):
-                    m.reset_running_stats()
+        for stage in layers:
+            if mode == "single":
+                rand = copy.deepcopy(model)
+            reinitialise(rand, stage)
             out.append((stage, model_lib.fused_for_inference(rand)))
     return out
+
+
+def all_randomized_models(model, seed=0):
+    """{mode: randomized_models(model, seed, mode)} for every RANDOMIZATION_MODES."""
+    return {mode: randomized_models(model, seed, mode) for mode in RANDOMIZATION_MODES}
+
+
+def ssim(a, b, window=SSIM_WINDOW):
+    """Per-image structural similarity (Wang et al., 2004) of |a| and |b| summed over channels, each
+    scaled to [0, 1], with a uniform window: 1 for the same map, about 0 for unrelated ones."""
+    def unit(t):
+        t = t.abs().sum(1, keepdim=True).double()
+        low, high = t.amin((2, 3), keepdim=True), t.amax((2, 3), keepdim=True)
+        return (t - low) / (high - low).clamp_min(1e-12)
+    x, y = unit(a), unit(b)
+    pool = lambda t: torch.nn.functional.avg_pool2d(t, window, 1, window // 2, count_include_pad=False)  # noqa: E731
+    mx, my = pool(x), pool(y)
+    vx, vy, cov = pool(x * x) - mx ** 2, pool(y * y) - my ** 2, pool(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.mean((1, 2, 3)).float()
+
+
+# ----------------------------------------------------------------------------- controls
+
+def control_maps():
+    """{name: (model, x, target) -> map}: three maps that ignore the model, run through every
+    quality measure beside the methods. A random map (fresh noise each call), the input-only map
+    |x - baseline| (what IG's (x - baseline) factor stamps into every IG map), and a Sobel edge map
+    of the image. A sound randomisation test fails the last two and cannot tell the first from a
+    good method: passing it is necessary, not sufficient (Binder et al., 2023)."""
+    def random_map(model, x, target):
+        return torch.randn(x.shape, device=x.device)
+
+    def input_only(model, x, target, baseline="mean"):
+        return (x - explain.make_baseline(x, baseline, model_lib.input_mean(model))).abs()
+
+    def edges(model, x, target):
+        grey = x.mean(1, keepdim=True)
+        kx = torch.tensor([[-1., 0., 1.], [-2., 0., 2.], [-1., 0., 1.]], device=x.device).view(1, 1, 3, 3)
+        gx = torch.nn.functional.conv2d(grey, kx, padding=1)
+        gy = torch.nn.functional.conv2d(grey, kx.transpose(2, 3), padding=1)
+        return ((gx ** 2 + gy ** 2).sqrt() / x.shape[1]).expand_as(x).contiguous()
+    return {"control:random": random_map, "control:input": input_only, "control:edge": edges}
 
 
 def quality_measures(model, x, target, attributions, settings, attribute, stages, masks=None, seed=0):
     """Faithfulness and sanity measures of `attributions` (B, C, H, W) for images x, per image.
 
-    `model` is the (BN-folded) model explained; `attribute` recomputes maps (explain.attribution_fn)
-    for the randomised models in `stages` ([(layer, model)], see randomized_models) and for Captum's
-    sensitivity_max. "randomization_stages" is (B, len(stages)), in the order of `stages`.
+    `model` is the (BN-folded) model explained; `attribute` recomputes maps (explain.method_fn or a
+    control) for the randomised models in `stages` ({mode: [(layer, model)]}, see
+    all_randomized_models; a plain list is the top-down cascade) and for Captum's sensitivity_max.
+    "randomization_stages" is (B, stages) of the top-down |map| Spearman; "randomization" holds, per
+    image, every mode's {layer: {"spearman", "signed", "ssim"}}.
     """
+    stages = stages if isinstance(stages, dict) else {"top_down": stages}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # random orders and metric noise: the same on every rerun
         gen = torch.Generator().manual_seed(seed)
@@ -130,13 +193,22 @@ def quality_measures(model, x, target, attributions, settings, attribute, stages
             return (attribute(model, inputs[0] if isinstance(inputs, tuple) else inputs, target),)
         sens = sensitivity_max(explanation, x, target=target, perturb_radius=SENSITIVITY_RADIUS,
                                n_perturb_samples=4)
-        randomized = [attribute(m, x, target).cpu() for _, m in stages]
-    by_stage = torch.stack([rank_correlation(attributions, a) for a in randomized], 1)
+        randomized = {mode: [(name, attribute(m, x, target).cpu()) for name, m in models]
+                      for mode, models in stages.items()}
+    per_mode = {mode: {name: {"spearman": rank_correlation(attributions, a),
+                              "signed": rank_correlation(attributions, a, absolute=False),
+                              "ssim": ssim(attributions, a)} for name, a in maps}
+                for mode, maps in randomized.items()}
+    top_down = randomized["top_down"]
+    by_stage = torch.stack([per_mode["top_down"][name]["spearman"] for name, _ in top_down], 1)
     out = {**curves, "infidelity": infid.cpu(), "sensitivity_max": sens.cpu(),
            "randomization_stages": by_stage, "randomization_spearman": by_stage[:, -1],
-           "randomization_spearman_signed": rank_correlation(attributions, randomized[-1], absolute=False),
+           "randomization_spearman_signed": per_mode["top_down"][top_down[-1][0]]["signed"],
            # IG multiplies by (x - baseline), so maps from any weights share this much ranking with it
-           "randomization_input_spearman": rank_correlation(attributions, (x - base).cpu())}
+           "randomization_input_spearman": rank_correlation(attributions, (x - base).cpu()),
+           "randomization": [{mode: {name: {k: round(float(v[i]), 6) for k, v in m.items()}
+                                     for name, m in stages_.items()}
+                              for mode, stages_ in per_mode.items()} for i in range(len(x))]}
     for name, curve in curves.items():
         out[name.replace("_curve", "_auc")] = curve_auc(curve)
     if masks is not None:
@@ -152,18 +224,26 @@ SUMMARY_KEYS = ("deletion_auc", "deletion_auc_random", "insertion_auc", "inserti
                 "randomization_spearman_signed", "randomization_input_spearman", "mask_mass", "mask_area")
 
 
-def methods(settings, smooth=0, smooth_sd=0.1):
-    """{method name: attribution function}: IG, plus SmoothGrad over IG with `smooth` samples."""
-    out = {"ig": explain.attribution_fn(settings)}
+def methods(settings, smooth=0, smooth_sd=0.1, names=("ig",), controls=True):
+    """{method name: attribution function}: each of `names` (explain.ATTRIBUTION_METHODS), SmoothGrad
+    over IG with `smooth` samples, and the three controls (control_maps)."""
+    out = {name: explain.method_fn(name, settings) for name in names}
     if smooth:
         out[f"smoothgrad_ig:n={smooth},sd={smooth_sd}"] = explain.attribution_fn(settings, smooth, smooth_sd)
+    if controls:
+        baseline = settings["baseline"]
+        out.update({name: (functools.partial(fn, baseline=baseline) if name == "control:input" else fn)
+                    for name, fn in control_maps().items()})
     return out
 
 
 def quality_into_db(fused, stages, split, indices, settings, attribute_by_method, conn, run_id, device):
     """Quality measures for the stored explanations of `indices` that have none yet, per method,
-    a batch per transaction. `fused` is the BN-folded model, `stages` from randomized_models."""
-    stage_names = [name for name, _ in stages]
+    a batch per transaction. `fused` is the BN-folded model, `stages` from all_randomized_models.
+    A method with maps stored for the run (evaluate.py --methods) is scored on those maps; others
+    (SmoothGrad over IG, the controls) are computed here."""
+    stored_methods = set(db.explanation_methods(conn, run_id))
+    stages = stages if isinstance(stages, dict) else {"top_down": stages}
     for method, attribute in attribute_by_method.items():
         done = db.done_quality(conn, run_id, "test", method)
         todo = [i for i in indices if i not in done]
@@ -176,24 +256,30 @@ def quality_into_db(fused, stages, split, indices, settings, attribute_by_method
             idx = torch.tensor([r["image_index"] for r in rows])
             x = data.to_unit(split.images[idx].to(device))
             target = torch.tensor([r["target"] for r in rows], device=device)
-            # IG's own maps are the stored ones; other methods are computed here.
-            attributions = (explain.stored_attributions(rows) if method == "ig"
-                            else attribute(fused, x, target).cpu())
+            if method in stored_methods:
+                maps = db.find(conn, run_id, "test", image_indices=idx.tolist(), with_arrays=True, method=method)
+                attributions = explain.stored_attributions(maps)
+            else:
+                attributions = attribute(fused, x, target).cpu()
             q = quality_measures(fused, x, target, attributions, settings, attribute, stages,
                                  masks=None if split.masks is None else split.masks[idx])
             gap = torch.tensor([r["score"] - r["baseline_score"] for r in rows])
             q["relative_error"] = db.relative_completeness_error(attributions.sum((1, 2, 3)) - gap, gap)
-            by_stage = q.pop("randomization_stages")
+            by_stage, detail = q.pop("randomization_stages"), q.pop("randomization")
+            stage_names = [name for name, _ in stages["top_down"]]
             db.insert_quality(conn, [{"run_id": run_id, "split": "test", "image_index": int(i),
                                       "method": method, **{k: v[j].tolist() for k, v in q.items()},
-                                      "randomization_stages": dict(zip(stage_names, by_stage[j].tolist()))}
+                                      "randomization_stages": dict(zip(stage_names, by_stage[j].tolist())),
+                                      "randomization": detail[j]}
                                      for j, i in enumerate(idx.tolist())])
             bar.update(len(rows))
         bar.close()
 
 
-def quality_summary(conn, run_id, method, settings):
-    """Means over every stored quality row of the run for `method`, with the check verdicts."""
+def quality_summary(conn, run_id, method, settings, control_spearman=1.0):
+    """Means over every stored quality row of the run for `method`, with the check verdicts;
+    `control_spearman` is the input-only control's fully randomised |map| Spearman (see
+    randomization_verdict)."""
     rows = db.quality_rows(conn, run_id, "test", method)
     if not rows:
         return {"images": 0}
@@ -206,8 +292,20 @@ def quality_summary(conn, run_id, method, settings):
                "mean_relative_error": mean("relative_error"),
                "randomization_by_stage": {name: float(np.mean([r["randomization_stages"][name] for r in rows]))
                                           for name in stages}}
-    summary["randomization_check"] = randomization_verdict(
-        summary["randomization_spearman"], summary["randomization_input_spearman"])
+    detailed = [r["randomization"] for r in rows if r["randomization"]]
+    if len(detailed) == len(rows):  # every mode, every measure: means per stage
+        modes = {mode: {stage: {k: float(np.mean([d[mode][stage][k] for d in detailed])) for k in measures}
+                        for stage, measures in by_stage.items()}
+                 for mode, by_stage in detailed[0].items()}
+        summary["randomization_modes"] = modes
+        last = lambda mode: list(modes[mode].values())[-1]  # noqa: E731
+        summary["randomization_ssim"] = last("top_down")["ssim"]
+        if "bottom_up" in modes:
+            summary["randomization_bottom_up_spearman"] = last("bottom_up")["spearman"]
+        if "single" in modes:
+            summary["randomization_single_min_spearman"] = min(v["spearman"] for v in modes["single"].values())
+    summary["randomization_check"] = randomization_verdict(summary["randomization_spearman"], control_spearman)
+    summary["randomization_control_spearman"] = control_spearman
     return summary
 
 
@@ -227,50 +325,82 @@ def quality_warnings(summary, method, settings):
                      f"probability no faster than a random order; the maps are not faithful here.")
     if summary["randomization_check"] == "failed":
         lines.append(f"FAILED sanity check ({method}): with every weight randomised the maps keep a rank "
-                     f"correlation of {summary['randomization_spearman']:.2f} with the originals, above "
-                     f"what the input alone explains ({summary['randomization_input_spearman']:.2f}); "
-                     f"they depend too little on what the model learned.")
+                     f"correlation of {summary['randomization_spearman']:.2f} with the trained maps; a "
+                     f"map that ignores the model keeps {summary['randomization_control_spearman']:.2f}, "
+                     f"and a method must stay {RANDOMIZATION_MARGIN} below that. Its maps depend too "
+                     f"little on what the model learned"
+                     + ("; for IG that is its (x - baseline) factor: read it beside ig_local or saliency."
+                        if method == "ig" else "."))
     return lines
 
 
-def print_quality(summaries):
-    print("\nExplanation quality (means over the quality images; random order = reference):")
+QUALITY_TABLE = (("images", "images", "{:d}"), ("complete", "completeness_share", "{:.0%}"),
+                 ("deletion", "deletion_auc", "{:.3f}"), ("(random)", "deletion_auc_random", "{:.3f}"),
+                 ("insertion", "insertion_auc", "{:.3f}"), ("(random)", "insertion_auc_random", "{:.3f}"),
+                 ("infid.", "infidelity", "{:.3g}"), ("sens.", "sensitivity_max", "{:.3g}"),
+                 ("in mask", "mask_mass", "{:.0%}"),
+                 ("rand. top-down", "randomization_spearman", "{:.2f}"),
+                 ("bottom-up", "randomization_bottom_up_spearman", "{:.2f}"),
+                 ("1 layer min", "randomization_single_min_spearman", "{:.2f}"),
+                 ("SSIM", "randomization_ssim", "{:.2f}"), ("check", "randomization_check", "{}"))
+
+
+def quality_table(summaries):
+    """One line per method (controls last) and one column per measure, as text."""
+    widths = [max(len(head), 8) for head, _, _ in QUALITY_TABLE]
+    lines = [f"  {'method':16s} " + " ".join(f"{head:>{w}s}" for (head, _, _), w in zip(QUALITY_TABLE, widths))]
     for method, q in summaries.items():
-        print(f"  {method} ({q['images']} images)")
-        print(f"    completeness: {q['completeness_share']:.1%} within tolerance, mean relative error "
-              f"{q['mean_relative_error']:.2%}")
-        print(f"    deletion AUC  {q['deletion_auc']:.3f}  (random {q['deletion_auc_random']:.3f}, "
-              f"lower is better)")
-        print(f"    insertion AUC {q['insertion_auc']:.3f}  (random {q['insertion_auc_random']:.3f}, "
-              f"higher is better)")
-        print(f"    infidelity {q['infidelity']:.4f}   sensitivity_max {q['sensitivity_max']:.4f}")
-        stages = "  ".join(f"{k} {v:.2f}" for k, v in q["randomization_by_stage"].items())
-        print(f"    randomisation Spearman |map|: {stages}")
-        print(f"      fully randomised {q['randomization_spearman']:.2f} (signed "
-              f"{q['randomization_spearman_signed']:.2f}; input-only reference "
-              f"{q['randomization_input_spearman']:.2f}) -> {q['randomization_check']}")
-        if q["mask_mass"] is not None:
-            print(f"    localisation: {q['mask_mass']:.1%} of |map| inside the evidence masks, which "
-                  f"cover {q['mask_area']:.1%} of the image")
+        cells = []
+        for (_, key, fmt), w in zip(QUALITY_TABLE, widths):
+            value = q.get(key)
+            if key == "completeness_share" and not method.startswith(("ig", "smoothgrad_ig")) or value is None:
+                cells.append(f"{'—':>{w}s}")  # completeness holds for IG only
+            else:
+                cells.append(f"{fmt.format(value):>{w}s}")
+        lines.append(f"  {method:16s} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def print_quality(summaries):
+    print("\nExplanation quality: means over the quality images (deletion: lower is better, insertion: "
+          "higher; random = a random pixel order).\nRandomisation: Spearman of |map| between the trained "
+          f"and the fully randomised model (top-down and bottom-up), the lowest after one layer alone, and SSIM; "
+          f"a method passes at least {RANDOMIZATION_MARGIN} below the input-only control.")
+    print(quality_table(summaries))
+    ig = summaries.get("ig")
+    if ig and ig["images"]:
+        stages = "  ".join(f"{k} {v:.2f}" for k, v in ig["randomization_by_stage"].items())
+        print(f"  ig, top-down stage by stage: {stages} (signed {ig['randomization_spearman_signed']:.2f}; "
+              f"|x - baseline| shares {ig['randomization_input_spearman']:.2f} with the trained maps)")
+        if ig["mask_mass"] is not None:
+            print(f"  localisation (ig): {ig['mask_mass']:.1%} of |map| inside the evidence masks, which "
+                  f"cover {ig['mask_area']:.1%} of the image")
 
 
 def report_quality(conn, run_id, settings):
-    """Print the summaries and warnings of every method stored for the run; return them for
-    metrics.json, with IG's keys at the top level and other methods' summaries under their names."""
-    summaries = {m: quality_summary(conn, run_id, m, settings) for m in db.quality_methods(conn, run_id)}
+    """Print the summaries and warnings of every method stored for the run (controls included);
+    return them for metrics.json: IG's keys at the top level, every method under "methods"."""
+    names = db.quality_methods(conn, run_id)
+    control = quality_summary(conn, run_id, "control:input", settings) if "control:input" in names else {}
+    control_spearman = control.get("randomization_spearman", 1.0) if control.get("images") else 1.0
+    order = sorted(names, key=lambda m: (m.startswith("control:"), m != "ig", m))
+    summaries = {m: quality_summary(conn, run_id, m, settings, control_spearman) for m in order}
     print_quality(summaries)
     for method, q in summaries.items():
-        for line in quality_warnings(q, method, settings):
-            print(line)
-    ig = summaries.pop("ig")
-    return {**ig, "quality_images": ig.pop("images"), **summaries}
+        if not method.startswith("control:"):
+            for line in quality_warnings(q, method, settings):
+                print(line)
+    ig = dict(summaries.get("ig", {"images": 0}))
+    return {**ig, "quality_images": ig.pop("images"), "methods": summaries}
 
 
-def quality_figures(conn, run_id, attribute_by_method, indices, stages, split, images_dir, tag):
-    """images/faithfulness.png (mean curves per method over `indices`) and
-    images/sanity_randomization.png (the first of them: its IG map through every randomisation stage)."""
+def quality_figures(conn, run_id, attribute_by_method, indices, stages, split, images_dir, tag, fused):
+    """images/faithfulness.png (mean curves per method over `indices`; controls left out) and
+    images/sanity_randomization.png (the first of them: every method's map, and the input-only
+    control's, through each top-down randomisation stage)."""
+    stages = stages if isinstance(stages, dict) else {"top_down": stages}
     curves = {}
-    for method in attribute_by_method:
+    for method in (m for m in attribute_by_method if not m.startswith("control:")):
         rows = db.quality_rows(conn, run_id, "test", method, indices)
         curves[method] = {c: np.stack([r[c] for r in rows]) for c in db.QUALITY_CURVES}
         for c in db.QUALITY_CURVES:
@@ -279,12 +409,20 @@ def quality_figures(conn, run_id, attribute_by_method, indices, stages, split, i
     plots.plot_faithfulness(curves, Path(images_dir) / "faithfulness.png",
                             f"Deletion and insertion, test split of {tag}")
     row = db.find(conn, run_id, "test", image_indices=indices[:1], with_arrays=True)[0]
-    x = data.to_unit(split.images[row["image_index"]][None])
-    target = torch.tensor([row["target"]])
-    attribute = attribute_by_method["ig"]
-    maps = [("IG", explain.stored_attributions([row])[0])] + [
-        (f"random {name}", attribute(m, x, target)[0]) for name, m in stages]
-    rho = [float(rank_correlation(maps[0][1][None], m[None])) for _, m in maps[1:]]
-    plots.plot_randomization(x[0], maps, rho, Path(images_dir) / "sanity_randomization.png",
-                             f"Cascading randomisation (top layer first), test image {row['image_index']} "
-                             f"of {tag}")
+    x = data.to_unit(split.images[row["image_index"]][None]).to(next(fused.parameters()).device)
+    target = torch.tensor([row["target"]], device=x.device)
+    stored = set(db.explanation_methods(conn, run_id))
+    figure_rows = []
+    for method, attribute in attribute_by_method.items():
+        if method.startswith("control:") and method != "control:input":
+            continue
+        trained = (explain.stored_attributions(db.find(conn, run_id, "test", image_indices=[row["image_index"]],
+                                                       with_arrays=True, method=method))[0]
+                   if method in stored else attribute(fused, x, target)[0].cpu())
+        maps = [("trained", trained)] + [(f"random {name}", attribute(m, x, target)[0].cpu())
+                                         for name, m in stages["top_down"]]
+        rho = [float(rank_correlation(trained[None], m[None])) for _, m in maps[1:]]
+        figure_rows.append((method, maps, rho))
+    plots.plot_randomization_rows(x[0].cpu(), figure_rows, Path(images_dir) / "sanity_randomization.png",
+                                  f"Cascading randomisation (top layer first), test image {row['image_index']} "
+                                  f"of {tag}")

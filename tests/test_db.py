@@ -15,7 +15,7 @@ def new_run(conn, settings=None):
                          PROVENANCE, settings or {"n_steps": 16})
 
 
-def fake_rows(run_id, indices, seed=0, dtype="float16"):
+def fake_rows(run_id, indices, seed=0, dtype="float16", method="ig"):
     """Rows for `indices` built by db.explanation_rows: true label i % 9, target = prediction,
     delta 0.01 * i, score 2.0, baseline score 0.5."""
     rng = np.random.default_rng(seed)
@@ -23,7 +23,8 @@ def fake_rows(run_id, indices, seed=0, dtype="float16"):
     probs = rng.dirichlet(np.ones(9), size=n).astype("<f4")
     return db.explanation_rows(run_id, "test", list(indices), [i % 9 for i in indices], probs,
                                probs.argmax(1), rng.normal(size=(n, 3, 28, 28)).astype(dtype),
-                               [0.01 * i for i in indices], [2.0] * n, [0.5] * n, [8] * n)
+                               *(([0.01 * i for i in indices], [2.0] * n, [0.5] * n, [8] * n) if method == "ig"
+                                 else ([None] * n, [2.0] * n, [None] * n, [None] * n)), method=method)
 
 
 def describe(provenance):
@@ -179,7 +180,7 @@ def v1_database(path):
 def test_a_version_1_database_is_migrated_keeping_its_rows(tmp_path):
     v1_database(tmp_path / "v1.db").close()
     migrated = db.connect(tmp_path / "v1.db")
-    assert migrated.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION == 4
+    assert migrated.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION == 5
     assert migrated.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1
     assert "quality" in db.table_names(migrated)
 
@@ -216,6 +217,39 @@ def test_version_3_rows_gain_a_correct_flag_and_pathmnist_run_columns(tmp_path):
     assert [r[0] for r in migrated.execute("SELECT correct FROM explanations ORDER BY image_index")] == [1, 0]
     run = db.get_run(migrated, 1)
     assert (run["flag"], run["task"], run["provenance"]["verified"]) == ("pathmnist", "multi-class", True)
+
+
+def test_version_4_rows_become_ig_rows_keyed_by_method_with_every_value_kept(tmp_path):
+    conn = db.connect(tmp_path / "v4.db")
+    run = new_run(conn)
+    db.insert_explanations(conn, fake_rows(run, range(5)))
+    before = [tuple(r) for r in conn.execute("SELECT * FROM explanations ORDER BY image_index")]
+    conn.close()
+    old = sqlite3.connect(tmp_path / "v4.db")  # rebuild the v4 table from the v5 rows
+    old.executescript("""BEGIN;
+        CREATE TABLE e4 AS SELECT run_id, split, image_index, true_label, pred_label, target, confidence,
+            probs, attribution, attr_dtype, attr_shape, delta, score, baseline_score, n_steps, true_labels,
+            correct FROM explanations;
+        DROP TABLE explanations; ALTER TABLE e4 RENAME TO explanations;
+        ALTER TABLE quality DROP COLUMN randomization; PRAGMA user_version = 4; COMMIT;""")
+    old.close()
+    migrated = db.connect(tmp_path / "v4.db")
+    after = [tuple(r) for r in migrated.execute("SELECT * FROM explanations ORDER BY image_index")]
+    assert after == before and {r[3] for r in after} == {"ig"}
+    db.insert_explanations(migrated, fake_rows(run, range(5), method="saliency"))  # a second method, same images
+    assert db.explanation_methods(migrated, run) == ["ig", "saliency"] and count(migrated) == 10
+
+
+def test_maps_of_every_method_read_back_the_same_way(tmp_path):
+    conn = db.connect(tmp_path / "e.db")
+    run = new_run(conn)
+    ig, gradcam = fake_rows(run, range(3), seed=1), fake_rows(run, range(3), seed=2, method="gradcam")
+    db.insert_explanations(conn, ig + gradcam)
+    for rows, method in ((ig, "ig"), (gradcam, "gradcam")):
+        expected = db.decode_array(rows[2]["attribution"], rows[2]["attr_dtype"], rows[2]["attr_shape"])
+        assert np.array_equal(db.attribution(conn, run, "test", 2, method), expected)
+    assert db.find(conn, run, method="gradcam")[0]["delta"] is None
+    assert db.ig_summary(conn, run, "test")["explained"] == 3  # completeness is IG's alone
 
 
 # ----------------------------------------------------------------------------- multi-label rows
@@ -260,8 +294,8 @@ def test_a_batch_with_one_bad_row_stores_none_of_it_and_says_why(tmp_path):
     conn = db.connect(tmp_path / "e.db")
     run = new_run(conn)
     rows = fake_rows(run, range(5))
-    rows[3]["n_steps"] = None
-    with pytest.raises(db.DBError, match="none of it: NOT NULL constraint failed: explanations.n_steps"):
+    rows[3]["n_steps"] = None  # IG's rows must carry their completeness terms
+    with pytest.raises(db.DBError, match="none of it: CHECK constraint failed"):
         db.insert_explanations(conn, rows)
     assert count(conn) == 0
 
@@ -346,7 +380,7 @@ def test_a_missing_explanation_names_the_stored_ones(tmp_path):
     conn = db.connect(tmp_path / "e.db")
     run = new_run(conn)
     db.insert_explanations(conn, fake_rows(run, [4, 8, 15]))
-    with pytest.raises(db.DBError, match=r"no stored explanation for test image 0\. Stored test images: 4, 8, 15\."):
+    with pytest.raises(db.DBError, match=r"no stored ig explanation for test image 0\. Stored test images: 4, 8, 15\."):
         db.get_explanation(conn, run, "test", 0)
 
 

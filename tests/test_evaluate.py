@@ -363,3 +363,26 @@ def test_tta_is_refused_for_a_model_trained_without_flips(syn_dir, tmp_path, tra
     train.main(train_argv(syn_dir, tmp_path, "--epochs", "1", "--flips", "off"))
     with pytest.raises(evaluate.EvaluateError, match="without them"):
         evaluate.main(["--checkpoint", str(tmp_path / "best.pt"), "--data-dir", str(syn_dir), "--tta"])
+
+
+def test_methods_all_stores_scores_and_draws_every_method_beside_the_controls(trained_run, syn_dir, tmp_path, capsys):
+    m = evaluate.main(["--checkpoint", str(trained_run / "best.pt"), "--data-dir", str(syn_dir),
+                       "--explain", "24", "--quality", "12", "--methods", "all", "--db", str(tmp_path / "e.db"),
+                       "--images", str(tmp_path)])
+    conn = db.connect(tmp_path / "e.db", create=False)
+    run = m["ig"]["run_id"]
+    assert db.explanation_methods(conn, run) == ["ig", "gradcam", "ig_local", "occlusion", "saliency", "smoothgrad_sq"]
+    assert all(len(db.done_indices(conn, run, "test", method)) == 24 for method in explain.ATTRIBUTION_METHODS)
+    controls = ["control:edge", "control:input", "control:random"]
+    assert sorted(m["methods"]) == sorted([*explain.ATTRIBUTION_METHODS, *controls])
+    assert all(q["images"] == 12 and set(q["randomization_modes"]) == {"top_down", "bottom_up", "single"}
+               for q in m["methods"].values())
+    table = capsys.readouterr().out
+    assert all(f"  {name} " in table for name in m["methods"])  # one table of methods x measures
+    assert (tmp_path / "methods.png").stat().st_size > 20_000 and (tmp_path / "sanity_randomization.png").exists()
+
+
+def test_an_unknown_method_is_refused_with_the_list():
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--methods", "ig,lime"])
+    assert explain.methods_arg("gradcam,saliency") == ["ig", "saliency", "gradcam"]

@@ -20,7 +20,7 @@ def quality(trained_run, syn_dir):
     q = quality_lib.quality_measures(fused, data.to_unit(test.images[:60]), targets, r.attributions,
                                      explain.DEFAULT_IG, explain.attribution_fn(explain.DEFAULT_IG),
                                      quality_lib.randomized_models(net), masks=test.masks[:60])
-    return {k: v.float().mean(0) for k, v in q.items()}
+    return {k: v.float().mean(0) for k, v in q.items() if k != "randomization"}
 
 
 def test_deleting_the_top_attributed_pixels_first_drops_the_class_faster_than_random(quality):
@@ -50,13 +50,14 @@ def test_maps_that_ignore_the_model_fail_the_randomisation_check(trained_run, sy
     q = quality_lib.quality_measures(net, x, test.labels[:8], blind(net, x, None), explain.DEFAULT_IG,
                                      blind, quality_lib.randomized_models(net))
     assert float(q["randomization_spearman"].mean()) == pytest.approx(1.0)
-    assert quality_lib.randomization_verdict(1.0, float(q["randomization_input_spearman"].mean())) == "failed"
+    assert quality_lib.randomization_verdict(float(q["randomization_spearman"].mean())) == "failed"
 
 
-def test_randomization_verdict_allows_what_the_input_alone_explains():
-    assert quality_lib.randomization_verdict(0.3, 0.2) == "passed"
-    assert quality_lib.randomization_verdict(0.6, 0.65) == "passed"  # within the input-only reference
-    assert quality_lib.randomization_verdict(0.9, 0.65) == "failed"
+def test_randomization_verdict_asks_for_half_a_rank_correlation_below_the_input_only_control():
+    assert quality_lib.randomization_verdict(0.3) == "passed"
+    assert quality_lib.randomization_verdict(0.5) == "passed"
+    assert quality_lib.randomization_verdict(0.59) == "failed"  # the demo's IG
+    assert quality_lib.randomization_verdict(0.45, control_spearman=0.9) == "failed"
 
 
 def test_cascading_randomization_reinitialises_one_more_layer_each_stage(trained_run):
@@ -95,10 +96,10 @@ def test_quality_rows_are_stored_once_per_image_and_method(evaluated_run, syn_di
     run_dir, metrics = evaluated_run
     conn = db.connect(run_dir / "explanations.db", create=False)
     count = lambda: conn.execute("SELECT COUNT(*) FROM quality").fetchone()[0]  # noqa: E731
-    assert count() == 60
+    assert count() == 60 * 4  # IG and the three controls
     evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(syn_dir), "--explain", "60",
                    "--images", str(run_dir / "images")])
-    assert count() == 60
+    assert count() == 60 * 4
     run = metrics["ig"]["run_id"]
     first = db.find(conn, run, limit=1)[0]["image_index"]
     row = db.quality_rows(conn, run, "test", "ig", [first])[0]
@@ -111,7 +112,138 @@ def test_smoothgrad_is_compared_on_the_same_measures(trained_run, syn_dir, tmp_p
     m = evaluate.main(["--checkpoint", str(trained_run / "best.pt"), "--data-dir", str(syn_dir),
                        "--explain", "8", "--quality", "8", "--smooth", "2", "--db", str(tmp_path / "e.db"),
                        "--images", str(tmp_path)])
-    smooth = m["smoothgrad_ig:n=2,sd=0.1"]
+    smooth = m["methods"]["smoothgrad_ig:n=2,sd=0.1"]
     for key in quality_lib.SUMMARY_KEYS:
         assert key in smooth and key in m
     assert smooth["images"] == 8
+
+
+# ----------------------------------------------------------------------------- several methods, controls, modes
+
+@pytest.fixture(scope="module")
+def per_method(trained_run, syn_dir):
+    """Quality of each attribution method on the same 60 synthetic test images, with the fully
+    randomised model as the only top-down stage (what the assertions below read)."""
+    net, meta = model_lib.load_checkpoint(trained_run / "best.pt")
+    fused = model_lib.fused_for_inference(net)
+    test = data.load_matching(meta["provenance"], syn_dir).test
+    x, labels = data.to_unit(test.images[:60]), test.labels[:60]
+    stages = {"top_down": quality_lib.randomized_models(net)[-1:]}
+    out = {}
+    for name, attribute in quality_lib.methods(explain.DEFAULT_IG, names=explain.ATTRIBUTION_METHODS).items():
+        maps = attribute(fused, x, labels)
+        q = quality_lib.quality_measures(fused, x, labels, maps, explain.DEFAULT_IG, attribute, stages,
+                                         masks=test.masks[:60])
+        out[name] = {"maps": maps, **{k: v.float().mean(0) for k, v in q.items() if k != "randomization"}}
+    return out
+
+
+@pytest.mark.parametrize("method", explain.ATTRIBUTION_METHODS)
+def test_every_method_gives_finite_maps_of_the_inputs_shape(per_method, method):
+    maps = per_method[method]["maps"]
+    assert maps.shape == (60, 3, 28, 28) and torch.isfinite(maps).all() and maps.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method", ["ig", "saliency", "gradcam"])
+def test_ig_saliency_and_gradcam_delete_and_insert_better_than_random(per_method, method):
+    q = per_method[method]
+    assert q["deletion_auc"] < q["deletion_auc_random"] - 0.1
+    assert q["insertion_auc"] > q["insertion_auc_random"] + 0.1
+
+
+@pytest.mark.parametrize("method", ["ig", "gradcam"])
+def test_ig_and_gradcam_put_more_mass_in_the_evidence_mask_than_its_area(per_method, method):
+    assert per_method[method]["mask_mass"] > per_method[method]["mask_area"] + 0.1
+
+
+def test_gradient_maps_decorrelate_under_randomisation_clearly_more_than_ig(per_method):
+    # Measured on the demo model: 0.32 (saliency), 0.32 (ig_local) against 0.58 (ig).
+    ig = float(per_method["ig"]["randomization_spearman"])
+    for method in ("saliency", "ig_local"):
+        assert float(per_method[method]["randomization_spearman"]) < ig - 0.15, method
+
+
+def test_maps_that_ignore_the_model_do_not_change_under_randomisation(per_method):
+    for control in ("control:input", "control:edge"):
+        assert float(per_method[control]["randomization_spearman"]) == pytest.approx(1.0)
+        assert quality_lib.randomization_verdict(float(per_method[control]["randomization_spearman"])) == "failed"
+    assert abs(float(per_method["control:random"]["randomization_spearman"])) < 0.1  # why passing is not enough
+
+
+def test_bottom_up_randomisation_starts_at_the_first_layer(trained_run):
+    net, _ = model_lib.load_checkpoint(trained_run / "best.pt")
+    stages = quality_lib.randomized_models(net, mode="bottom_up")
+    assert [s for s, _ in stages] == model_lib.randomization_layers(net)[::-1]
+    trained = model_lib.fused_for_inference(net)
+    first = stages[0][1]
+    assert not torch.equal(first.features[0][0].weight, trained.features[0][0].weight)
+    assert torch.equal(first.classifier.weight, trained.classifier.weight)
+
+
+def test_single_layer_randomisation_changes_that_layer_alone(trained_run):
+    net, _ = model_lib.load_checkpoint(trained_run / "best.pt")
+    trained = model_lib.fused_for_inference(net)
+    for stage, model in quality_lib.randomized_models(net, mode="single"):
+        changed = [name for name, p in model.named_parameters()
+                   if not torch.equal(p, trained.get_parameter(name))]
+        assert changed and all(name.startswith(stage + ".") for name in changed), stage
+
+
+def test_ssim_is_one_for_the_same_map_and_near_zero_for_unrelated_ones():
+    a, b = torch.rand(4, 3, 28, 28), torch.rand(4, 3, 28, 28)
+    assert torch.allclose(quality_lib.ssim(a, a), torch.ones(4))
+    assert quality_lib.ssim(a, b).abs().max() < 0.15
+
+
+# ----------------------------------------------------------------------------- cross-check with Quantus
+
+@pytest.fixture(scope="module")
+def quantus_case(trained_run, syn_dir):
+    """32 synthetic test images, the trained model (BN folded) and its IG maps."""
+    import warnings
+    warnings.filterwarnings("ignore", module="quantus")
+    net, meta = model_lib.load_checkpoint(trained_run / "best.pt")
+    fused = model_lib.fused_for_inference(net)
+    test = data.load_matching(meta["provenance"], syn_dir).test
+    x, y = data.to_unit(test.images[:32]), test.labels[:32]
+    ig = explain.attribution_fn(explain.DEFAULT_IG)
+    return net, fused, x, y, test.masks[:32], ig, ig(fused, x, y)
+
+
+def test_deletion_curves_equal_quantus_pixel_flipping(quantus_case):
+    import quantus
+    net, fused, x, y, _, _, a = quantus_case
+    ours = quality_lib.perturbation_curves(fused, x, torch.zeros_like(x), quality_lib.pixel_order(a), y,
+                                           insertion=False)
+    # Quantus flips (channel, pixel) elements in order of the map broadcast over channels: three steps
+    # of 28 elements are our one step of 28 pixels. Baseline 0.0 (its "black" is the image's minimum).
+    theirs = quantus.PixelFlipping(features_in_step=28, perturb_baseline=0.0, disable_warnings=True)(
+        model=fused, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=a.sum(1, keepdim=True).expand_as(x).numpy(),
+        device="cpu", softmax=True)
+    assert abs(float(torch.tensor(theirs)[:, 2::3].sub(ours[:, 1:]).abs().max())) < 1e-5
+
+
+def test_mask_mass_equals_quantus_relevance_mass_accuracy(quantus_case):
+    import quantus
+    _, fused, x, y, masks, _, a = quantus_case
+    mass, _ = quality_lib.mask_share(a, masks)
+    theirs = quantus.RelevanceMassAccuracy(abs=True, disable_warnings=True)(
+        model=fused, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=a.abs().sum(1, keepdim=True).numpy(),
+        s_batch=masks[:, None].float().numpy(), device="cpu")
+    assert torch.allclose(torch.tensor(theirs, dtype=torch.float32), mass, atol=1e-5)
+
+
+def test_full_randomisation_correlation_agrees_with_quantus_mprt(quantus_case):
+    # Both re-initialise every layer, but with other random weights and Quantus layer by layer
+    # (every conv and the classifier), so the means agree within a tolerance, not exactly. Measured:
+    # 0.574 (Quantus) against 0.612 (ours) on the demo model's first 16 test images.
+    import quantus
+    net, fused, x, y, _, ig, a = quantus_case
+
+    def explain_func(model, inputs, targets, **kwargs):
+        return ig(model, torch.as_tensor(inputs).float(), torch.as_tensor(targets).long()).abs().sum(1, keepdim=True).numpy()
+    theirs = quantus.MPRT(return_last_correlation=True, layer_order="top_down", abs=True, disable_warnings=True)(
+        model=fused, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=a.abs().sum(1, keepdim=True).numpy(),
+        device="cpu", explain_func=explain_func)
+    ours = quality_lib.rank_correlation(a, ig(quality_lib.randomized_models(net)[-1][1], x, y))
+    assert abs(float(torch.tensor(theirs).mean()) - float(ours.mean())) < 0.1
