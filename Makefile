@@ -2,11 +2,17 @@
 # make demo  - the same end to end, offline, on the SYNTHETIC dataset (not PathMNIST)
 # make test  - set up .venv and run the test suite
 # make bench - speed and storage against the original approach, side by side (a few minutes)
+# make seeds SEEDS="0 1 2" ARGS="--synthetic --epochs 8"
+#            - train and evaluate one run per seed into runs/seeds/seed<N>, then summarise them
+#              (mean +- sd) in runs/seeds/summary.html; ARGS go to train.py
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run demo test bench
+SEEDS ?= 0 1 2
+ARGS ?=
+
+.PHONY: setup run demo test bench seeds
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -22,9 +28,17 @@ demo: setup
 	$(PY) train.py --synthetic --epochs 8
 	$(PY) evaluate.py --checkpoint runs/pathmnist-synthetic_28/best.pt
 	$(PY) db.py runs/pathmnist-synthetic_28/explanations.db
+	@echo "report: runs/pathmnist-synthetic_28/report.html (open it in a browser)"
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 bench: setup
 	$(PY) bench.py
+
+seeds: setup
+	@for s in $(SEEDS); do \
+	  $(PY) train.py $(ARGS) --seed $$s --out runs/seeds/seed$$s && \
+	  $(PY) evaluate.py --checkpoint runs/seeds/seed$$s/best.pt || exit 1; \
+	done
+	$(PY) report.py $(addprefix runs/seeds/seed,$(SEEDS)) --out runs/seeds/summary.html

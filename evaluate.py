@@ -22,10 +22,13 @@ It reads top to bottom in main():
    sanity_randomization.png (plots.py).
 """
 import argparse
+import csv
 import hashlib
 import json
+import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +41,10 @@ import model as model_lib
 import plots
 from progress import progress
 import quality
+import report
 
 ECE_BINS = 15
+BOOTSTRAP = 200  # resamples of the test split for the 95% intervals of ACC and AUC
 
 
 class EvaluateError(Exception):
@@ -115,6 +120,46 @@ def classification_metrics(labels, probs, class_names, task="multi-class"):
                            "support": int(s)}
                           for name, p, r, f, s in zip(class_names, precision, recall, f1, actual_n)],
             "confusion_matrix": None if cm is None else cm.tolist()}
+
+
+def bootstrap_intervals(labels, probs, task, n=BOOTSTRAP, seed=0):
+    """95% percentile intervals of MedMNIST's ACC and AUC over `n` resamples of the images (seeded)."""
+    evaluator = data.medmnist_module("evaluator")
+    rng = np.random.default_rng(seed)
+    accs, aucs = [], []
+    for _ in range(n):
+        i = rng.integers(0, len(labels), len(labels))
+        accs.append(evaluator.getACC(labels[i], probs[i], task))
+        with warnings.catch_warnings():  # a resample without some class: its AUC is undefined
+            warnings.simplefilter("ignore")
+            try:
+                auc = evaluator.getAUC(labels[i], probs[i], task)
+            except ValueError:
+                continue
+        if np.isfinite(auc):
+            aucs.append(auc)
+    ci = lambda v: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v else None  # noqa: E731
+    return {"acc_ci95": ci(accs), "auc_ci95": ci(aucs), "bootstrap": n}
+
+
+def write_predictions(path, probs):
+    """The CSV medmnist.Evaluator.evaluate(y_score, save_folder) writes: per image its index, then one
+    score per class; no header. MedMNIST's tools read it back with pandas (index_col=0, header=None)."""
+    rows = [[i, *(repr(float(v)) for v in row)] for i, row in enumerate(probs)]
+    with data.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(rows)
+
+
+def medmnist_results(ds, split, probs, folder):
+    """For a real file, also the CSV medmnist's own Evaluator writes, under its standard name
+    (<flag>[_size]_<split>_[AUC]…_[ACC]…@<run>.csv) in `folder`. None for synthetic data, which
+    medmnist's Evaluator cannot read."""
+    if ds.synthetic:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    evaluator = data.medmnist_module("evaluator").Evaluator(ds.flag, split, size=ds.size, root=str(Path(ds.path).parent))
+    evaluator.evaluate(probs, save_folder=str(folder), run="evaluate")
+    return folder
 
 
 def expected_calibration_error(probs, labels, n_bins=ECE_BINS):
@@ -282,11 +327,32 @@ def main(argv=None):
 
     logits = model_lib.predict_logits(net, ds.test.images, args.batch_size, device, tta=args.tta)
     probs = model_lib.probabilities(net, logits).numpy()
+    val_probs = model_lib.probabilities(net, model_lib.predict_logits(net, ds.val.images, args.batch_size, device,
+                                                                      tta=args.tta)).numpy()
+    val = classification_metrics(ds.val.labels.numpy(), val_probs, ds.class_names, ds.task)
     metrics = {**classification_metrics(ds.test.labels.numpy(), probs, ds.class_names, ds.task),
+               **bootstrap_intervals(ds.test.labels.numpy(), probs, ds.task),
+               "val": {k: val[k] for k in ("acc", "auc", "ece", "n")},
+               "seed": meta.get("settings", {}).get("seed"), "params": model_lib.count_params(net),
+               "macs": model_lib.layer_costs(model_lib.build(net.config), ds.size)[-1][3],
                "tta": args.tta, "checkpoint": str(args.checkpoint),
                "checkpoint_sha256": sha256_of(args.checkpoint), "provenance": meta["provenance"],
                "best_epoch": meta.get("best_epoch")}
+    if meta.get("settings", {}).get("flips", True):  # both ways, for the report: TTA on and off
+        other = model_lib.probabilities(net, model_lib.predict_logits(net, ds.test.images, args.batch_size, device,
+                                                                      tta=not args.tta)).numpy()
+        other_m = classification_metrics(ds.test.labels.numpy(), other, ds.class_names, ds.task)
+        metrics["tta_comparison"] = {"on" if args.tta else "off": {"acc": metrics["acc"], "auc": metrics["auc"]},
+                                     "off" if args.tta else "on": {"acc": other_m["acc"], "auc": other_m["auc"]}}
     print_metrics(metrics, f"Test split of {tag}")
+    print(f"  95% bootstrap intervals ({BOOTSTRAP} resamples): ACC {metrics['acc_ci95']}, AUC {metrics['auc_ci95']}; "
+          f"validation ACC {val['acc']:.4f} AUC {val['auc']:.4f}")
+    write_predictions(run_dir / "predictions_test.csv", probs)
+    write_predictions(run_dir / "predictions_val.csv", val_probs)
+    for split, split_probs in (("test", probs), ("val", val_probs)):
+        medmnist_results(ds, split, split_probs, run_dir / "medmnist")
+    plots.plot_reliability(probs, ds.test.labels.numpy(), ds.task == data.MULTI_LABEL, images / "reliability.png",
+                           f"Reliability, test split of {tag} (ECE {metrics['ece']:.3f})")
     if metrics["confusion_matrix"] is not None:  # multi-label data has none
         plots.plot_confusion(metrics["confusion_matrix"], ds.class_names, images / "confusion_matrix.png",
                              f"Confusion matrix, test split of {tag} (ACC {metrics['acc']:.3f}, TTA "
@@ -321,7 +387,8 @@ def main(argv=None):
     if db.quality_methods(conn, run_id):
         metrics.update(quality.report_quality(conn, run_id, settings))
     if quality_idx:
-        quality.quality_figures(conn, run_id, methods, quality_idx, stages, ds.test, images, tag, fused)
+        quality.quality_figures(conn, run_id, methods, quality_idx, stages, ds.test, images, tag, fused, settings,
+                                metrics.get("methods"))
     db.set_metrics(conn, run_id, metrics)
     write_json(run_dir / "metrics.json", metrics)
     if indices:
@@ -336,7 +403,14 @@ def main(argv=None):
               f"{ig['mean_relative_completeness_error']:.2%}, {ig['share_within_5pct']:.0%} within 5%; "
               f"{n} examples -> {images / 'ig_examples.png'}")
     db.close(conn)
-    print(f"metrics -> {run_dir / 'metrics.json'}; explanations -> {db_path}")
+    print(f"metrics -> {run_dir / 'metrics.json'}; explanations -> {db_path}; predictions -> "
+          f"{run_dir / 'predictions_test.csv'}")
+    if images == run_dir / "images":  # the report embeds the run's own figures
+        print(f"report -> {report.write_report(run_dir)} (and {run_dir / 'MODEL_CARD.md'})")
+        if run_dir.resolve().is_relative_to(Path("runs").resolve()):  # the latest run's figures for the README
+            for figure in images.glob("*.png"):
+                with data.atomic_path(Path("images") / figure.name) as tmp:
+                    shutil.copyfile(figure, tmp)
     return metrics
 
 

@@ -137,6 +137,11 @@ def input_mean(model):
     return model.normalize.mean.flatten()
 
 
+def layer_label(name):
+    """A randomisation stage in words for figures: 'classifier', or 'conv block 3' for features.2."""
+    return f"conv block {int(name.split('.')[1]) + 1}" if name.startswith("features.") else name
+
+
 def gradcam_layer(model):
     """The layer Grad-CAM reads: the last convolutional block (coarsest, most semantic maps; 4x4 at
     28 px)."""

@@ -2,6 +2,7 @@
 
     training curves        plot_history        (train.py    -> <run>/images/accuracy_epoch.png)
     confusion matrix       plot_confusion      (evaluate.py -> <run>/images/confusion_matrix.png)
+    reliability diagram    plot_reliability    (evaluate.py -> <run>/images/reliability.png)
     IG gallery / one image explanation_figure  (evaluate.py -> <run>/images/ig_examples.png,
                                                 explain.py  -> images/explain/<name>_ig.png)
     deletion / insertion   plot_faithfulness   (evaluate.py -> <run>/images/faithfulness.png)
@@ -26,9 +27,11 @@ from data import atomic_path
 matplotlib.use("Agg")  # files only, never a window; set before any figure exists, so it always holds
 
 
-def write_figure(fig, path, dpi=130):
-    """Save a figure atomically (the format follows the suffix) and close it."""
-    fig.tight_layout()
+def write_figure(fig, path, dpi=130, tight=True):
+    """Save a figure atomically (the format follows the suffix) and close it; `tight` lays it out
+    with tight_layout first (figures with shared colour bars place themselves)."""
+    if tight:
+        fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
@@ -54,19 +57,25 @@ def no_ticks(axes):
         ax.set_yticks([])
 
 
-def plot_history(history, path, title):
-    """Accuracy and loss per epoch, train and validation (history: train.py's rows)."""
+def plot_history(history, path, title, best_epoch=None):
+    """Accuracy and loss per epoch, train and validation (history: train.py's rows), with the best
+    epoch (lowest validation loss) and every learning-rate drop marked."""
     epochs = [h["epoch"] for h in history]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
     for key, style in (("train", "-o"), ("val", "-s")):
         ax_acc.plot(epochs, [h[f"{key}_acc"] for h in history], style, label=key, ms=3)
         ax_loss.plot(epochs, [h[f"{key}_loss"] for h in history], style, label=key, ms=3)
-    for ax, name in ((ax_acc, "accuracy"), (ax_loss, "cross-entropy loss")):
+    drops = [h["epoch"] for prev, h in zip(history, history[1:]) if h["lr"] < prev["lr"]]
+    for ax, name in ((ax_acc, "accuracy"), (ax_loss, "loss")):
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="black", linestyle="--", linewidth=1, label=f"best epoch ({best_epoch})")
+        for i, epoch in enumerate(drops):
+            ax.axvline(epoch, color="grey", linestyle=":", linewidth=1, label="learning rate halved" if i == 0 else None)
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
+        ax.legend(fontsize=7)
+    fig.suptitle(textwrap.fill(title, 110))
     write_figure(fig, path, dpi=120)
 
 
@@ -74,17 +83,51 @@ def plot_confusion(cm, class_names, path, title):
     """Counts in each cell, shaded by the share of the true class (rows true, columns predicted)."""
     cm = np.asarray(cm)
     share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(8, 7))
-    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    labels = ["\n".join(textwrap.wrap(name, 22)) for name in class_names]  # long names wrap, never clip
+    side = max(7.0, 0.6 * len(cm) + 3)
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    shown = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="share of the true class (row)")
     for i in range(len(cm)):
         for j in range(len(cm)):
-            ax.text(j, i, f"{cm[i, j]}", ha="center", va="center", fontsize=7,
-                    color="white" if share[i, j] > 0.5 else "black")
-    ax.set_xticks(range(len(cm)), class_names, rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(len(cm)), class_names, fontsize=7)
+            # the row share below the count: errors of 1-3 images stay visible against the shading
+            percent = f"{share[i, j]:.0%}" if share[i, j] >= 0.01 else "<1%"
+            ax.text(j, i, f"{cm[i, j]}\n{percent}" if cm[i, j] else "0", ha="center", va="center",
+                    fontsize=6, color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(cm)), labels, rotation=45, ha="right", rotation_mode="anchor", fontsize=7)
+    ax.set_yticks(range(len(cm)), labels, fontsize=7)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, int(side * 11)), fontsize=9)
+    write_figure(fig, path, dpi=130)
+
+
+def plot_reliability(probs, labels, multi_label, path, title, n_bins=15):
+    """Accuracy against confidence in equal-width bins (the ECE's bins), with the count per bin.
+    Multi-label data pools every (image, label) decision: confidence max(p, 1 - p)."""
+    probs, labels = np.asarray(probs), np.asarray(labels)
+    if multi_label:
+        p = probs.reshape(-1)
+        conf, correct = np.maximum(p, 1 - p), (p > 0.5) == labels.reshape(-1).astype(bool)
+    else:
+        conf, correct = probs.max(1), probs.argmax(1) == labels
+    bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    centres = (np.arange(n_bins) + 0.5) / n_bins
+    counts = np.bincount(bins, minlength=n_bins)
+    acc = np.divide(np.bincount(bins, weights=correct, minlength=n_bins), counts, out=np.zeros(n_bins), where=counts > 0)
+    ax.bar(centres[counts > 0], acc[counts > 0], width=1 / n_bins, edgecolor="black", color="#4c78a8",
+           label="accuracy in bin")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    for c, a, n in zip(centres, acc, counts):
+        if n:
+            ax.text(c, min(a + 0.02, 0.97), f"{n}", ha="center", fontsize=5, rotation=90)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(textwrap.fill(title, 60), fontsize=8)
     write_figure(fig, path, dpi=130)
 
 
@@ -110,20 +153,25 @@ def panel_title(class_names, true, pred, confidence, notes=()):
     return "\n".join(line for part in parts for line in textwrap.wrap(part, TITLE_WIDTH))
 
 
-def draw_explanation(fig, axes, image, attribution, title):
-    """Three panels: the image in true colours, the signed attribution map, and the overlay."""
+def draw_explanation(fig, axes, image, attribution, title, scale=None):
+    """Three panels: the image in true colours, the signed attribution map summed over channels (red
+    +, blue -, on the symmetric colour scale `scale`, shared by every panel of a figure so that
+    magnitudes compare; its own 99th percentile if None), and |attribution| over the image.
+    Returns the map's image artist (for a colour bar)."""
     img = hwc(image)
     attr = hwc(attribution).astype(np.float64)
     show_image(axes[0], image)
     axes[0].set_title(title, fontsize=7)
+    signed = attr.sum(2)
+    scale = scale or float(np.percentile(np.abs(signed), 99)) or 1.0
+    shown = axes[1].imshow(signed, cmap="RdBu_r", vmin=-scale, vmax=scale)
     if np.abs(attr).sum() > 0:
-        viz.visualize_image_attr(attr, img, method="heat_map", sign="all", plt_fig_axis=(fig, axes[1]),
-                                 use_pyplot=False)
         viz.visualize_image_attr(attr, img, method="blended_heat_map", sign="absolute_value",
                                  plt_fig_axis=(fig, axes[2]), alpha_overlay=0.6, use_pyplot=False)
-    axes[1].set_title("IG (green +, red -)", fontsize=7)
-    axes[2].set_title("|IG| overlay", fontsize=7)
+    axes[1].set_title("IG (red +, blue -)", fontsize=7)  # colour-blind safe, unlike red/green
+    axes[2].set_title("|IG| over the image", fontsize=7)
     no_ticks(axes)
+    return shown
 
 
 def explanation_figure(panels, path, suptitle):
@@ -133,18 +181,32 @@ def explanation_figure(panels, path, suptitle):
     title_lines = max(title.count("\n") + 1 for _, _, title in panels)
     width = 3 * per_row * 1.6
     # each row: the panels plus room for the longest title (about 0.13 in per line at fontsize 7)
-    fig, axes = plt.subplots(rows, 3 * per_row, figsize=(width, rows * (1.65 + 0.13 * title_lines) + 0.6),
+    # (+ 0.75 in at the bottom for the shared colour bar)
+    fig, axes = plt.subplots(rows, 3 * per_row, figsize=(width, rows * (1.65 + 0.13 * title_lines) + 1.35),
                              squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
+    # one colour scale for every map of the figure: the 99th percentile of all |channel sums|
+    sums = np.concatenate([np.abs(a.detach().float().sum(0).cpu().numpy()).ravel() for _, a, _ in panels])
+    scale = float(np.percentile(sums, 99)) or 1.0
     for i, (image, attribution, title) in enumerate(panels):
         r, c = divmod(i, per_row)
         row_axes = axes[r, 3 * c:3 * c + 3]
         for ax in row_axes:
             ax.axis("on")
-        draw_explanation(fig, row_axes, image, attribution, title)
-    fig.suptitle(textwrap.fill(suptitle, int(width * 13)), fontsize=9)  # ~13 characters per inch
-    write_figure(fig, path, dpi=130)
+        shown = draw_explanation(fig, row_axes, image, attribution, title, scale)
+    text = textwrap.fill(suptitle, int(width * 13))  # ~13 characters per inch
+    fig.suptitle(text, fontsize=9)
+    height = fig.get_figheight()
+    # keep the panels (and their titles) below the suptitle: about 0.17 in per line at fontsize 9,
+    # and room at the bottom for the shared colour bar
+    fig.tight_layout(rect=(0, 0.75 / height, 1, 1 - (0.17 * (text.count("\n") + 1) + 0.1) / height))
+    cax = fig.add_axes((0.3, 0.3 / height, 0.4, 0.08 / height))  # ticks below, label above, in 0.75 in
+    colorbar = fig.colorbar(shown, cax=cax, orientation="horizontal")
+    colorbar.ax.tick_params(labelsize=6)
+    colorbar.ax.xaxis.set_label_position("top")
+    colorbar.set_label("IG per pixel (sum over channels), one scale for every panel", fontsize=6)
+    write_figure(fig, path, dpi=130, tight=False)
 
 
 def plot_faithfulness(curves, path, title):
@@ -169,7 +231,7 @@ def plot_faithfulness(curves, path, title):
         ax.set_title(f"{kind} ({'lower' if kind == 'deletion' else 'higher'} AUC is better)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 120), fontsize=9)
     write_figure(fig, path, dpi=120)
 
 
@@ -184,10 +246,12 @@ def plot_randomization_rows(image, rows, path, title):
     """One image and, per row (a method), its trained map and its maps after each randomisation
     stage. rows: [(method, [(stage name, (C, H, W) map)], [Spearman per later map])]."""
     columns = 1 + max(len(maps) for _, maps, _ in rows)
-    fig, axes = plt.subplots(len(rows), columns, figsize=(1.7 * columns, 2.1 * len(rows) + 0.4), squeeze=False)
+    lines = max(len(textwrap.wrap(method, 22)) for method, _, _ in rows) + 1  # the image column's title
+    fig, axes = plt.subplots(len(rows), columns, figsize=(1.7 * columns, len(rows) * (1.75 + 0.13 * max(lines, 3)) + 0.6),
+                             squeeze=False)
     for r, (method, maps, correlations) in enumerate(rows):
         show_image(axes[r, 0], image)
-        axes[r, 0].set_title("image" if not method else f"{method}\nimage", fontsize=7)
+        axes[r, 0].set_title("image" if not method else "\n".join(textwrap.wrap(method, 22)) + "\nimage", fontsize=7)
         for ax, (name, attribution), rho in zip(axes[r, 1:], maps, [None] + list(correlations)):
             if attribution.abs().sum() > 0:  # Captum cannot scale an all-zero map
                 with warnings.catch_warnings():  # a randomised model's tiny maps are still drawn to scale
@@ -214,8 +278,9 @@ def plot_methods(examples, method_maps, path, title):
     rows, columns = len(examples), 1 + len(methods)
     title_lines = max(t.count("\n") + 1 for _, t in examples)
     height = rows * (1.45 + 0.12 * title_lines) + 0.9
-    fig, axes = plt.subplots(rows, columns, figsize=(1.45 * columns, height), squeeze=False)
-    fig.subplots_adjust(top=1 - 0.55 / height, bottom=0.45 / height, hspace=0.25)
+    width = 1.45 * columns + 1.4  # room on the left for the row titles
+    fig, axes = plt.subplots(rows, columns, figsize=(width, height), squeeze=False)
+    fig.subplots_adjust(left=1.5 / width, right=0.98, top=1 - 0.55 / height, bottom=0.45 / height, hspace=0.25)
     for c, method in enumerate(methods, start=1):
         sums = [m.detach().float().sum(0).cpu().numpy() for m in method_maps[method]]
         scale = float(np.percentile(np.abs(np.stack(sums)), 99)) or 1.0
@@ -232,6 +297,4 @@ def plot_methods(examples, method_maps, path, title):
         axes[r, 0].set_ylabel(row_title, fontsize=6, rotation=0, ha="right", va="center")
     no_ticks(axes.flat)
     fig.suptitle(textwrap.fill(title, int(1.45 * columns * 13)), fontsize=9)
-    with atomic_path(path) as tmp:  # no tight_layout: it cannot place the per-column colour bars
-        fig.savefig(tmp, dpi=130, bbox_inches="tight")
-    plt.close(fig)
+    write_figure(fig, path, dpi=130, tight=False)  # tight_layout cannot place the per-column colour bars

@@ -260,7 +260,9 @@ def quality_into_db(fused, stages, split, indices, settings, attribute_by_method
                 maps = db.find(conn, run_id, "test", image_indices=idx.tolist(), with_arrays=True, method=method)
                 attributions = explain.stored_attributions(maps)
             else:
-                attributions = attribute(fused, x, target).cpu()
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(start)  # the random-map control: the same on every rerun
+                    attributions = attribute(fused, x, target).cpu()
             q = quality_measures(fused, x, target, attributions, settings, attribute, stages,
                                  masks=None if split.masks is None else split.masks[idx])
             gap = torch.tensor([r["score"] - r["baseline_score"] for r in rows])
@@ -394,10 +396,12 @@ def report_quality(conn, run_id, settings):
     return {**ig, "quality_images": ig.pop("images"), "methods": summaries}
 
 
-def quality_figures(conn, run_id, attribute_by_method, indices, stages, split, images_dir, tag, fused):
+def quality_figures(conn, run_id, attribute_by_method, indices, stages, split, images_dir, tag, fused, settings,
+                    summaries=None):
     """images/faithfulness.png (mean curves per method over `indices`; controls left out) and
     images/sanity_randomization.png (the first of them: every method's map, and the input-only
-    control's, through each top-down randomisation stage)."""
+    control's, through each top-down randomisation stage; with `summaries` (report_quality's
+    "methods"), each row names its method's verdict over all the quality images)."""
     stages = stages if isinstance(stages, dict) else {"top_down": stages}
     curves = {}
     for method in (m for m in attribute_by_method if not m.startswith("control:")):
@@ -407,7 +411,8 @@ def quality_figures(conn, run_id, attribute_by_method, indices, stages, split, i
             auc = c.replace("_curve", "_auc")
             curves[method][auc] = float(np.mean([r[auc] for r in rows]))
     plots.plot_faithfulness(curves, Path(images_dir) / "faithfulness.png",
-                            f"Deletion and insertion, test split of {tag}")
+                            f"Deletion and insertion, {len(indices)} test images of {tag}; pixels set to the "
+                            f"IG baseline ({settings['baseline']})")
     row = db.find(conn, run_id, "test", image_indices=indices[:1], with_arrays=True)[0]
     x = data.to_unit(split.images[row["image_index"]][None]).to(next(fused.parameters()).device)
     target = torch.tensor([row["target"]], device=x.device)
@@ -419,10 +424,14 @@ def quality_figures(conn, run_id, attribute_by_method, indices, stages, split, i
         trained = (explain.stored_attributions(db.find(conn, run_id, "test", image_indices=[row["image_index"]],
                                                        with_arrays=True, method=method))[0]
                    if method in stored else attribute(fused, x, target)[0].cpu())
-        maps = [("trained", trained)] + [(f"random {name}", attribute(m, x, target)[0].cpu())
-                                         for name, m in stages["top_down"]]
+        maps = [("trained |map|", trained)] + [(f"randomised down to\n{model_lib.layer_label(name)}",
+                                                 attribute(m, x, target)[0].cpu()) for name, m in stages["top_down"]]
         rho = [float(rank_correlation(trained[None], m[None])) for _, m in maps[1:]]
-        figure_rows.append((method, maps, rho))
+        q = (summaries or {}).get(method, {})
+        verdict = (f": {q['randomization_check']} (mean {q['randomization_spearman']:.2f} over "
+                   f"{q['images']} images)" if q.get("images") else "")
+        figure_rows.append((method + verdict, maps, rho))
     plots.plot_randomization_rows(x[0].cpu(), figure_rows, Path(images_dir) / "sanity_randomization.png",
                                   f"Cascading randomisation (top layer first), test image {row['image_index']} "
-                                  f"of {tag}")
+                                  f"of {tag}. Spearman: rank correlation of |map| with the trained map; a method "
+                                  f"passes {RANDOMIZATION_MARGIN} below the input-only control (last row)")

@@ -256,7 +256,7 @@ def main(argv=None):
         print(f"Early stop: no lower validation loss for {args.patience} epochs.")
     if history:
         plot_path = Path(args.images) / "accuracy_epoch.png"
-        plots.plot_history(history, plot_path, f"Training on {label}")
+        plots.plot_history(history, plot_path, f"Training on {label}", meta["best_epoch"])
         print(f"Best epoch {meta['best_epoch']} (val loss {best_loss:.4f}) -> {out / 'best.pt'}; "
               f"curves -> {plot_path}")
     if interrupted is not None:

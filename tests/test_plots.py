@@ -62,7 +62,7 @@ def test_confusion_matrix_shades_cells_by_share_of_the_true_class(tmp_path):
 
 def test_curves_are_not_blank(tmp_path):
     history = [{"epoch": e, "train_acc": 0.5 + e / 20, "val_acc": 0.5 + e / 25,
-                "train_loss": 1 / e, "val_loss": 1.2 / e} for e in range(1, 6)]
+                "train_loss": 1 / e, "val_loss": 1.2 / e, "lr": 1e-3} for e in range(1, 6)]
     plots.plot_history(history, tmp_path / "h.png", "t")
     curves = {"ig": {f"{k}_curve{s}": np.random.default_rng(0).random((4, 29)) for k in ("deletion", "insertion")
                      for s in ("", "_random")}}
@@ -107,3 +107,17 @@ def test_a_multi_label_title_names_every_true_label_or_none():
     names = ["atelectasis", "cardiomegaly", "effusion"]
     assert plots.panel_title(names, [0, 2], 2, 0.7).startswith("true atelectasis,\neffusion")
     assert plots.panel_title(names, [], 1, 0.3).startswith("true none\n")
+
+
+def test_training_curves_mark_the_best_epoch_and_each_learning_rate_drop(tmp_path, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(plots, "write_figure", lambda fig, path, dpi=130: drawn.setdefault("fig", fig))
+    lrs = [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4]
+    history = [{"epoch": e, "train_acc": 0.5, "val_acc": 0.5, "train_loss": 1.0, "val_loss": 1.0, "lr": lr}
+               for e, lr in enumerate(lrs, start=1)]
+    plots.plot_history(history, tmp_path / "h.png", "t", best_epoch=4)
+    ax = drawn["fig"].axes[0]
+    vertical = sorted(line.get_xdata()[0] for line in ax.lines if len(set(line.get_xdata())) == 1)
+    assert vertical == [3, 4, 5]  # drops at epochs 3 and 5, best epoch 4
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "best epoch (4)" in labels and labels.count("learning rate halved") == 1

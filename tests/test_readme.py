@@ -30,20 +30,23 @@ def demo(tmp_path_factory):
 
 def test_make_demo_writes_what_the_readme_says(demo):
     repo, _ = demo
-    listed = re.search(r"It writes `runs/pathmnist-synthetic_28/\{(.*?)\}` and\s+`runs/pathmnist-synthetic_28/"
+    listed = re.search(r"It writes\s+`runs/pathmnist-synthetic_28/\{(.*?)\}` and\s+`runs/pathmnist-synthetic_28/"
                        r"images/\{(.*?)\}\.png`", readme(), re.S)
     files = [f.strip() for f in listed.group(1).replace("\n", "").split(",")]
     figures = [f.strip() for f in listed.group(2).replace("\n", "").split(",")]
-    assert len(files) == 5 and len(figures) == 5
+    assert len(files) == 9 and len(figures) == 6
     for name in files:
         assert (repo / DEMO_RUN / name).is_file(), name
     for name in figures:
         assert (repo / DEMO_RUN / "images" / f"{name}.png").is_file(), name
 
 
-def test_make_demo_marks_everything_synthetic_and_ends_with_the_store_summary(demo):
-    _, out = demo
+def test_make_demo_marks_everything_synthetic_and_ends_with_the_reports_path(demo):
+    repo, out = demo
     assert "SYNTHETIC data, not PathMNIST" in out and "quality ig: 200 images" in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("report: runs/pathmnist-synthetic_28/report.html")
+    assert (repo / "runs/pathmnist-synthetic_28/report.html").is_file()
 
 
 def test_the_sql_snippet_reads_an_attribution_from_the_demo_store(demo):

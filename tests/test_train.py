@@ -367,9 +367,9 @@ def test_every_figure_of_a_trusted_file_says_unverified_file(tmp_path, monkeypat
     texts = {}
     real_write = plots.write_figure
 
-    def recording(fig, path, dpi=130):
+    def recording(fig, path, dpi=130, tight=True):
         texts[Path(path).name] = " ".join(t.get_text() for t in fig.findobj(matplotlib.text.Text))
-        real_write(fig, path, dpi)
+        real_write(fig, path, dpi, tight)
     monkeypatch.setattr(plots, "write_figure", recording)
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "bloodmnist.npz", **{k: v for split, n in (("train", 64), ("val", 16), ("test", 16))
@@ -380,9 +380,16 @@ def test_every_figure_of_a_trusted_file_says_unverified_file(tmp_path, monkeypat
                 "--epochs", "1", "--threads", "2"])
     evaluate.main(["--checkpoint", str(run / "best.pt"), "--data-dir", str(tmp_path), "--explain", "8",
                    "--quality", "4"])
-    assert set(texts) == {"accuracy_epoch.png", "confusion_matrix.png", "ig_examples.png",
+    assert set(texts) == {"accuracy_epoch.png", "confusion_matrix.png", "ig_examples.png", "reliability.png",
                           "faithfulness.png", "sanity_randomization.png"}
     assert all("unverified file" in t.replace("\n", " ") for t in texts.values()), texts
+    # a real-format file: medmnist's own Evaluator also wrote its CSVs, with the same scores
+    import pandas as pd
+    written = sorted((run / "medmnist").iterdir())
+    assert [p.name.split("_")[1] for p in written] == ["test", "val"]
+    ours = pd.read_csv(run / "predictions_test.csv", index_col=0, header=None).values
+    theirs = pd.read_csv(written[0], index_col=0, header=None).values
+    assert np.allclose(ours, theirs, atol=1e-6)
 
 
 def test_compile_trains_and_saves_the_plain_module(syn_dir, tmp_path, train_argv, monkeypatch):
