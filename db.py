@@ -504,6 +504,14 @@ def row_to_dict(row):
     return d
 
 
+def true_classes(row):
+    """A stored row's truth as plots.panel_title takes it: the true class, or for multi-label data
+    the list of its true labels (empty for an image without a finding)."""
+    if row.get("true_labels") is None:
+        return row["true_label"]
+    return np.flatnonzero(row["true_labels"]).tolist()  # decoded by row_to_dict
+
+
 def get_explanation(conn, run_id, split, image_index, method="ig"):
     row = conn.execute("SELECT * FROM explanations WHERE run_id = ? AND split = ? AND image_index = ? "
                        "AND method = ?", (run_id, split, image_index, method)).fetchone()

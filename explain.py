@@ -427,7 +427,7 @@ def render_stored(args):
     ds = data.load_matching(run["provenance"], args.data_dir)
     image = data.to_unit(getattr(ds, args.split).images[args.index])
     names = ds.class_names
-    true = row["true_labels"].nonzero()[0].tolist() if row.get("true_labels") is not None else row["true_label"]
+    true = db.true_classes(row)
     title = plots.panel_title(names, true, row["pred_label"], row["confidence"])
     out = Path(args.out) / f"run{run['run_id']}_{args.split}_{args.index}_ig.png"
     plots.explanation_figure([(image, stored_attributions([row])[0], title)], out,

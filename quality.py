@@ -243,7 +243,6 @@ def quality_into_db(fused, stages, split, indices, settings, attribute_by_method
     A method with maps stored for the run (evaluate.py --methods) is scored on those maps; others
     (SmoothGrad over IG, the controls) are computed here."""
     stored_methods = set(db.explanation_methods(conn, run_id))
-    stages = stages if isinstance(stages, dict) else {"top_down": stages}
     for method, attribute in attribute_by_method.items():
         done = db.done_quality(conn, run_id, "test", method)
         todo = [i for i in indices if i not in done]
@@ -402,7 +401,6 @@ def quality_figures(conn, run_id, attribute_by_method, indices, stages, split, i
     images/sanity_randomization.png (the first of them: every method's map, and the input-only
     control's, through each top-down randomisation stage; with `summaries` (report_quality's
     "methods"), each row names its method's verdict over all the quality images)."""
-    stages = stages if isinstance(stages, dict) else {"top_down": stages}
     curves = {}
     for method in (m for m in attribute_by_method if not m.startswith("control:")):
         rows = db.quality_rows(conn, run_id, "test", method, indices)
