@@ -24,6 +24,7 @@ channels, class count and task, its class evidence sits inside known rectangles 
 import argparse
 import contextlib
 import csv
+import errno
 import importlib
 import importlib.util
 import io
@@ -32,6 +33,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import types
 import zipfile
 import zlib
@@ -147,11 +149,13 @@ class Dataset:
 # ----------------------------------------------------------------------------- files
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, needed=None):
     """Yield a temporary path beside `path`; on success rename it over `path`, on error delete it.
 
-    A crash or Ctrl-C therefore never leaves half a file under the final name. The temporary name
-    keeps the suffix so that savers which infer a format from it (matplotlib, np.savez) still work.
+    A crash, Ctrl-C or a full disk therefore never leaves half a file under the final name, and the
+    previous file stays as it was. The temporary name keeps the suffix so that savers which infer a
+    format from it (matplotlib, np.savez) still work. A full disk (or quota) becomes a DataError
+    naming the file, the free space and, if given, the `needed` bytes.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,8 +163,41 @@ def atomic_path(path):
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DataError(disk_full_message(path, needed)) from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def disk_full_message(path, needed=None):
+    """What to tell the user when writing `path` ran out of space (needed: bytes, if known)."""
+    free = shutil.disk_usage(next(p for p in Path(path).absolute().parents if p.exists())).free
+    need = f"; this file needs about {human_bytes(needed)}" if needed else ""
+    return (f"Writing {path} failed: the disk is full ({human_bytes(free)} free on its file system"
+            f"{need}). Nothing half-written was left behind: the previous {Path(path).name}, if any, and "
+            f"everything finished before are kept. Free some space and run the same command again "
+            f"(train.py with --resume continues from last.pt; evaluate.py computes only what is missing).")
+
+
+def human_bytes(n):
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def check_writable(folder, flag):
+    """Refuse, before any work is done, an output folder that cannot be created or written to."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise DataError(f"Cannot write to {folder} ({e.strerror or e}), so nothing was started. Pass "
+                        f"{flag} a folder you can write to, or change its permissions.") from e
 
 
 def write_csv(path, columns, rows):
@@ -609,24 +646,38 @@ def augmentation(flag, flips=None, stain=None, colour=None):
 NO_AUGMENTATION = Augmentation(False, 0.0, 0.0, "evaluation")
 
 
-def batches(split, batch_size, device="cpu", generator=None, augment=NO_AUGMENTATION):
+def batches(split, batch_size, device="cpu", generator=None, augment=NO_AUGMENTATION, part=(0, 1),
+            aug_generator=None):
     """Yield (float [0,1] images, labels) on `device`.
 
     With a `generator` the order is shuffled and each batch is augmented as `augment` says (an
-    Augmentation): a random one of the 8 flips/rotations, then stain and/or colour jitter. A split
-    already on the device (see place) is cut there; from host memory a batch bound for a GPU is
-    copied through pinned memory, without blocking.
+    Augmentation): a random one of the 8 flips/rotations, then stain and/or colour jitter, drawn
+    from `aug_generator` if given, else from `generator`. A split already on the device (see place)
+    is cut there; from host memory a batch bound for a GPU is copied through pinned memory, without
+    blocking.
+
+    part=(rank, world_size) yields only that rank's contiguous share of each global batch of
+    `batch_size` (shares differ by at most one image; in rank order they make the global batch).
+    Every rank shuffles with the same generator state, so the ranks' shares never overlap. A last
+    global batch smaller than world_size is dropped, so every rank takes the same number of steps.
     """
     n = len(split)
+    rank, world = part
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    aug_generator = aug_generator or generator
     for i in range(0, n, batch_size):
-        idx = order[i:i + batch_size].to(split.images.device)
+        idx = order[i:i + batch_size]
+        if world > 1:
+            if len(idx) < world:
+                break
+            idx = idx.tensor_split(world)[rank]
+        idx = idx.to(split.images.device)
         x = to_unit(to_device(split.images[idx], device))
         if generator is not None:
             if augment.flips:
-                x = random_dihedral(x, generator)
+                x = random_dihedral(x, aug_generator)
             if augment.stain > 0 or augment.colour > 0:
-                x = colour_jitter(x, generator, augment.colour, augment.stain)
+                x = colour_jitter(x, aug_generator, augment.colour, augment.stain)
         yield x, to_device(split.labels[idx.to(split.labels.device)], device)
 
 

@@ -74,8 +74,10 @@ Reading an attribution needs only sqlite3 and numpy:
     a = np.frombuffer(blob, dtype=np.dtype(dtype).newbyteorder("<")).reshape([int(s) for s in shape.split(",")])
 """
 import argparse
+import contextlib
 import json
 import math
+import shutil
 import sqlite3
 import sys
 from datetime import datetime, timezone
@@ -235,9 +237,9 @@ def connect(path, create=True):
            else "pass the explanations.db that evaluate.py wrote")
     if create:
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, timeout=30)
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S)
     else:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
     conn.row_factory = sqlite3.Row
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -249,7 +251,7 @@ def connect(path, create=True):
         if not create:
             conn.close()
             raise DBError(f"{path} is empty: it holds no explanation store. {fix[0].upper()}{fix[1:]}.")
-        conn.executescript(f"BEGIN; {SCHEMA_V1} PRAGMA user_version = 1; COMMIT;")
+        migrate(conn, 0)  # creation is the step from version 0, so two processes cannot both create
         version, tables = 1, table_names(conn)
     if not 1 <= version <= SCHEMA_VERSION or not {"runs", "explanations"} <= tables:
         conn.close()
@@ -266,7 +268,8 @@ def connect(path, create=True):
         return conn
     for v in range(version, SCHEMA_VERSION):  # each step in one transaction: all of it or none
         migrate(conn, v)
-    conn.execute("PRAGMA journal_mode = WAL")  # readers never block the writer; crash-safe
+    with write_errors(conn):
+        conn.execute("PRAGMA journal_mode = WAL")  # readers never block the writer; crash-safe
     conn.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; a power cut loses at most the last batch
     conn.execute("PRAGMA foreign_keys = ON")
     return conn
@@ -277,6 +280,7 @@ def close(conn):
     rest the store goes back to a rollback journal, so it is one self-contained file that can be
     copied as it is, and that readers open read-only without creating -wal/-shm files beside it."""
     try:
+        conn.execute("PRAGMA busy_timeout = 0")  # no waiting: another open connection keeps WAL on
         conn.execute("PRAGMA journal_mode = DELETE")
     except sqlite3.OperationalError:
         pass  # another connection still has it open: it stays in WAL mode, just as safe
@@ -284,18 +288,54 @@ def close(conn):
 
 
 def migrate(conn, version):
-    """Take the database from `version` to `version + 1` in one transaction."""
-    step = MIGRATIONS[version]
-    if isinstance(step, str):
-        conn.executescript(f"BEGIN; {step} PRAGMA user_version = {version + 1}; COMMIT;")
-        return
-    conn.execute("BEGIN")
+    """Take the database from `version` to `version + 1` (0: create it) in one transaction. It takes
+    the write lock first and does nothing if another process took the same step meanwhile."""
+    step = SCHEMA_V1 if version == 0 else MIGRATIONS[version]
+    with write_errors(conn):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if conn.execute("PRAGMA user_version").fetchone()[0] == version:
+                if isinstance(step, str):  # executescript would commit first: one statement at a time
+                    for statement in step.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                else:
+                    step(conn)
+                conn.execute(f"PRAGMA user_version = {version + 1}")
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+
+
+BUSY_TIMEOUT_S = 30  # how long a write waits for another process's write to finish
+
+
+def database_file(conn):
+    return conn.execute("PRAGMA database_list").fetchone()[2]
+
+
+@contextlib.contextmanager
+def write_errors(conn, needed=None):
+    """Turn SQLite's "database or disk is full" and "database is locked" into a DBError that names
+    the file and says what to do; `needed` (bytes) is what the failed write was to add."""
     try:
-        step(conn)
-        conn.execute(f"PRAGMA user_version = {version + 1}")
-        conn.commit()
-    except BaseException:
-        conn.rollback()
+        yield
+    except sqlite3.OperationalError as e:
+        code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+        path = database_file(conn)
+        if code == sqlite3.SQLITE_FULL:
+            free = shutil.disk_usage(Path(path).parent).free
+            need = f"; this write needed about {needed / 1e6:.2f} MB" if needed else ""
+            raise DBError(f"Writing {path} failed: the disk is full, or the store reached a size limit "
+                          f"({free / 1e6:.1f} MB free on its file system{need}). The write was rolled "
+                          f"back whole; every batch committed before is kept. Free some space and run the "
+                          f"same command again: it computes only what is missing.") from e
+        if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            raise DBError(f"{path} stayed locked by another process for {BUSY_TIMEOUT_S} s, so this write "
+                          f"was not made. Is another evaluate.py writing the same store? Two runs on one "
+                          f"store never duplicate rows, but they wait for each other: let the other finish "
+                          f"(or stop it) and run this command again; it computes only what is missing.") from e
         raise
 
 
@@ -318,7 +358,7 @@ def run_id_for(conn, checkpoint_sha256, checkpoint_path, model_config, class_nam
                ig_settings):
     """The run for this checkpoint and these IG settings, created on first use."""
     settings = json.dumps(ig_settings, sort_keys=True)
-    with conn:
+    with write_errors(conn), conn:
         conn.execute(
             "INSERT OR IGNORE INTO runs (checkpoint_sha256, checkpoint_path, model_config, class_names, "
             "dataset, flag, task, data_verified, size, data_file, data_md5, synthetic, ig_settings, "
@@ -408,14 +448,45 @@ def refuse_non_finite(rows, table, columns):
 def insert_batch(conn, table, columns, values):
     """INSERT the rows in one transaction, skipping keys already stored; any other failure stores
     none of them and raises DBError. Returns the number of rows added."""
+    needed = sum(len(v) for row in values for v in row if isinstance(v, (bytes, str)))
     try:
-        with conn:
+        with write_errors(conn, needed), conn:
             cur = conn.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
                                    f"({', '.join('?' * len(columns))}) ON CONFLICT DO NOTHING", values)
     except sqlite3.IntegrityError as e:
         raise DBError(f"A batch of {len(values)} {table} rows was not stored, none of it: {e}. "
                       f"Is the run in this database, and is every value present?") from e
     return cur.rowcount
+
+
+def stored_images(conn, run_id, split="test"):
+    """Every image index with an explanation or quality row in the run, ascending."""
+    return sorted({r[0] for table in ("explanations", "quality") for r in conn.execute(
+        f"SELECT DISTINCT image_index FROM {table} WHERE run_id = ? AND split = ?", (run_id, split))})
+
+
+def export_rows(conn, run_id, image_indices, split="test"):
+    """{table: [row dict]}: the run's explanation and quality rows of these images, every column as
+    stored (no decoding), for import_rows into another store."""
+    return {table: [dict(r) for r in select_in(
+                conn, f"SELECT * FROM {table} WHERE run_id = ? AND split = ? AND image_index IN ({{}})",
+                [run_id, split], image_indices)]
+            for table in ("explanations", "quality")}
+
+
+def import_rows(conn, run_id, rows):
+    """Store export_rows' rows (from any store) under `run_id`, in one transaction; keys already
+    stored are kept, so importing the same rows twice changes nothing. Returns rows added."""
+    added = 0
+    with write_errors(conn, sum(len(v) for t in rows.values() for r in t for v in r.values()
+                                if isinstance(v, (bytes, str)))), conn:
+        for table, table_rows in rows.items():
+            if table_rows:
+                columns = [c for c in table_rows[0] if c != "run_id"]
+                added += conn.executemany(
+                    f"INSERT INTO {table} (run_id, {', '.join(columns)}) VALUES (?{', ?' * len(columns)}) "
+                    f"ON CONFLICT DO NOTHING", [(run_id, *(r[c] for c in columns)) for r in table_rows]).rowcount
+    return added
 
 
 def quality_methods(conn, run_id, split="test"):
@@ -469,7 +540,7 @@ def quality_rows(conn, run_id, split, method, image_indices=None):
 
 
 def set_metrics(conn, run_id, metrics):
-    with conn:
+    with write_errors(conn), conn:
         conn.execute("UPDATE runs SET metrics = ?, updated_at = ? WHERE run_id = ?",
                      (json.dumps(metrics, sort_keys=True), now(), run_id))
 

@@ -4,6 +4,7 @@
     python evaluate.py --tta                                # average over the 8 flips/rotations
     python evaluate.py --explain all --n-steps 32           # explain every test image, more IG steps
     python evaluate.py --checkpoint runs/pathmnist-synthetic_28/best.pt  # the offline demo's model
+    torchrun --nproc_per_node 4 evaluate.py --explain all --methods all   # explanation sharded over 4 ranks
 
 It reads top to bottom in main():
 1. the checkpoint and the dataset it names (name, size, synthetic or not), refusing a data file whose
@@ -20,13 +21,20 @@ It reads top to bottom in main():
    stored for this run, not only this call's images; also kept in the database's runs row), and in
    <run dir>/images (or --images): confusion_matrix.png, ig_examples.png, faithfulness.png and
    sanity_randomization.png (plots.py).
+
+Under torchrun, steps 3 and 4 come first and are shared out: the images still missing anything are
+dealt to the ranks in blocks of --ig-batch; each rank writes its own shard store on local disk
+(--shard-dir), then rank 0 merges every shard into the one store (rows keyed as always, so a merge
+is idempotent) and alone does steps 2 and 5, exactly as a single process would.
 """
 import argparse
 import csv
 import hashlib
 import json
+import math
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -36,6 +44,7 @@ import torch
 
 import data
 import db
+import distributed
 import explain
 import model as model_lib
 import plots
@@ -86,6 +95,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help=model_lib.DEVICE_HELP)
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--images", help="folder for the plots (default: <run dir>/images)")
+    p.add_argument("--shard-dir", default=str(Path(tempfile.gettempdir()) / "pathmnist-xai-shards"),
+                   help="under torchrun: the folder, on each node's local disk, for each rank's shard "
+                   "store until rank 0 has merged it into --db (default: the system's temp folder)")
     return p.parse_args(argv)
 
 
@@ -240,7 +252,8 @@ def explain_into_db(net, split, indices, settings, conn, run_id, args, device):
 def methods_into_db(net, split, indices, settings, conn, run_id, args, device, method):
     """Maps of another attribution method for the images IG explained, stored under its name, one
     transaction per batch; the prediction and the explained class are IG's rows'. Returns the count."""
-    todo = sorted(set(indices) - db.done_indices(conn, run_id, "test", method))
+    done = db.done_indices(conn, run_id, "test", method)
+    todo = [i for i in indices if i not in done]  # in the given order: the batches a single process makes
     if not todo:
         return 0
     attribute = explain.method_fn(method, settings)
@@ -251,7 +264,9 @@ def methods_into_db(net, split, indices, settings, conn, run_id, args, device, m
         idx = torch.tensor([r["image_index"] for r in rows])
         x = data.to_unit(split.images[idx].to(device))
         targets = torch.tensor([r["target"] for r in rows], device=device)
-        maps = attribute(net, x, targets).cpu().numpy().astype(args.attr_dtype)
+        with torch.random.fork_rng(devices=[]):  # SmoothGrad's noise: the same on every rerun and shard
+            torch.manual_seed(int(idx[0]))
+            maps = attribute(net, x, targets).cpu().numpy().astype(args.attr_dtype)
         labels = split.labels[idx].numpy()
         n = len(rows)
         stored += db.insert_explanations(conn, db.explanation_rows(
@@ -304,24 +319,128 @@ def plot_ig_examples(conn, run_id, ds, path, title):
     return len(panels)
 
 
+def explain_all(fused, stages, split, indices, quality_idx, settings, methods, conn, run_id, args, device):
+    """Steps 3 and 4 into one store: explain_methods, then quality for `quality_idx`; each only where
+    the store lacks it."""
+    explain_methods(fused, split, indices, settings, conn, run_id, args, device)
+    if quality_idx:
+        quality.quality_into_db(fused, stages, split, quality_idx, settings, methods, conn, run_id, device)
+
+
+def explain_methods(fused, split, indices, settings, conn, run_id, args, device):
+    """IG, then every other --methods, for `indices`, where the store lacks them."""
+    if indices:
+        explain_into_db(fused, split, indices, settings, conn, run_id, args, device)
+        for method in args.methods[1:]:
+            methods_into_db(fused, split, indices, settings, conn, run_id, args, device, method)
+
+
+def lacking(indices, done_sets):
+    """The images of `indices`, in order, missing from at least one of the done sets."""
+    return [i for i in indices if not all(i in done for done in done_sets)]
+
+
+MERGE_IMAGES = 32  # images' rows a rank sends to rank 0 per merge round
+
+
+def sharded_explanations(ctx, fused, stages, ds, indices, quality_idx, settings, methods, db_path, run, args):
+    """explain_all under torchrun, in two sharded passes: the maps (in blocks of --ig-batch), then
+    the quality rows (in blocks of quality.QUALITY_BATCH), so every batch holds the images it would
+    in a single process and seeded measures come out the same. `run` is run_id_for's arguments
+    after the connection, less the settings."""
+    conn = run_id = pending = None  # rank 0's: the one store and what it lacks
+    if ctx.main:
+        conn = db.connect(db_path)
+        run_id = db.run_id_for(conn, *run, settings)
+        pending = lacking(indices, [db.done_indices(conn, run_id, "test", m) for m in args.methods])
+        print(f"Sharding over {ctx.world_size} ranks, shard stores in {args.shard_dir}: maps for {len(pending)} "
+              f"of {len(indices)} images")
+    tag = distributed.broadcast(hashlib.sha256(str(db_path.resolve()).encode()).hexdigest()[:16], ctx)
+    shard_path = Path(args.shard_dir) / f"{tag}-rank{ctx.rank}.db"
+
+    def maps(shard, shard_run, mine):
+        explain_methods(fused, ds.test, mine, settings, shard, shard_run, args, ctx.device)
+    sharded(ctx, conn, run_id, pending, args.ig_batch, shard_path, run, settings, maps)
+
+    if ctx.main:
+        pending = lacking(quality_idx, [db.done_quality(conn, run_id, "test", m) for m in methods])
+        print(f"Quality for {len(pending)} of {len(quality_idx)} images")
+
+    def scores(shard, shard_run, mine):
+        quality.quality_into_db(fused, stages, ds.test, mine, settings, methods, shard, shard_run, ctx.device)
+    sharded(ctx, conn, run_id, pending, quality.QUALITY_BATCH, shard_path, run, settings, scores)
+    if ctx.main:
+        db.close(conn)
+
+
+def sharded(ctx, conn, run_id, pending, block, shard_path, run, settings, work):
+    """One sharded pass. Rank 0 deals the `pending` images out in blocks of `block` and copies each
+    rank the store's rows of its images; each rank runs work(shard, shard_run, its images) into its
+    own shard store at `shard_path`, sends every row it holds (rows a killed run left included) to
+    rank 0 in rounds of MERGE_IMAGES images, and rank 0 stores them (keys already stored are kept,
+    so merging twice changes nothing); then the shards are deleted."""
+    pending = distributed.broadcast(pending, ctx)
+    if not pending and not distributed.max_all(shard_path.exists(), ctx):  # nothing to do, nothing left over
+        return
+    share = [distributed.blocks(pending, block, r, ctx.world_size) for r in range(ctx.world_size)]
+    seed_rows = distributed.scatter([db.export_rows(conn, run_id, s) for s in share] if ctx.main else None, ctx)
+    shard = db.connect(shard_path)
+    shard_run = db.run_id_for(shard, *run, settings)
+    db.import_rows(shard, shard_run, seed_rows)
+    work(shard, shard_run, share[ctx.rank])
+    stored = db.stored_images(shard, shard_run)
+    added = 0
+    for k in range(math.ceil(distributed.max_all(len(stored), ctx) / MERGE_IMAGES)):
+        part = db.export_rows(shard, shard_run, stored[k * MERGE_IMAGES:(k + 1) * MERGE_IMAGES])
+        for rows in distributed.gather(part, ctx) or []:
+            added += db.import_rows(conn, run_id, rows)
+    distributed.barrier(ctx)  # every shard is in the store: the shards can go
+    db.close(shard)
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{shard_path}{suffix}").unlink(missing_ok=True)
+    print(f"Merged {added} new rows from {ctx.world_size} shard stores")
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
-    args = parse_args(argv)
+    return distributed.run(evaluate, parse_args(argv))
+
+
+def evaluate(args, ctx):
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = model_lib.resolve_device(args.device)
+    device = ctx.device
     net, meta = model_lib.load_checkpoint(args.checkpoint, device)
-    ds = data.load_matching(meta["provenance"], args.data_dir, args.memory)
-    tag = data.describe(meta["provenance"])
     run_dir = Path(args.checkpoint).parent
     images = Path(args.images) if args.images else run_dir / "images"
+    db_path = Path(args.db) if args.db else run_dir / "explanations.db"
+    if ctx.main:  # before any data is read or any work done
+        for folder, flag in ((run_dir, "--checkpoint (its folder gets metrics.json)"), (images, "--images"),
+                             (db_path.parent, "--db")):
+            data.check_writable(folder, flag)
+    if ctx.launched:
+        data.check_writable(args.shard_dir, "--shard-dir")
+    ds = data.load_matching(meta["provenance"], args.data_dir, args.memory)
+    tag = data.describe(meta["provenance"])
     multi_label = ds.task == data.MULTI_LABEL
     settings = {**explain.ig_settings(args, ds.class_names, multi_label=multi_label), "attr_dtype": args.attr_dtype}
     if args.tta and not meta.get("settings", {}).get("flips", True):
         raise EvaluateError(f"--tta averages over the 8 flips/rotations, but this model was trained "
                             f"without them ({ds.flag}: {data.AUGMENTATION[ds.flag].why}). Its answers on "
                             f"flipped images mean little; evaluate without --tta.")
+    checkpoint_sha256 = sha256_of(args.checkpoint)
+    indices = explanation_indices(len(ds.test), args.explain)
+    quality_idx = indices[:len(indices) if args.quality == "all" else int(args.quality)]
+    fused = model_lib.fused_for_inference(net)
+    methods = quality.methods(settings, args.smooth, args.smooth_sd, names=args.methods)
+    stages = quality.all_randomized_models(net) if quality_idx else {}
+    if ctx.launched:
+        sharded_explanations(ctx, fused, stages, ds, indices, quality_idx, settings, methods, db_path,
+                             (checkpoint_sha256, args.checkpoint, net.config, ds.class_names, meta["provenance"]),
+                             args)
+        if not ctx.main:
+            return None
 
     logits = model_lib.predict_logits(net, ds.test.images, args.batch_size, device, tta=args.tta)
     probs = model_lib.probabilities(net, logits).numpy()
@@ -334,7 +453,7 @@ def main(argv=None):
                "seed": meta.get("settings", {}).get("seed"), "params": model_lib.count_params(net),
                "macs": model_lib.layer_costs(model_lib.build(net.config), ds.size)[-1][3],
                "tta": args.tta, "checkpoint": str(args.checkpoint),
-               "checkpoint_sha256": sha256_of(args.checkpoint), "provenance": meta["provenance"],
+               "checkpoint_sha256": checkpoint_sha256, "provenance": meta["provenance"],
                "best_epoch": meta.get("best_epoch")}
     if meta.get("settings", {}).get("flips", True):  # both ways, for the report: TTA on and off
         other = model_lib.probabilities(net, model_lib.predict_logits(net, ds.test.images, args.batch_size, device,
@@ -356,28 +475,17 @@ def main(argv=None):
                              f"Confusion matrix, test split of {tag} (ACC {metrics['acc']:.3f}, TTA "
                              f"{'on' if args.tta else 'off'})")
 
-    db_path = args.db or run_dir / "explanations.db"
     conn = db.connect(db_path)
-    run_id = db.run_id_for(conn, metrics["checkpoint_sha256"], args.checkpoint, net.config,
-                           ds.class_names, meta["provenance"], settings)
-    indices = explanation_indices(len(ds.test), args.explain)
-    quality_idx = indices[:len(indices) if args.quality == "all" else int(args.quality)]
-    fused = model_lib.fused_for_inference(net)
-    methods = quality.methods(settings, args.smooth, args.smooth_sd, names=args.methods)
-    stages = quality.all_randomized_models(net) if quality_idx else {}
-    try:
-        if indices:
-            explain_into_db(fused, ds.test, indices, settings, conn, run_id, args, device)
-            for method in args.methods[1:]:
-                methods_into_db(fused, ds.test, indices, settings, conn, run_id, args, device, method)
-        if quality_idx:
-            quality.quality_into_db(fused, stages, ds.test, quality_idx, settings, methods, conn,
-                                    run_id, device)
-    except KeyboardInterrupt:
-        db.close(conn)
-        print(f"\nInterrupted. Every finished batch is stored in run {run_id}; rerun the same command "
-              f"to compute the rest.", file=sys.stderr)
-        raise SystemExit(130) from None
+    run_id = db.run_id_for(conn, checkpoint_sha256, args.checkpoint, net.config, ds.class_names,
+                           meta["provenance"], settings)
+    if not ctx.launched:  # under torchrun, sharded_explanations did this part
+        try:
+            explain_all(fused, stages, ds.test, indices, quality_idx, settings, methods, conn, run_id, args, device)
+        except KeyboardInterrupt:
+            db.close(conn)
+            print(f"\nInterrupted. Every finished batch is stored in run {run_id}; rerun the same command "
+                  f"to compute the rest.", file=sys.stderr)
+            raise SystemExit(130) from None
 
     # Summaries describe everything stored for the run, so a smaller rerun cannot shrink them.
     metrics["requested"] = {"explain": args.explain, "quality": args.quality}

@@ -26,6 +26,7 @@ Conv-BN-ReLU blocks.
 """
 import argparse
 import copy
+import io
 import os
 import re
 import sys
@@ -248,9 +249,11 @@ def save_checkpoint(path, model, meta, train_state=None):
     payload = {"format": FORMAT, "version": VERSION, "config": model.config,
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "meta": meta, "train_state": train_state}
-    with atomic_path(path) as tmp:
+    buf = io.BytesIO()  # serialised first, so a full disk can be told the size it must hold
+    torch.save(payload, buf)
+    with atomic_path(path, needed=buf.getbuffer().nbytes) as tmp:
         with open(tmp, "wb") as f:
-            torch.save(payload, f)
+            f.write(buf.getbuffer())
             f.flush()
             os.fsync(f.fileno())
 

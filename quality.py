@@ -260,7 +260,7 @@ def quality_into_db(fused, stages, split, indices, settings, attribute_by_method
                 attributions = explain.stored_attributions(maps)
             else:
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(start)  # the random-map control: the same on every rerun
+                    torch.manual_seed(todo[start])  # the random-map control: the same on every rerun and shard
                     attributions = attribute(fused, x, target).cpu()
             q = quality_measures(fused, x, target, attributions, settings, attribute, stages,
                                  masks=None if split.masks is None else split.masks[idx])

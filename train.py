@@ -6,6 +6,8 @@
     python train.py --synthetic --epochs 10  # offline demo on the SYNTHETIC dataset (not PathMNIST),
                                              # into runs/pathmnist-synthetic_28/
     python train.py --resume                 # continue <out>/last.pt after Ctrl-C or a crash
+    torchrun --nproc_per_node 4 train.py     # DistributedDataParallel over 4 processes (GPUs, or
+                                             # CPU processes with gloo); README "Scaling"
 
 The dataset's task decides the loss: cross-entropy over softmax for multi-class, binary and ordinal
 tasks (as MedMNIST trains them), binary cross-entropy per label for multi-label chestmnist; its
@@ -14,6 +16,11 @@ script watched training accuracy). Every epoch writes <out>/last.pt and <out>/hi
 epoch on validation loss is kept as <out>/best.pt; the end writes <out>/images/accuracy_epoch.png.
 The same seed and settings on the same device give the same best.pt, byte for byte: a checkpoint
 holds no timings and no paths. Ctrl-C stops after saving what is finished, with exit code 130.
+
+Under torchrun each rank trains on its share of every global batch of --batch-size (the same
+shuffled order on every rank; the loss is scaled so the averaged gradient is the global batch's),
+validation is split across ranks and summed, so every rank takes the same LR and early-stopping
+decisions, and rank 0 alone writes the run files, in the same format as a single process.
 """
 import argparse
 import math
@@ -25,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import distributed
 import model as model_lib
 import plots
 from progress import progress
@@ -33,7 +41,8 @@ HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "l
 MIN_IMPROVEMENT = 1e-4  # a val-loss drop smaller than this does not count as progress
 # The flags that decide the weights: recorded in every checkpoint (paths and threads are not).
 RESULT_SETTINGS = ("flag", "epochs", "batch_size", "lr", "patience", "seed", "device", "size",
-                   "synthetic", "trust_file", "flips", "stain_jitter", "colour_jitter", "amp", "compile")
+                   "synthetic", "trust_file", "flips", "stain_jitter", "colour_jitter", "amp", "compile",
+                   "world_size", "sync_bn")
 GPU_DATA_SHARE = 0.25  # on a GPU, keep train/val images there when they take at most this share of its free memory
 
 
@@ -86,6 +95,8 @@ def parse_args(argv=None):
                    "bfloat16); auto turns it on for CUDA only. Validation, metrics and IG stay float32")
     p.add_argument("--compile", action="store_true", help="compile the training step with "
                    "torch.compile (worth it on a GPU for long runs; the first epoch pays the compile time)")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun on GPUs: BatchNorm statistics "
+                   "over the global batch (torch's SyncBatchNorm) instead of each rank's share")
     p.add_argument("--flips", type=on_off, metavar="{on,off}", help="random flips/rotations (the 8 symmetries of a "
                    "square): on or off (default: the dataset's, off where anatomy has a side; see "
                    "data.AUGMENTATION and the README)")
@@ -129,43 +140,80 @@ def amp_dtype(device, amp):
     return torch.bfloat16
 
 
-def train_epoch(model, task, split, opt, gen, args, device, epoch, scaler):
-    """One epoch of training steps; `model` may be a torch.compile wrapper (hence `task` apart)."""
+def train_epoch(model, task, split, opt, gen, args, device, epoch, scaler, ctx=distributed.Context(),
+                aug_gen=None):
+    """One epoch of training steps; `model` may be a torch.compile or DDP wrapper (hence `task`
+    apart). Under torchrun, each step sums loss and counts over the ranks (one small all-reduce),
+    so every rank sees the global batch's loss and stops together on a non-finite one."""
     model.train()
     dtype = amp_dtype(device, args.amp)
-    loss_sum, correct = 0.0, 0
-    bar = progress(data.batches(split, args.batch_size, device, gen, args.augment),
-               total=math.ceil(len(split) / args.batch_size), desc=f"epoch {epoch}",
-               unit="batch", leave=False)
+    loss_sum, correct, count = 0.0, 0, 0
+    bar = progress(data.batches(split, args.batch_size, device, gen, args.augment, (ctx.rank, ctx.world_size),
+                                aug_gen),
+                   total=math.ceil(len(split) / args.batch_size), desc=f"epoch {epoch}", unit="batch", leave=False)
     for x, y in bar:
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = model(x)
             loss = task_loss(logits, y, task)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"The training loss became {loss.item()} in epoch {epoch}. The run "
+        batch_loss, batch_correct, n = distributed.sum_all(
+            [loss.item() * len(y), correct_count(logits, y, task), len(y)], ctx)
+        if not math.isfinite(batch_loss):
+            raise TrainingError(f"The training loss became {batch_loss / n} in epoch {epoch}. The run "
                                 f"stopped; last.pt still holds the previous epoch. Lower --lr "
                                 f"(now {args.lr}) and check the data for corrupt images.")
+        # DDP averages the ranks' gradients; weighting each rank's mean by its share of the global
+        # batch makes that average the gradient of the global batch's mean loss (1.0 alone).
+        share = len(y) * ctx.world_size / n
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()  # the scaler is a pass-through unless float16 needs it
+        scaler.scale(loss if share == 1 else loss * share).backward()  # the scaler passes through unless float16 needs it
         scaler.step(opt)
         scaler.update()
-        loss_sum += loss.item() * len(y)
-        correct += correct_count(logits, y, task)
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    return loss_sum / len(split), correct / len(split)
+        loss_sum += batch_loss
+        correct += batch_correct
+        count += n
+        bar.set_postfix(loss=f"{batch_loss / n:.3f}", refresh=False)
+    return loss_sum / count, correct / count
 
 
 @torch.no_grad()
-def evaluate_split(model, split, batch_size, device):
-    logits = model_lib.predict_logits(model, split.images, batch_size=4 * batch_size, device=device)
+def evaluate_split(model, split, batch_size, device, ctx=distributed.Context()):
+    """(loss, accuracy) on a whole split in eval mode; under torchrun each rank predicts a
+    contiguous share and the sums are added up over the ranks."""
     task = model.config["task"]
-    return task_loss(logits, split.labels, task).item(), correct_count(logits, split.labels, task) / len(split)
+    if ctx.world_size == 1:
+        logits = model_lib.predict_logits(model, split.images, batch_size=4 * batch_size, device=device)
+        labels = split.labels.cpu()  # predict_logits answers on the CPU; the labels may be on a GPU
+        return task_loss(logits, labels, task).item(), correct_count(logits, labels, task) / len(split)
+    share = torch.arange(len(split)).tensor_split(ctx.world_size)[ctx.rank]
+    lo, hi = (int(share[0]), int(share[-1]) + 1) if len(share) else (0, 0)
+    logits = model_lib.predict_logits(model, split.images[lo:hi], batch_size=4 * batch_size, device=device)
+    labels = split.labels[lo:hi].cpu()
+    loss_sum, right, n = distributed.sum_all(
+        [task_loss(logits, labels, task).item() * (hi - lo) if hi > lo else 0.0,
+         correct_count(logits, labels, task), hi - lo], ctx)
+    return loss_sum / n, right / n
+
+
+def rank_seed(seed, rank, epoch):
+    """Under torchrun: the seed of one rank's dropout and augmentation in one epoch. A function of
+    (seed, rank, epoch) alone, so a resumed run draws what the uninterrupted one would have."""
+    return (seed * 1_000_003 + rank) * 10_007 + epoch
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    out = Path(args.out)
-    device = model_lib.resolve_device(args.device)
+    return distributed.run(train, parse_args(argv))
+
+
+def train(args, ctx):
+    out, device = Path(args.out), ctx.device
+    args.world_size = ctx.world_size
+    if args.sync_bn and device.type != "cuda":
+        raise TrainingError(f"--sync-bn needs CUDA: torch's SyncBatchNorm runs on GPUs only, and this "
+                            f"process trains on {device}. Drop --sync-bn: each rank then normalises its "
+                            f"own share of the batch (a larger --batch-size makes the shares larger).")
+    if ctx.main:  # before any data is downloaded or read
+        data.check_writable(out, "--out")
+        data.check_writable(Path(args.images), "--images")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -179,6 +227,9 @@ def main(argv=None):
     label = data.describe(ds.provenance())
     print(f"Training on {label}: {len(ds.train)} train / {len(ds.val)} val images, device {device}; "
           f"{ds.task}, {ds.channels} channel(s); augmentation: {args.augment.summary()}")
+    if ctx.world_size > 1:
+        print(f"DistributedDataParallel over {ctx.world_size} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}): a global "
+              f"batch of {args.batch_size} is {args.batch_size / ctx.world_size:.0f} images per rank")
 
     gen = torch.Generator().manual_seed(args.seed)  # shuffling and augmentation
     if args.resume:
@@ -195,7 +246,13 @@ def main(argv=None):
         ts = None
     net.to(device)
     train_split, val_split = on_device(ds, device)
-    step_net = torch.compile(net) if args.compile else net  # shares net's parameters; net is saved
+    step_net = net
+    if ctx.world_size > 1:  # DDP starts from rank 0's weights and keeps the ranks' copies equal
+        if args.sync_bn:
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # same parameters and state_dict keys
+        step_net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device] if device.type == "cuda" else None)
+    step_net = torch.compile(step_net) if args.compile else step_net  # shares net's parameters; net is saved
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, args.amp) == torch.float16)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5,
@@ -221,9 +278,14 @@ def main(argv=None):
             if bad_epochs >= args.patience:
                 break
             t0 = time.perf_counter()
+            aug_gen = None
+            if ctx.world_size > 1:  # each rank its own dropout and augmentation draws
+                torch.manual_seed(rank_seed(args.seed, ctx.rank, epoch))
+                aug_gen = torch.Generator().manual_seed(rank_seed(args.seed, ctx.rank, epoch))
             train_loss, train_acc = train_epoch(step_net, ds.task, train_split, opt, gen, args, device,
-                                                epoch, scaler)
-            val_loss, val_acc = evaluate_split(net, val_split, args.batch_size, device)
+                                                epoch, scaler, ctx, aug_gen)
+            distributed.sync_buffers(net, ctx)
+            val_loss, val_acc = evaluate_split(net, val_split, args.batch_size, device, ctx)
             seconds = time.perf_counter() - t0
             row = {"epoch": epoch, "train_loss": round(train_loss, 6), "train_acc": round(train_acc, 6),
                    "val_loss": round(val_loss, 6), "val_acc": round(val_acc, 6),
@@ -243,6 +305,8 @@ def main(argv=None):
                            "epoch": epoch, "best_val_loss": best_loss, "bad_epochs": bad_epochs,
                            "rng_torch": torch.get_rng_state(), "rng_generator": gen.get_state(),
                            "seconds": seconds_per_epoch, "scaler": scaler.state_dict()}
+            if not ctx.main:  # rank 0 writes the run files
+                continue
             if improved:
                 model_lib.save_checkpoint(out / "best.pt", net, meta)
             model_lib.save_checkpoint(out / "last.pt", net, meta, train_state)
@@ -254,14 +318,15 @@ def main(argv=None):
         interrupted = None
     if bad_epochs >= args.patience:
         print(f"Early stop: no lower validation loss for {args.patience} epochs.")
-    if history:
+    if history and ctx.main:
         plot_path = Path(args.images) / "accuracy_epoch.png"
         plots.plot_history(history, plot_path, f"Training on {label}", meta["best_epoch"])
         print(f"Best epoch {meta['best_epoch']} (val loss {best_loss:.4f}) -> {out / 'best.pt'}; "
               f"curves -> {plot_path}")
     if interrupted is not None:
-        print(f"\nInterrupted during epoch {interrupted}. {out / 'last.pt'} holds the last finished "
-              f"epoch; continue with: python train.py --resume (and the same flags).", file=sys.stderr)
+        if ctx.main:
+            print(f"\nInterrupted during epoch {interrupted}. {out / 'last.pt'} holds the last finished "
+                  f"epoch; continue with: python train.py --resume (and the same flags).", file=sys.stderr)
         raise SystemExit(130)
     return history
 

@@ -393,3 +393,14 @@ def test_db_cli_on_an_empty_file_exits_1_and_leaves_it_empty(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "is empty" in result.stderr and "no runs yet" not in result.stdout
     assert (tmp_path / "e.db").stat().st_size == 0
+
+
+def test_a_schema_step_another_process_already_took_is_skipped(tmp_path):
+    path = tmp_path / "store.db"
+    db.close(db.connect(path))  # one process creates the store
+    late = sqlite3.connect(path)  # another saw the empty file a moment before, and goes on
+    db.migrate(late, 0)
+    db.migrate(late, 4)
+    assert late.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION
+    late.close()
+    assert db.find(db.connect(path, create=False), 1) == []

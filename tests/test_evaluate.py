@@ -214,7 +214,7 @@ def test_killed_writer_leaves_a_consistent_db_and_resume_completes(trained_run, 
     dbp = tmp_path / "e.db"
     cmd = [sys.executable, "evaluate.py", "--checkpoint", str(trained_run / "best.pt"),
            "--data-dir", str(syn_dir), "--explain", "all", "--db", str(dbp), "--ig-batch", "4",
-           "--n-steps", "64", "--images", str(tmp_path), "--threads", "1"]
+           "--n-steps", "64", "--quality", "0", "--images", str(tmp_path), "--threads", "1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stored = 0
     try:
