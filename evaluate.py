@@ -22,8 +22,9 @@ It reads top to bottom in main():
    <run dir>/images (or --images): confusion_matrix.png, ig_examples.png, faithfulness.png and
    sanity_randomization.png (plots.py).
 
-Under torchrun, steps 3 and 4 come first and are shared out: the images still missing anything are
-dealt to the ranks in blocks of --ig-batch; each rank writes its own shard store on local disk
+Under torchrun, steps 3 and 4 come first and are shared out: the images still missing a map are
+dealt to the ranks in blocks of --ig-batch, then those missing quality rows in blocks of
+quality.QUALITY_BATCH (the batches one process makes); each rank writes its own shard store on local disk
 (--shard-dir), then rank 0 merges every shard into the one store (rows keyed as always, so a merge
 is idempotent) and alone does steps 2 and 5, exactly as a single process would.
 """

@@ -162,10 +162,11 @@ def train_epoch(model, task, split, opt, gen, args, device, epoch, scaler, ctx=d
                                 f"stopped; last.pt still holds the previous epoch. Lower --lr "
                                 f"(now {args.lr}) and check the data for corrupt images.")
         # DDP averages the ranks' gradients; weighting each rank's mean by its share of the global
-        # batch makes that average the gradient of the global batch's mean loss (1.0 alone).
+        # batch makes that average the gradient of the global batch's mean loss (exactly 1.0 alone,
+        # and multiplying by 1.0 changes no bit).
         share = len(y) * ctx.world_size / n
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss if share == 1 else loss * share).backward()  # the scaler passes through unless float16 needs it
+        scaler.scale(loss * share).backward()  # the scaler passes through unless float16 needs it
         scaler.step(opt)
         scaler.update()
         loss_sum += batch_loss
