@@ -31,6 +31,8 @@ import argparse
 import base64
 import io
 import json
+import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -428,11 +430,13 @@ def probe_memory(path, size, memory, steps, device="cpu"):
 
 
 def probe_in_subprocess(path, size, memory, steps, device):
-    """probe_memory in a fresh Python, so each peak is that loader's alone."""
+    """probe_memory in a fresh Python, so each peak is that loader's alone; its memory maps go to a
+    cache folder beside the file (deleted with it)."""
+    env = {**os.environ, data.CACHE_ENV: str(Path(path).parent / "cache")}
     out = subprocess.run([sys.executable, __file__, "--probe", str(path), "--probe-size", str(size),
                           "--probe-memory", memory, "--probe-steps", str(steps), "--device", str(device),
                           "--threads", str(torch.get_num_threads())],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -451,10 +455,7 @@ def memory_bench(cfg, folder, device="cpu"):
         rows.append({"size": size, "pixel_bytes": sum(cfg["counts"].values()) * size * size * 3,
                      "ram": ram, "map_first": first, "map": mapped, "model_and_batch": alone})
         path.unlink()
-        for converted in (Path(folder) / ".mapped").glob("*"):
-            for f in converted.iterdir():
-                f.unlink()
-            converted.rmdir()
+        shutil.rmtree(Path(folder) / "cache", ignore_errors=True)
     return rows
 
 

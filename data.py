@@ -428,7 +428,8 @@ MEMORY_MODES = ("auto", "ram", "map")
 MAP_ABOVE_BYTES = 1 << 30  # auto: splits whose pixels add up to more than this are memory-mapped
 CONVERT_CHUNK_BYTES = 32 << 20  # what converting an npz member holds in memory at a time
 MEMORY_HELP = ("where the images live: ram (read into memory; fastest while it fits), map "
-               "(memory-mapped copies under <data-dir>/.mapped, converted once; memory does not grow "
+               "(memory-mapped copies in the cache folder, $PATHMNIST_XAI_CACHE or ~/.cache/pathmnist-xai, "
+               "converted once; memory does not grow "
                "with the dataset) or auto (map above 1 GiB of pixels: PathMNIST at 64 px and up)")
 
 
@@ -463,22 +464,29 @@ def member_header(zf, member):
 
 
 def mapped_images(npz_path, md5, split, shape):
-    """A split's images as a memory-mapped (N, 3, H, W) uint8 tensor.
+    """A split's images as a memory-mapped (N, C, H, W) uint8 tensor.
 
     On first use the npz member is converted into an uncompressed .npy under
-    <data dir>/.mapped/<file>-<md5>/, streamed a chunk at a time (so converting a 16 GB split
-    needs CONVERT_CHUNK_BYTES, not 16 GB) and written atomically. The folder is keyed to the npz's
-    verified MD5: a changed npz gets a new conversion, and the old one is deleted."""
-    npz_path = Path(npz_path)
-    folder = npz_path.parent / ".mapped" / f"{npz_path.stem}-{md5}"
+    <cache_dir>/mapped/<file>-<md5>/, streamed a chunk at a time (so converting a 16 GB split
+    needs CONVERT_CHUNK_BYTES, not 16 GB) and written atomically; nothing is written beside the npz.
+    The folder is keyed to the npz's verified MD5: a changed npz gets a new conversion, and the old
+    conversion of the same file (named in its `source` file) is deleted."""
+    npz_path = Path(npz_path).resolve()
+    folder = mapped_folder(npz_path, md5)
     out = folder / f"{split}_images.npy"
     if not out.exists():
         for stale in folder.parent.glob(f"{npz_path.stem}-*"):
-            if stale != folder:
+            if stale != folder and (stale / "source").is_file() and (stale / "source").read_text() == str(npz_path):
                 shutil.rmtree(stale, ignore_errors=True)
         convert_images(npz_path, f"{split}_images", out, shape)
+        (folder / "source").write_text(str(npz_path))
     # copy-on-write mode: a tensor torch can wrap without warnings, and the file is never written
     return torch.from_numpy(np.load(out, mmap_mode="c"))
+
+
+def mapped_folder(npz_path, md5):
+    """The cache folder of an npz's memory-mapped conversions."""
+    return cache_dir() / "mapped" / f"{Path(npz_path).stem}-{md5}"
 
 
 def convert_images(npz_path, member, out, expected):
@@ -505,32 +513,44 @@ def convert_images(npz_path, member, out, expected):
 
 # ----------------------------------------------------------------------------- file checks
 
+CACHE_ENV = "PATHMNIST_XAI_CACHE"
+
+
+def cache_dir():
+    """Where derived files go (data files' MD5s, memory-mapped conversions): $PATHMNIST_XAI_CACHE,
+    else $XDG_CACHE_HOME/pathmnist-xai, else ~/.cache/pathmnist-xai. Never beside the data, which may
+    be read-only or shared (the real-data folder is both)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pathmnist-xai"
+
+
 def verified_md5(path):
-    """The MD5 of a file, computed once: remembered in <folder>/.md5-cache.json with the file's size
-    and modification time, and computed afresh whenever either changes (a 12 GB file takes a minute
-    to hash)."""
-    path = Path(path)
+    """The MD5 of a file, computed once: remembered in <cache_dir>/md5.json under the file's absolute
+    path with its size and modification time, and computed afresh whenever either changes (a 12 GB
+    file takes a minute to hash)."""
+    path = Path(path).resolve()
     stat = path.stat()
     seen = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    cache_path = path.parent / MD5_CACHE
+    cache_path = cache_dir() / MD5_CACHE
     try:
         cache = json.loads(cache_path.read_text())
     except (OSError, ValueError):
         cache = {}
-    entry = cache.get(path.name, {})
+    entry = cache.get(str(path), {})
     if {k: entry.get(k) for k in seen} == seen and "md5" in entry:
         return entry["md5"]
     md5 = calculate_md5(path)
-    cache[path.name] = {**seen, "md5": md5}
+    cache[str(path)] = {**seen, "md5": md5}
     try:
         with atomic_path(cache_path) as tmp:
             tmp.write_text(json.dumps(cache, indent=1, sort_keys=True) + "\n")
-    except OSError:
-        pass  # a read-only data folder: the MD5 is computed again next time, nothing else changes
+    except (OSError, DataError):
+        pass  # an unwritable cache folder: the MD5 is computed again next time, nothing else changes
     return md5
 
 
-MD5_CACHE = ".md5-cache.json"
+MD5_CACHE = "md5.json"
 
 
 # ----------------------------------------------------------------------------- batches

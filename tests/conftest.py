@@ -1,6 +1,11 @@
-"""Shared fixtures: small SYNTHETIC datasets written by data.py, one short training run, one evaluation.
+"""Shared fixtures: small SYNTHETIC datasets written by data.py, one short training run, one
+evaluation, and the shared real-data folder (`realdata`).
 
-Tests take helpers as fixtures (train_argv, make_npz), never by importing this file."""
+Tests take helpers as fixtures (train_argv, make_npz, realdata), never by importing this file.
+A test that takes `realdata` is a real-data test: it is skipped, saying what is missing and how to
+point at it, where the folder is absent (a user's plain clone); where the folder exists, a skipped
+real-data test fails the session (CI has the folder, so its real-data tests must run)."""
+import os
 import shutil
 
 import numpy as np
@@ -8,6 +13,7 @@ import pytest
 import torch
 
 import data
+import realdata as realdata_lib
 import train
 
 SMALL = {"train": 1500, "val": 300, "test": 300}
@@ -16,6 +22,53 @@ SMALL = {"train": 1500, "val": 300, "test": 300}
 @pytest.fixture(autouse=True)
 def _two_threads():
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """MD5s and memory maps of the tests' files go to a folder of this session, not the user's cache
+    (set in the environment, so the scripts the tests start use it too)."""
+    old = os.environ.get(data.CACHE_ENV)
+    os.environ[data.CACHE_ENV] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop(data.CACHE_ENV)
+    else:
+        os.environ[data.CACHE_ENV] = old
+
+
+@pytest.fixture(scope="session")
+def realdata():
+    """The shared real-data folder (realdata.folder()); the test is skipped, saying why, without it."""
+    why = realdata_lib.missing()
+    if why:
+        pytest.skip(f"SKIPPED real-data test: {why}")
+    return realdata_lib.folder()
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "realdata" in getattr(item, "fixturenames", ()):
+            item.add_marker("realdata")
+
+
+SKIPPED_REAL = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and "realdata" in report.keywords:
+        SKIPPED_REAL.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if SKIPPED_REAL and realdata_lib.folder().is_dir():
+        session.exitstatus = 1  # the folder is there, so a skipped real-data test hid something
+
+
+def pytest_terminal_summary(terminalreporter):
+    if SKIPPED_REAL and realdata_lib.folder().is_dir():
+        terminalreporter.write_line(f"FAILED: {len(SKIPPED_REAL)} real-data test(s) were skipped although "
+                                    f"{realdata_lib.folder()} exists: {', '.join(SKIPPED_REAL)}", red=True)
 
 
 @pytest.fixture(scope="session")

@@ -165,7 +165,7 @@ def test_download_is_verified_then_renamed_into_place(tmp_path, monkeypatch, mak
     monkeypatch.setattr(data, "download_url", fake_download)
     (tmp_path / "d").mkdir()
     assert data.fetch(tmp_path / "d", 28) == tmp_path / "d" / "pathmnist.npz"
-    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [data.MD5_CACHE, "pathmnist.npz"]
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["pathmnist.npz"]  # no cache beside it
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -283,7 +283,7 @@ def test_synthetic_dataset_is_named_synthetic_everywhere(syn_dir):
 def test_mapped_images_equal_the_npz_arrays(tmp_path, make_npz):
     path = make_npz(tmp_path / "m.npz", n=7)
     in_memory = data.read_npz(path, 28, 9)
-    mapped = data.read_npz(path, 28, 9, mapped_md5="abc")
+    mapped = data.read_npz(path, 28, 9, mapped_md5=data.calculate_md5(path))
     arrays = np.load(path)
     for s in data.SPLITS:
         assert torch.equal(mapped[s].images, in_memory[s].images) and torch.equal(mapped[s].labels, in_memory[s].labels)
@@ -307,11 +307,11 @@ def test_an_interrupted_conversion_leaves_no_file_and_is_redone(tmp_path, make_n
         raise KeyboardInterrupt
     monkeypatch.setattr(data, "progress", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        data.mapped_images(path, "abc", "train", data.ImageShape(28, 3))
-    folder = tmp_path / ".mapped" / "m-abc"
+        data.mapped_images(path, data.calculate_md5(path), "train", data.ImageShape(28, 3))
+    folder = data.mapped_folder(path, data.calculate_md5(path))
     assert list(folder.iterdir()) == []  # neither the .npy nor a temporary file
     monkeypatch.undo()
-    images = data.mapped_images(path, "abc", "train", data.ImageShape(28, 3))
+    images = data.mapped_images(path, data.calculate_md5(path), "train", data.ImageShape(28, 3))
     assert np.array_equal(images.numpy(), np.load(path)["train_images"].transpose(0, 3, 1, 2))
 
 
@@ -321,7 +321,23 @@ def test_a_changed_npz_gets_a_new_conversion_and_the_old_one_goes(tmp_path, make
     make_npz(path, n=5, val_images=np.full((5, 28, 28, 3), 7, np.uint8))
     new = data.mapped_images(path, data.verified_md5(path), "val", data.ImageShape(28, 3))
     assert new.unique().tolist() == [7] and not torch.equal(old, new)
-    assert [p.name for p in (tmp_path / ".mapped").iterdir()] == [f"m-{data.verified_md5(path)}"]
+    of_this_file = [p.name for p in data.mapped_folder(path, "x").parent.glob("m-*")
+                    if (p / "source").is_file() and (p / "source").read_text() == str(path.resolve())]
+    assert of_this_file == [f"m-{data.verified_md5(path)}"]
+
+
+def test_loading_with_memory_maps_writes_nothing_beside_the_data(tmp_path, make_npz, monkeypatch):
+    # The real-data folder is read-only in CI, and a cluster's dataset folder often is: MD5s and
+    # conversions go to the cache folder instead.
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    path = make_npz(folder / "pathmnist.npz")
+    monkeypatch.setitem(data.INFO, "MD5", data.calculate_md5(path))
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir())
+    ds = data.load(folder, 28, memory="map")
+    assert ds.train.images.shape == (6, 3, 28, 28)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir()) == before
+    assert (data.cache_dir() / data.MD5_CACHE).is_file() and any(data.cache_dir().glob("mapped/pathmnist-*/*.npy"))
 
 
 def test_converting_holds_a_chunk_in_memory_not_the_file(tmp_path):
@@ -359,7 +375,7 @@ def test_the_md5_is_computed_once_until_the_file_changes(tmp_path, make_npz, mon
 def test_a_missing_member_is_named_when_mapping_too(tmp_path, make_npz):
     path = make_npz(tmp_path / "k.npz", val_images=None)
     with pytest.raises(data.DataError, match="lacks \\['val_images'\\]"):
-        data.read_npz(path, 28, 9, mapped_md5="abc")
+        data.read_npz(path, 28, 9, mapped_md5=data.calculate_md5(path))
 
 
 # ----------------------------------------------------------------------------- every MedMNIST 2D flag
@@ -410,7 +426,7 @@ def test_a_grayscale_file_loads_as_one_channel_with_its_pixels_in_place(tmp_path
 
 def test_a_mapped_grayscale_file_equals_the_npz(tmp_path):
     path = grey_npz(tmp_path / "g.npz", n=5)
-    mapped = data.read_npz(path, 28, 2, mapped_md5="abc", channels=1)
+    mapped = data.read_npz(path, 28, 2, mapped_md5=data.calculate_md5(path), channels=1)
     for s in data.SPLITS:
         assert np.array_equal(mapped[s].images.numpy()[:, 0], np.load(path)[f"{s}_images"])
 
@@ -521,9 +537,6 @@ def test_colour_jitter_on_one_channel_changes_brightness_and_keeps_the_shape():
 
 # ----------------------------------------------------------------------------- augmentation on real H&E
 
-REAL = ROOT / "tests" / "fixtures" / "realdata"
-
-
 def od_chromaticity(x):
     """Per image, the mean share of each RGB channel in the optical density (OD = -ln I) of its
     tissue pixels (total OD > 0.3; glass and fat left out): the stain's hue in OD space, free of how
@@ -535,12 +548,12 @@ def od_chromaticity(x):
 
 
 @pytest.fixture(scope="module")
-def real_he():
+def real_he(realdata):
     """The OD hue of real H&E: its range over the tissue-rich images of both centres and PathMNIST,
     the shift between the two centres' mean hues (L1), and the tissue-rich real PathMNIST images."""
     import tiles
     folders = ("nct-crc-he-100k", "crc-val-he-7k", "pathmnist-28")
-    files = [f for folder in folders for f in sorted((REAL / folder).iterdir())]
+    files = [f for folder in folders for f in sorted((realdata / folder).iterdir())]
     images = data.to_unit(torch.stack([tiles.read_image(f, 28)[0] for f in files]))
     chroma, tissue = od_chromaticity(images)
     rich = tissue >= 0.5
@@ -565,22 +578,22 @@ def share_inside(real_he, margin, **strengths):
 
 
 def test_hed_stain_jitter_keeps_real_tissue_within_the_stain_range_of_two_centres(real_he):
-    # Measured: 95% of jittered tissue-rich PathMNIST images stay inside the OD-hue range that 53
-    # real images from NCT-CRC-HE-100K, CRC-VAL-HE-7K and PathMNIST span (89% at strength 3).
+    # Measured: 99% of jittered tissue-rich PathMNIST images stay inside the OD-hue range that the
+    # 74 tissue-rich real images of NCT-CRC-HE-100K, CRC-VAL-HE-7K and PathMNIST span (91% at strength 3).
     assert share_inside(real_he, 0.0, colour=0.0, stain=1.0) >= 0.9
 
 
-def test_hed_stain_jitter_moves_the_hue_about_as_far_as_one_centre_from_the_other(real_he):
-    # Measured: a mean L1 hue change of 0.026 against 0.039 between the two centres' mean hues;
-    # strength 2 doubles the change, past the centres' difference.
+def test_hed_stain_jitter_moves_the_hue_a_quarter_to_half_the_way_from_one_centre_to_the_other(real_he):
+    # Measured: a mean L1 hue change of 0.026 against 0.092 between the two centres' mean hues (0.28
+    # of it): the default jitter covers part of the centre shift, not all of it.
     before, after = jittered_chromaticity(real_he, colour=0.0, stain=1.0)
     change = float((after - before).abs().sum(1).mean())
-    assert 0.25 * real_he["centre_shift"] < change <= real_he["centre_shift"]
+    assert 0.2 * real_he["centre_shift"] < change <= 0.5 * real_he["centre_shift"]
 
 
 def test_pathmnists_default_augmentation_stays_near_real_h_and_e_colours(real_he):
-    # The per-channel scale/shift moves the OD hue more than the stain jitter (77% stay inside the
-    # exact range); within 0.1 of it: 99% at the defaults, 90% at strength 2, 74% at strength 3.
+    # The per-channel scale/shift moves the OD hue more than the stain jitter (82% stay inside the
+    # exact range); within 0.1 of it: 99% at the defaults, 92% at strength 2, 82% at strength 3.
     default = data.AUGMENTATION["pathmnist"]
     assert share_inside(real_he, 0.1, colour=default.colour, stain=default.stain) >= 0.97
 

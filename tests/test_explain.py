@@ -230,13 +230,10 @@ def test_figures_of_explained_files_are_not_tracked_by_git():
     assert result.stdout.split() == ["images/explain/tile_ig.png", "images/explain/predictions.csv"]
 
 
-# ----------------------------------------------------------------------------- real H&E tiles (tests/fixtures/realdata)
+# ----------------------------------------------------------------------------- real H&E tiles (the shared real-data folder)
 
-REAL = ROOT / "tests" / "fixtures" / "realdata"
-
-
-def test_cli_explains_real_nct_tiff_and_crc_png_tiles_read_down_to_the_models_size(tmp_path, trained_run):
-    tiff, png = REAL / "nct-crc-he-100k" / "TUM-AACHEHDV.tif", REAL / "crc-val-he-7k" / "STR-TCGA-HGDYLEWM.png"
+def test_cli_explains_real_nct_tiff_and_crc_png_tiles_read_down_to_the_models_size(tmp_path, trained_run, realdata):
+    tiff, png = realdata / "nct-crc-he-100k" / "TUM-AACHEHDV.tif", realdata / "crc-val-he-7k" / "STR-TCGA-HGDYLEWM.png"
     result = run_cli(str(tiff), str(png), "--checkpoint", str(trained_run / "best.pt"), "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     with open(tmp_path / "predictions.csv") as f:
@@ -249,14 +246,14 @@ def test_cli_explains_real_nct_tiff_and_crc_png_tiles_read_down_to_the_models_si
         assert pixels_in_the_colours_of(tmp_path / f"{path.stem}_ig.png", image) > 1000
 
 
-def test_a_one_channel_model_explains_a_real_rgb_tile_in_greyscale(tmp_path, syn_dir):
+def test_a_one_channel_model_explains_a_real_rgb_tile_in_greyscale(tmp_path, syn_dir, realdata):
     import train
     grey_dir = tmp_path / "data"
     data.write_synthetic(grey_dir / data.synthetic_file_name(28, "pneumoniamnist"), 28,
                          counts={"train": 64, "val": 16, "test": 16}, flag="pneumoniamnist")
     train.main(["--flag", "pneumoniamnist", "--synthetic", "--data-dir", str(grey_dir),
                 "--out", str(tmp_path / "run"), "--epochs", "1", "--threads", "2"])
-    tile = REAL / "nct-crc-he-100k" / "LYM-AATTSRNN.tif"
+    tile = realdata / "nct-crc-he-100k" / "LYM-AATTSRNN.tif"
     result = run_cli(str(tile), "--checkpoint", str(tmp_path / "run" / "best.pt"), "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     grey, _ = tiles.read_image(tile, 28, channels=1)
