@@ -1,6 +1,8 @@
 # make run   - set up .venv, train on PathMNIST (downloads it on first use), then evaluate
 # make demo  - the same end to end, offline, on the SYNTHETIC dataset (not PathMNIST)
-# make test  - set up .venv and run the test suite
+# make test  - set up .venv and run the test suite (what CI runs)
+# make test-fast - the tests that train nothing (under 2 minutes), for quick loops
+# make lint  - ruff with the repository's config (ruff.toml)
 # make bench - speed and storage against the original approach, side by side (a few minutes)
 # make seeds SEEDS="0 1 2" ARGS="--synthetic --epochs 8"
 #            - train and evaluate one run per seed into runs/seeds/seed<N>, then summarise them
@@ -12,7 +14,7 @@ PY := $(VENV)/bin/python
 SEEDS ?= 0 1 2
 ARGS ?=
 
-.PHONY: setup run demo test bench seeds
+.PHONY: setup run demo test test-fast lint bench seeds
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -32,6 +34,12 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -rs
+
+test-fast: setup
+	$(PY) -m pytest -q -rs -m "not trains"
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 bench: setup
 	$(PY) bench.py

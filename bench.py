@@ -10,14 +10,11 @@ Both sides run in this one process, on synthetic images with PathMNIST's shapes 
 classes), so every number comes with a baseline measured beside it and only the ratios count. Each
 measurement is repeated and each side keeps its best repeat, which damps the noise of a shared
 machine (one side's disk writeback or a neighbour's load) without favouring either side. The
-original approach is rebuilt here as it was: its 871K-parameter CNN trained with Adam at batch 64
-from a Dataset that makes a PIL image per item (flip, rotate 10 degrees, ToTensor, Normalize 0.5);
-Captum IG one image at a time with its defaults (50 steps, zero baseline in normalised space) and
-parameters still requiring grad; attributions saved with np.save, base64-encoded into a TEXT column,
-with a SELECT, an INSERT and a commit per row.
+original approach is rebuilt as it was in original.py; this repo's side trains through train.py's
+own data path and training step (engine.py) and explains through evaluate.py's IG path.
 
 A second table compares this repo with the peer most users would pick instead: MedMNIST's own
-ResNet-18 for 28 px (medmnist_resnet18), trained and explained through this repo's own data and IG
+ResNet-18 for 28 px (model.MedMNISTResNet18), trained and explained through this repo's own data and IG
 paths, so only the model differs.
 
 A third table is memory: PathMNIST-sized npz files of random pixels (89,996 / 10,004 / 7,180 images)
@@ -28,12 +25,9 @@ resident memory (RssAnon in /proc/self/status: the process's own memory, not the
 few milliseconds and reports the peak. A fit of peak = a + b * size^2 projects both to 224 px.
 """
 import argparse
-import base64
-import io
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -44,20 +38,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from captum.attr import IntegratedGradients
-from PIL import Image
-import torchvision
-from torchvision import transforms
 
+import attribution as attr
+import augment
+import cli
+import colour
 import data
 import db
-import explain
+import engine
 import model as model_lib
+import original
+import synthetic
+from files import atomic_path
 
 OUR_BATCH = 128
-ORIGINAL_BATCH = 64
 FULL = {"train_images": 20000, "train_steps": 60, "ig_images_original": 40, "ig_images_ours": 480,
         "db_rows": 2000, "repeats": 3, "peer_train_steps": 10, "ig_images_peer": 64, "warmup": 3,
         "peer_batch": OUR_BATCH}
@@ -70,87 +64,6 @@ QUICK_MEMORY = {"counts": {"train": 2000, "val": 200, "test": 200}, "sizes": (28
 
 
 # ----------------------------------------------------------------------------- the original approach
-
-def original_model():
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Dropout(0.3), nn.Linear(3136, 256), nn.ReLU(), nn.Dropout(0.3),
-        nn.Linear(256, 9))
-
-
-class OriginalDataset(torch.utils.data.Dataset):
-    """A PIL image per item, then torchvision transforms: the original data path."""
-
-    def __init__(self, images_hwc, labels, transform):
-        self.images, self.labels, self.transform = images_hwc, labels, transform
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
-
-
-ORIGINAL_TRAIN_TRANSFORM = transforms.Compose([
-    transforms.RandomHorizontalFlip(), transforms.RandomRotation(10), transforms.ToTensor(),
-    transforms.Normalize([0.5] * 3, [0.5] * 3)])
-
-
-class PixelInput(nn.Module):
-    """The original model behind its Normalize(0.5, 0.5), so it takes [0, 1] pixels like ours.
-
-    With config mean 0.5, our 'mean' baseline is the original's zero baseline in normalised space,
-    so running our IG on this isolates the method from the model.
-    """
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-        self.normalize = model_lib.Normalize([0.5] * 3, [0.5] * 3)  # what model.input_mean reads
-
-    def forward(self, x):
-        return self.net(self.normalize(x))
-
-
-def original_ig(net, images_norm, targets):
-    """Captum defaults, one image at a time, parameters still requiring grad."""
-    ig = IntegratedGradients(net)
-    rel = []
-    for x, t in zip(images_norm, targets):
-        x = x[None]
-        attr, delta = ig.attribute(x, target=int(t), return_convergence_delta=True)
-        with torch.no_grad():
-            gap = net(x)[0, t] - net(torch.zeros_like(x))[0, t]
-        rel.append(float(db.relative_completeness_error(delta, gap)))
-    return rel
-
-
-def original_store(path, attributions, labels, preds):
-    """np.save -> base64 TEXT; per row a SELECT to check for it, an INSERT, then a commit."""
-    conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE IF NOT EXISTS attributions (image_index INTEGER, label INTEGER, "
-                 "pred INTEGER, attribution TEXT)")
-    conn.commit()
-    for i, (a, label, pred) in enumerate(zip(attributions, labels, preds)):
-        if conn.execute("SELECT 1 FROM attributions WHERE image_index = ?", (i,)).fetchone():
-            continue
-        buf = io.BytesIO()
-        np.save(buf, a)
-        conn.execute("INSERT INTO attributions VALUES (?, ?, ?, ?)",
-                     (i, int(label), int(pred), base64.b64encode(buf.getvalue()).decode("ascii")))
-        conn.commit()
-    conn.close()
-
-
-def original_read_class(path, label):
-    conn = sqlite3.connect(path)
-    rows = conn.execute("SELECT attribution FROM attributions WHERE label = ?", (label,)).fetchall()
-    conn.close()
-    return [np.load(io.BytesIO(base64.b64decode(r[0]))) for r in rows]
-
 
 # ----------------------------------------------------------------------------- measurements
 
@@ -178,48 +91,41 @@ def cycle(make_iter):
 
 
 def train_original(images_hwc, labels, n_steps, repeats, warmup, device="cpu"):
-    torch.manual_seed(0)
-    net = original_model().to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    loader = torch.utils.data.DataLoader(OriginalDataset(images_hwc, labels, ORIGINAL_TRAIN_TRANSFORM),
-                                         batch_size=ORIGINAL_BATCH, shuffle=True)
-    batches = cycle(lambda: iter(loader))
-
-    def step():
-        x, y = next(batches)
-        loss = F.cross_entropy(net(x.to(device)), y.to(device))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return len(y)
-    net.train()
+    net, step = original.training(images_hwc, labels, device)
     return net.eval(), timed_steps(step, n_steps, repeats, warmup)
 
 
 def train_ours(split, n_steps, repeats, warmup, device="cpu"):
     torch.manual_seed(0)
-    mean, std = data.channel_stats(split.images)
+    mean, std = colour.channel_stats(split.images)
     return train_on_our_path(model_lib.build(mean=mean, std=std), split, n_steps, repeats, warmup,
                              device=device)
 
 
 def train_on_our_path(net, split, n_steps, repeats, warmup, batch=None, device="cpu"):
-    """Training steps through train.py's data path (batches of 128, flips and colour jitter)."""
+    """Training steps through train.py's data path (batches of 128, flips and colour jitter) and its
+    training step (engine.py, with train.py's default --amp auto: bfloat16 on CUDA)."""
     batch = batch or OUR_BATCH
     net = net.to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    step = our_step(net, device)
     gen = torch.Generator().manual_seed(0)
-    batches = cycle(lambda: data.batches(split, batch, device, gen, data.AUGMENTATION["pathmnist"]))
-
-    def step():
-        x, y = next(batches)
-        loss = F.cross_entropy(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return len(y)
+    batches = cycle(lambda: data.batches(split, batch, device, gen, augment.AUGMENTATION["pathmnist"]))
     net.train()
-    return net.eval(), timed_steps(step, n_steps, repeats, warmup)
+    return net.eval(), timed_steps(lambda: step(*next(batches)), n_steps, repeats, warmup)
+
+
+def our_step(net, device):
+    """train.py's training step for `net` (Adam at 1e-3, --amp auto): a function of one batch
+    (x, y) that returns its size."""
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    dtype = engine.amp_dtype(torch.device(device), "auto")
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dtype == torch.float16)
+
+    def step(x, y):
+        _, loss = engine.forward_loss(net, x, y, "multi-class", dtype)
+        engine.backward_step(loss, opt, scaler)
+        return len(y)
+    return step
 
 
 def ig_ours(net, images_u8, labels, repeats, batch=32, device="cpu"):
@@ -231,8 +137,8 @@ def ig_ours(net, images_u8, labels, repeats, batch=32, device="cpu"):
         batches.clear()
         t0 = time.perf_counter()
         for i in range(0, len(images_u8), batch):
-            batches.append(explain.explain_batch(net, images_u8[i:i + batch], labels[i:i + batch],
-                                                 explain.DEFAULT_IG, device))
+            batches.append(attr.explain_batch(net, images_u8[i:i + batch], labels[i:i + batch],
+                                              attr.DEFAULT_IG, device))
         return len(images_u8) / (time.perf_counter() - t0)
     batches = []
     rate = best_rate(measure, repeats)
@@ -241,43 +147,32 @@ def ig_ours(net, images_u8, labels, repeats, batch=32, device="cpu"):
 
 
 def methods_rates(net, images_u8, labels, repeats, batch=32, device="cpu"):
-    """{method: best attributions/s} of every explain.ATTRIBUTION_METHODS on the same images, batches
-    of 32 (IG at its fixed 8 steps here, without refinement)."""
-    x_all, y_all = data.to_unit(images_u8).to(device), labels.to(device)
+    """{method: best attributions/s} of every attribution.METHODS on the same images, batches of 32
+    (IG at its fixed 8 steps here, without refinement)."""
+    x_all, y_all = colour.to_unit(images_u8).to(device), labels.to(device)
     rates = {}
-    for method in explain.ATTRIBUTION_METHODS:
-        attribute = explain.method_fn(method, explain.DEFAULT_IG)
-
-        def measure():
-            t0 = time.perf_counter()
-            for i in range(0, len(x_all), batch):
-                attribute(net, x_all[i:i + batch], y_all[i:i + batch])
-            return len(x_all) / (time.perf_counter() - t0)
-        rates[method] = best_rate(measure, repeats)
+    def measure(attribute):
+        t0 = time.perf_counter()
+        for i in range(0, len(x_all), batch):
+            attribute(net, x_all[i:i + batch], y_all[i:i + batch])
+        return len(x_all) / (time.perf_counter() - t0)
+    for method in attr.ATTRIBUTION_METHODS:
+        attribute = attr.method_fn(method, attr.DEFAULT_IG)
+        rates[method] = best_rate(lambda a=attribute: measure(a), repeats)
     return rates
 
 
 # ----------------------------------------------------------------------------- the peer
 
-def medmnist_resnet18(n_classes=9):
-    """MedMNIST's ResNet-18 for 28x28 inputs (MedMNIST/experiments, MedMNIST2D/models.py, adapted
-    from kuangliu/pytorch-cifar): torchvision's resnet18 with a 3x3 stride-1 first convolution and
-    no max-pool, which gives the same layers, behind MedMNIST's Normalize(0.5, 0.5)."""
-    net = torchvision.models.resnet18(num_classes=n_classes)
-    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    net.maxpool = nn.Identity()
-    return PixelInput(net)
-
-
 def ig_original(net, images_u8, repeats, device="cpu"):
-    x = ((data.to_unit(images_u8) - 0.5) / 0.5).to(device)
+    x = ((colour.to_unit(images_u8) - 0.5) / 0.5).to(device)
     with torch.no_grad():
         targets = net(x).argmax(1)
     rel = []
 
     def measure():
         t0 = time.perf_counter()
-        rel[:] = original_ig(net, x, targets)
+        rel[:] = original.original_ig(net, x, targets)
         return len(x) / (time.perf_counter() - t0)
     rate = best_rate(measure, repeats)
     return rate, float(np.mean(rel))
@@ -298,7 +193,7 @@ def db_bench(batches, n_rows, folder, repeats):
     for rep in range(repeats):
         original_path, ours_path = folder / f"original{rep}.db", folder / f"ours{rep}.db"
         t0 = time.perf_counter()
-        original_store(original_path, arrays, labels, labels)
+        original.original_store(original_path, arrays, labels, labels)
         results["original_rows_s"] = max(results["original_rows_s"], n_rows / (time.perf_counter() - t0))
         rate, conn, run, empty = write_ours(ours_path, jobs)
         results["ours_rows_s"] = max(results["ours_rows_s"], rate)
@@ -308,7 +203,7 @@ def db_bench(batches, n_rows, folder, repeats):
 
     label = int(np.bincount(labels).argmax())
     t0 = time.perf_counter()
-    original_class = original_read_class(original_path, label)
+    original_class = original.original_read_class(original_path, label)
     results["original_read_ms"] = (time.perf_counter() - t0) * 1e3
     t0 = time.perf_counter()
     ours_class = db.class_attributions(conn, run, label)
@@ -355,7 +250,7 @@ def write_random_npz(path, size, counts, seed=0, chunk=2048):
     """A MedMNIST-format npz of random pixels and labels, streamed member by member and `chunk`
     images at a time (stored, not compressed), so writing a 16 GB file needs one chunk of memory."""
     rng = np.random.default_rng(seed)
-    with data.atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         for split, n in counts.items():
             with zf.open(f"{split}_images.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
@@ -401,7 +296,7 @@ def probe_memory(path, size, memory, steps, device="cpu"):
     random batch in memory instead (what the model and a batch cost alone). Times and peak RssAnon."""
     torch.manual_seed(0)
     net = model_lib.build().to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    step = our_step(net, device)
     sampler = AnonPeak()
     baseline = sampler.current()
     sampler.start()
@@ -414,14 +309,11 @@ def probe_memory(path, size, memory, steps, device="cpu"):
     load_s = time.perf_counter() - t0
     load_peak = sampler.peak
     gen, net = torch.Generator().manual_seed(0), net.train()
-    stream = cycle(lambda: data.batches(train_split, OUR_BATCH, device, gen, data.AUGMENTATION["pathmnist"]))
+    aug = augment.AUGMENTATION["pathmnist"]
+    stream = cycle(lambda: data.batches(train_split, OUR_BATCH, device, gen, aug))
     t1, images = time.perf_counter(), 0
-    for _, (x, y) in zip(range(steps), stream):
-        loss = F.cross_entropy(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        images += len(y)
+    for _, (x, y) in zip(range(steps), stream, strict=False):  # the stream never ends
+        images += step(x, y)
     train_s = time.perf_counter() - t1
     peak = sampler.stop()
     return {"size": size, "memory": memory, "load_s": load_s, "baseline_anon": baseline,
@@ -493,7 +385,7 @@ def format_memory(rows):
 
 def run(cfg, device="cpu"):
     rng = np.random.default_rng(0)
-    images_hwc, labels, _ = data.synthetic_split(rng, cfg["train_images"], 28)
+    images_hwc, labels, _ = synthetic.synthetic_split(rng, cfg["train_images"], 28)
     labels = labels.reshape(-1)
     split = data.Split(torch.from_numpy(images_hwc).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels))
 
@@ -505,7 +397,7 @@ def run(cfg, device="cpu"):
     our_net, our_train = train_ours(split, cfg["train_steps"], reps, cfg["warmup"], device)
     stage("training, MedMNIST's ResNet-18 on this repo's data path")
     torch.manual_seed(0)
-    peer_net, peer_train = train_on_our_path(medmnist_resnet18(), split, cfg["peer_train_steps"], reps,
+    peer_net, peer_train = train_on_our_path(model_lib.MedMNISTResNet18(), split, cfg["peer_train_steps"], reps,
                                              cfg["warmup"], cfg["peer_batch"], device)
 
     test_u8, test_labels = split.images[:cfg["ig_images_ours"]], split.labels[:cfg["ig_images_ours"]]
@@ -514,7 +406,8 @@ def run(cfg, device="cpu"):
                                                  device)
     our_ig_rate, our_rel, ig_batches = ig_ours(model_lib.fused_for_inference(our_net), test_u8, test_labels,
                                                reps, device=device)
-    method_on_original_rate, method_on_original_rel, _ = ig_ours(PixelInput(original_net).to(device), test_u8,
+    original_behind_normalize = original.PixelInput(original_net).to(device)
+    method_on_original_rate, method_on_original_rel, _ = ig_ours(original_behind_normalize, test_u8,
                                                                  test_labels, reps, device=device)
     stage("IG, MedMNIST's ResNet-18 on this repo's IG path")
     peer_ig_rate, peer_rel, _ = ig_ours(peer_net, test_u8[:cfg["ig_images_peer"]],
@@ -527,7 +420,7 @@ def run(cfg, device="cpu"):
         stage("SQLite storage, both sides")
         store = db_bench(ig_batches, cfg["db_rows"], Path(tmp), reps)
 
-    original_cost = model_lib.layer_costs(original_model())[-1]
+    original_cost = model_lib.layer_costs(original.original_model())[-1]
     our_cost = model_lib.layer_costs(model_lib.build())[-1]
     rows = [
         ("training, img/s (data pipeline included)", original_train, our_train),
@@ -542,7 +435,7 @@ def run(cfg, device="cpu"):
         ("parameters", original_cost[2], our_cost[2]),
         ("multiply-adds per image", original_cost[3], our_cost[3]),
     ]
-    peer_cost = model_lib.layer_costs(medmnist_resnet18())[-1]
+    peer_cost = model_lib.layer_costs(model_lib.MedMNISTResNet18())[-1]
     peer_rows = [
         ("training, img/s (data pipeline included)", peer_train, our_train),
         ("IG, attributions/s", peer_ig_rate, our_ig_rate),
@@ -574,13 +467,13 @@ def format_table(rows, baseline="original"):
     """The comparison as text: errors in percent (no ratio: a share of a share says little), counts
     as whole numbers, rates and times with one decimal."""
     lines = [f"{'measure':52s} {baseline:>12s} {'this repo':>12s} {'ratio':>8s}"]
-    for measure, original, ours in rows:
+    for measure, theirs, ours in rows:
         if "error" in measure:
-            lines.append(f"{measure:52s} {original:12.2%} {ours:12.2%} {'—':>8s}")
+            lines.append(f"{measure:52s} {theirs:12.2%} {ours:12.2%} {'—':>8s}")
             continue
-        counts = isinstance(original, int) and isinstance(ours, int)
+        counts = isinstance(theirs, int) and isinstance(ours, int)
         fmt = (lambda v: f"{v:12,d}") if counts else (lambda v: f"{v:12,.1f}")
-        lines.append(f"{measure:52s} {fmt(original)} {fmt(ours)} {ours / original:7.2f}x")
+        lines.append(f"{measure:52s} {fmt(theirs)} {fmt(ours)} {ours / theirs:7.2f}x")
     return "\n".join(lines)
 
 
@@ -591,7 +484,7 @@ def main(argv=None):
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--device", default="cpu", help=f"where both sides train and explain: "
-                   f"{model_lib.DEVICE_HELP} (default: cpu, the machine the original ran on)")
+                   f"{cli.DEVICE_HELP} (default: cpu, the machine the original ran on)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory section (full mode writes "
                    "and converts PathMNIST-sized files up to 128 px: about 7 GB of temporary files and "
                    "a few minutes)")
@@ -604,10 +497,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        device = model_lib.resolve_device(args.device)
-    except model_lib.DeviceError as e:
-        sys.exit(f"error: {e}")
+    device = cli.resolve_device(args.device)
     if args.probe:
         print(json.dumps(probe_memory(args.probe, args.probe_size, args.probe_memory, args.probe_steps, device)))
         return None
@@ -623,7 +513,8 @@ def main(argv=None):
     print(format_table(rows))
     print("\nPeer: MedMNIST's ResNet-18 (28 px), trained and explained through this repo's own paths")
     print(format_table(peer_rows, baseline="ResNet-18"))
-    print(f"\nAttribution methods on this repo's model, attributions/s ({cfg['ig_images_ours']} images, batches of 32):")
+    print(f"\nAttribution methods on this repo's model, attributions/s ({cfg['ig_images_ours']} images, "
+          f"batches of 32):")
     print("  " + "  ".join(f"{m} {r:,.1f}" for m, r in results["method_rates"].items()))
     if memory_rows:
         counts = (QUICK_MEMORY if args.quick else FULL_MEMORY)["counts"]
@@ -633,11 +524,10 @@ def main(argv=None):
               f"steps; epoch s = train split / img/s")
         print(format_memory(memory_rows))
     if args.json:
-        with data.atomic_path(args.json) as tmp:
+        with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(line_buffering=True)  # each line reaches a piped log when printed
-    main()
+    cli.run(main)

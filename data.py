@@ -1,40 +1,27 @@
-"""data.py: the MedMNIST 2D datasets (PathMNIST first) as uint8 tensors, batch augmentation per
-modality, and a synthetic stand-in per dataset.
+"""data.py: a MedMNIST 2D dataset (PathMNIST first) as uint8 tensors, fetched, verified and batched.
 
     python data.py                      # download data/pathmnist.npz if missing, verify MD5, summarise
     python data.py --flag bloodmnist    # any MedMNIST 2D dataset (python data.py --help lists them)
     python data.py --size 64            # the MedMNIST+ 64x64 file instead
     python data.py --synthetic          # write/summarise the offline SYNTHETIC dataset (not PathMNIST)
 
-Everything per dataset (file name per size, URL, MD5, class names, channels, task) comes from
-medmnist.INFO. A real file is verified against INFO's MD5 before use (remembered per file, see
-verified_md5), downloaded only when missing, and never replaced silently; --trust-file accepts a
-re-saved copy and marks everything made from it "unverified file". Each split is loaded once into
-uint8 tensors of shape (N, C, H, W); images become float [0, 1] only per batch. Normalisation is not
-done here: the model holds the training-split mean/std (see model.py), so every tool feeds it plain
-[0, 1] pixels. Labels are int64 (N,) for single-label tasks and (N, L) 0/1 for multi-label ones.
-
-How each dataset is augmented, and why, is the AUGMENTATION table below.
-
-The synthetic dataset exists for offline runs and tests. It has the real file's keys, dtypes, layout,
-channels, class count and task, its class evidence sits inside known rectangles per image (saved as
-`<split>_masks`), and it is named synthetic wherever it appears. It is only used when asked for
-(--synthetic).
+What each dataset is (files, URLs, MD5s, classes, task) comes from medmnist.INFO (datasets.py). A real
+file is verified against INFO's MD5 before use (remembered per file, see verified_md5), downloaded
+only when missing, and never replaced silently; --trust-file accepts a re-saved copy and marks
+everything made from it "unverified file". Each split is loaded once into uint8 tensors of shape
+(N, C, H, W), in memory or memory-mapped (--memory); images become float [0, 1] only per batch.
+Normalisation is not done here: the model holds the training-split mean/std (model.py), so every
+tool feeds it plain [0, 1] pixels. Labels are int64 (N,) for single-label tasks and (N, L) 0/1 for
+multi-label ones. Derived files (MD5s, memory maps) go to the cache folder (cache_dir), never beside
+the data. Augmentation is augment.py's; the synthetic stand-in is synthetic.py's, used only when asked
+for (--synthetic).
 """
 import argparse
-import contextlib
-import csv
-import errno
-import importlib
-import importlib.util
-import io
 import json
 import os
 import shutil
 import socket
 import sys
-import tempfile
-import types
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -43,75 +30,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import augment
+import cli
+from colour import channel_stats, to_unit
+from datasets import (
+    FLAG,
+    FLAG_HELP,
+    MULTI_LABEL,
+    SIZES,
+    SPLITS,
+    TRUST_FILE_HELP,
+    DataError,
+    check_size,
+    class_names_of,
+    dataset_name,
+    describe,
+    flag_arg,
+    flag_info,
+    real_source,
+    synthetic_file_name,
+    title_of,
+)
+from files import atomic_path
 from progress import progress
+from synthetic import write_synthetic
 
-
-def medmnist_module(name):
-    """medmnist.<name> (info, evaluator), imported without running medmnist/__init__.py.
-
-    That file imports every dataset class inside a bare `except:`, which swallows a Ctrl-C pressed
-    while it runs (training then went on to the end), and it costs seconds. An empty package
-    object lets Python import the submodules we use straight from their files.
-    """
-    if "medmnist" not in sys.modules:
-        spec = importlib.util.find_spec("medmnist")
-        package = types.ModuleType("medmnist")
-        package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
-        sys.modules["medmnist"] = package
-    return importlib.import_module(f"medmnist.{name}")
-
-
-FLAG = "pathmnist"  # the flagship, and every script's default
-ALL_INFO = medmnist_module("info").INFO
-FLAGS = tuple(f for f in ALL_INFO if not f.endswith("3d"))  # the 2D classification datasets
-INFO = ALL_INFO[FLAG]
-CLASS_NAMES = [INFO["label"][str(i)] for i in range(len(INFO["label"]))]
-MULTI_LABEL = "multi-label, binary-class"  # medmnist's task string for chestmnist
-SIZES = (28, 64, 128, 224)
-SPLITS = ("train", "val", "test")
-SYNTHETIC_COUNTS = {"train": 6000, "val": 1000, "test": 1000}
 DOWNLOAD_TIMEOUT_S = 60  # Zenodo sometimes stalls (MedMNIST #21/#22); fail instead of hanging
-
-
-class DataError(Exception):
-    """Bad or missing data; the message is a paragraph meant for the user."""
-
-
-def flag_info(flag):
-    """medmnist.INFO's entry for a 2D dataset flag, or a DataError that lists the valid flags."""
-    if flag in FLAGS:
-        return ALL_INFO[flag]
-    valid = ", ".join(FLAGS)
-    if flag in ALL_INFO:
-        raise DataError(f"{flag} is a 3D MedMNIST dataset (28x28x28 volumes); this project classifies "
-                        f"2D images. The 2D flags are: {valid}.")
-    raise DataError(f"{flag!r} is not a MedMNIST 2D dataset. The flags are: {valid}.")
-
-
-def flag_arg(text):
-    """argparse type for --flag: a MedMNIST 2D dataset name (see flag_info)."""
-    try:
-        flag_info(text)
-    except DataError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
-
-
-def class_names_of(flag):
-    labels = flag_info(flag)["label"]
-    return [labels[str(i)] for i in range(len(labels))]
-
-
-def title_of(flag):
-    """The dataset's own spelling, e.g. PathMNIST, OrganAMNIST."""
-    return flag_info(flag)["python_class"]
-
-
-FLAG_HELP = ("MedMNIST 2D dataset: " + ", ".join(FLAGS) + "; channels, classes, task and files come "
-             "from medmnist.INFO")
-TRUST_FILE_HELP = ("use a real data file whose MD5 differs from medmnist.INFO's (a re-saved copy of "
-                   "the same arrays); recorded in the checkpoint, and every plot title says "
-                   "'unverified file'")
 
 
 @dataclass
@@ -144,86 +88,6 @@ class Dataset:
         """What a checkpoint, DB row or plot records to say which data it came from."""
         return {"dataset": self.name, "flag": self.flag, "size": self.size, "synthetic": self.synthetic,
                 "file": os.path.basename(self.path), "md5": self.md5, "verified": self.verified}
-
-
-# ----------------------------------------------------------------------------- files
-
-@contextlib.contextmanager
-def atomic_path(path, needed=None):
-    """Yield a temporary path beside `path`; on success rename it over `path`, on error delete it.
-
-    A crash, Ctrl-C or a full disk therefore never leaves half a file under the final name, and the
-    previous file stays as it was. The temporary name keeps the suffix so that savers which infer a
-    format from it (matplotlib, np.savez) still work. A full disk (or quota) becomes a DataError
-    naming the file, the free space and, if given, the `needed` bytes.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise DataError(disk_full_message(path, needed)) from e
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def disk_full_message(path, needed=None):
-    """What to tell the user when writing `path` ran out of space (needed: bytes, if known)."""
-    free = shutil.disk_usage(next(p for p in Path(path).absolute().parents if p.exists())).free
-    need = f"; this file needs about {human_bytes(needed)}" if needed else ""
-    return (f"Writing {path} failed: the disk is full ({human_bytes(free)} free on its file system"
-            f"{need}). Nothing half-written was left behind: the previous {Path(path).name}, if any, and "
-            f"everything finished before are kept. Free some space and run the same command again "
-            f"(train.py with --resume continues from last.pt; evaluate.py computes only what is missing).")
-
-
-def human_bytes(n):
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-
-
-def check_writable(folder, flag):
-    """Refuse, before any work is done, an output folder that cannot be created or written to."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise DataError(f"Cannot write to {folder} ({e.strerror or e}), so nothing was started. Pass "
-                        f"{flag} a folder you can write to, or change its permissions.") from e
-
-
-def write_csv(path, columns, rows):
-    """Write dict rows as a CSV file with a header, atomically."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
-
-
-def real_source(size, flag=FLAG):
-    """(file name, URL, MD5) of the official MedMNIST file of this dataset at this size."""
-    check_size(size)
-    info, suffix = flag_info(flag), "" if size == 28 else f"_{size}"
-    return f"{flag}{suffix}.npz", info[f"url{suffix}"], info[f"MD5{suffix}"]
-
-
-def synthetic_file_name(size, flag=FLAG):
-    return f"{flag}_synthetic" + ("" if size == 28 else f"_{size}") + ".npz"
-
-
-def check_size(size):
-    if size not in SIZES:
-        raise DataError(f"--size {size} is not available: MedMNIST 2D datasets come in sizes {SIZES}.")
 
 
 def manual_download_help(path, url, md5):
@@ -307,27 +171,6 @@ def load(data_dir="data", size=28, synthetic=False, memory="auto", flag=FLAG, tr
     return Dataset(name=name, size=size, synthetic=synthetic, path=str(path), md5=md5,
                    class_names=class_names, flag=flag, task=info["task"], channels=info["n_channels"],
                    verified=synthetic or md5 == real_source(size, flag)[2], **splits)
-
-
-def dataset_name(synthetic, flag=FLAG):
-    """'pathmnist', or 'pathmnist-synthetic' for the stand-in: the name provenance records."""
-    return f"{flag}-synthetic" if synthetic else flag
-
-
-def with_defaults(provenance):
-    """A provenance dict with the keys added by --flag filled in: checkpoints and stores from before
-    it were all PathMNIST, from files verified against medmnist.INFO."""
-    return {"flag": FLAG, "verified": True, **provenance}
-
-
-def describe(provenance):
-    """How plots and logs name a dataset; synthetic data and unverified files always say so."""
-    tag = f"{provenance['dataset']} {provenance['size']}x{provenance['size']}"
-    if provenance["synthetic"]:
-        tag += f" (SYNTHETIC data, not {title_of(provenance.get('flag', FLAG))})"
-    if not provenance.get("verified", True):
-        tag += " (unverified file)"
-    return tag
 
 
 def load_matching(provenance, data_dir="data", memory="auto"):
@@ -555,126 +398,14 @@ MD5_CACHE = "md5.json"
 
 # ----------------------------------------------------------------------------- batches
 
-def to_unit(images):
-    """uint8 images -> float32 in [0, 1] (what the model takes)."""
-    return images.float().div_(255)
-
-
-def channel_stats(images, chunk=8192):
-    """Per-channel mean and std of uint8 (N, C, H, W) images on the [0, 1] scale, in chunks."""
-    total = torch.zeros(images.shape[1], dtype=torch.float64)
-    total_sq = torch.zeros(images.shape[1], dtype=torch.float64)
-    for i in range(0, len(images), chunk):
-        x = to_unit(images[i:i + chunk]).double()
-        total += x.sum(dim=(0, 2, 3))
-        total_sq += x.pow(2).sum(dim=(0, 2, 3))
-    n = len(images) * images.shape[2] * images.shape[3]
-    mean = total / n
-    std = (total_sq / n - mean ** 2).clamp_min(1e-12).sqrt()
-    return mean.tolist(), std.tolist()
-
-
-def colour_features(images, chunk=8192):
-    """Per image, the mean and standard deviation of each channel on the [0, 1] scale: (N, 2C)."""
-    out = []
-    for i in range(0, len(images), chunk):
-        x = to_unit(images[i:i + chunk]).flatten(2)
-        out.append(torch.cat([x.mean(2), x.std(2)], 1).double())
-    return torch.cat(out)
-
-
-COLOUR_PERCENTILE = 99  # share of validation images the colour check lets through
-
-
-def colour_reference(train_images, val_images):
-    """How far an image's colour statistics may lie from the training split's: the training
-    features' mean and inverse covariance, and the 99th percentile of the validation images'
-    Mahalanobis distances as the threshold. Stored in each checkpoint for explain.py's check."""
-    feats = colour_features(train_images)
-    mean = feats.mean(0)
-    cov = torch.cov(feats.T) + 1e-8 * torch.eye(feats.shape[1], dtype=feats.dtype)  # never singular
-    reference = {"mean": mean.tolist(), "cov_inv": torch.linalg.inv(cov).tolist(), "threshold": 0.0,
-                 "percentile": COLOUR_PERCENTILE}
-    reference["threshold"] = float(torch.quantile(colour_distance(reference, val_images),
-                                                  COLOUR_PERCENTILE / 100))
-    return reference
-
-
-def colour_distance(reference, images):
-    """Mahalanobis distance of each uint8 image's colour statistics from the training split's."""
-    diff = colour_features(images) - torch.tensor(reference["mean"], dtype=torch.float64)
-    return torch.einsum("ni,ij,nj->n", diff, torch.tensor(reference["cov_inv"], dtype=torch.float64), diff).sqrt()
-
-
-@dataclass(frozen=True)
-class Augmentation:
-    """How training batches of one dataset are augmented: the 8 flips/rotations or none, and the
-    strengths (0 = off, 1 = default ranges) of HED stain jitter and per-channel colour jitter."""
-    flips: bool
-    stain: float
-    colour: float
-    why: str
-
-    def summary(self):
-        return (f"flips/rotations {'on' if self.flips else 'off'}, stain jitter {self.stain:g}, "
-                f"colour jitter {self.colour:g}")
-
-
-# The default per dataset; train.py's --flips/--stain-jitter/--colour-jitter override any of it.
-AUGMENTATION = {
-    "pathmnist": Augmentation(True, 1.0, 1.0, "H&E tissue has no orientation; the test split is "
-                              "another centre's stain, so HED stain jitter plus scanner colour balance"),
-    "bloodmnist": Augmentation(True, 0.0, 1.0, "cells in a smear have no orientation; May-Grunwald-Giemsa, "
-                               "not H&E, so colour jitter for stain and microscope, no HED"),
-    "dermamnist": Augmentation(True, 0.0, 1.0, "a dermoscopy photo has no up or side; colour varies "
-                               "with camera and lighting"),
-    "tissuemnist": Augmentation(True, 0.0, 1.0, "kidney cortex cells have no orientation; brightness "
-                                "varies with the microscope"),
-    "retinamnist": Augmentation(False, 0.0, 1.0, "a fundus has a side (optic disc, macula, left or "
-                                "right eye), so no flips; fundus cameras differ in colour"),
-    "octmnist": Augmentation(False, 0.0, 1.0, "an OCT B-scan has a top (vitreous above the retinal "
-                             "layers), so no flips; brightness varies by device"),
-    "pneumoniamnist": Augmentation(False, 0.0, 1.0, "a chest X-ray has a side (the heart on the "
-                                   "left) and a top; exposure varies, so brightness/contrast jitter"),
-    "chestmnist": Augmentation(False, 0.0, 1.0, "a chest X-ray has a side (the heart on the left) and "
-                               "a top; exposure varies, so brightness/contrast jitter"),
-    "breastmnist": Augmentation(False, 0.0, 1.0, "an ultrasound image has a top (the transducer) and "
-                                "depth runs down; gain varies by device"),
-    "organamnist": Augmentation(False, 0.0, 0.0, "CT anatomy has a side (liver right, spleen left); "
-                                "intensities are Hounsfield units windowed alike for every scan"),
-    "organcmnist": Augmentation(False, 0.0, 0.0, "CT anatomy has a side (liver right, spleen left); "
-                                "intensities are Hounsfield units windowed alike for every scan"),
-    "organsmnist": Augmentation(False, 0.0, 0.0, "CT anatomy has a front and a top; intensities are "
-                                "Hounsfield units windowed alike for every scan"),
-}
-assert set(AUGMENTATION) == set(FLAGS), "every 2D flag needs a row in AUGMENTATION"
-
-
-def augmentation(flag, flips=None, stain=None, colour=None):
-    """The dataset's default Augmentation with any of its fields overridden (None keeps the default).
-    HED stain jitter needs RGB images: it is refused for a 1-channel dataset."""
-    default = AUGMENTATION[flag]
-    aug = Augmentation(default.flips if flips is None else flips,
-                       default.stain if stain is None else stain,
-                       default.colour if colour is None else colour, default.why)
-    if aug.stain > 0 and flag_info(flag)["n_channels"] != 3:
-        raise DataError(f"HED stain jitter (--stain-jitter {aug.stain}) works on RGB H&E images; "
-                        f"{flag} has 1 channel. Use --colour-jitter for brightness/contrast instead.")
-    return aug
-
-
-NO_AUGMENTATION = Augmentation(False, 0.0, 0.0, "evaluation")
-
-
-def batches(split, batch_size, device="cpu", generator=None, augment=NO_AUGMENTATION, part=(0, 1),
-            aug_generator=None):
+def batches(split, batch_size, device="cpu", generator=None, augmentation=augment.NONE,
+            part=(0, 1), aug_generator=None):
     """Yield (float [0,1] images, labels) on `device`.
 
-    With a `generator` the order is shuffled and each batch is augmented as `augment` says (an
-    Augmentation): a random one of the 8 flips/rotations, then stain and/or colour jitter, drawn
-    from `aug_generator` if given, else from `generator`. A split already on the device (see place)
-    is cut there; from host memory a batch bound for a GPU is copied through pinned memory, without
-    blocking.
+    With a `generator` the order is shuffled and each batch is augmented as `augmentation` says (see
+    augment.apply), drawn from `aug_generator` if given, else from `generator`. A split already on
+    the device (see place) is cut there; from host memory a batch bound for a GPU is copied through
+    pinned memory, without blocking.
 
     part=(rank, world_size) yields only that rank's contiguous share of each global batch of
     `batch_size` (shares differ by at most one image; in rank order they make the global batch).
@@ -694,10 +425,7 @@ def batches(split, batch_size, device="cpu", generator=None, augment=NO_AUGMENTA
         idx = idx.to(split.images.device)
         x = to_unit(to_device(split.images[idx], device))
         if generator is not None:
-            if augment.flips:
-                x = random_dihedral(x, aug_generator)
-            if augment.stain > 0 or augment.colour > 0:
-                x = colour_jitter(x, aug_generator, augment.colour, augment.stain)
+            x = augment.apply(x, augmentation, aug_generator)
         yield x, to_device(split.labels[idx.to(split.labels.device)], device)
 
 
@@ -720,173 +448,25 @@ def place(split, device, budget_bytes):
     return Split(split.images.to(device), split.labels.to(device), split.masks)
 
 
-def dihedral(x, k):
-    """The k-th (0..7) of the 8 flips/rotations of square images: rot90 k%4 times, then flip if k>=4."""
-    x = torch.rot90(x, k % 4, dims=(-2, -1))
-    return x.flip(-1) if k >= 4 else x
-
-
-def random_dihedral(x, generator):
-    """A random element of the dihedral group per image, from three random reflections.
-
-    Transpose, vertical and horizontal flips generate all 8 symmetries of a square, so three masked
-    selects cover the group exactly, without per-image Python loops.
-    """
-    def pick():
-        return (torch.rand(len(x), generator=generator) < 0.5).view(-1, 1, 1, 1).to(x.device)
-    x = torch.where(pick(), x.transpose(-2, -1), x)
-    x = torch.where(pick(), x.flip(-2), x)
-    return torch.where(pick(), x.flip(-1), x)
-
-
-# Ruifrok & Johnston's H&E-DAB stain vectors (the ones skimage.color.rgb2hed uses).
-RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
-
-
-def colour_jitter(x, generator, colour=1.0, stain=0.0):
-    """HED stain jitter of strength `stain` (RGB H&E only), then per-channel scale and shift of
-    strength `colour` (on 1 channel: brightness and contrast); 1.0 = the default ranges, 0 = off.
-
-    PathMNIST's test split comes from another clinical centre with a different stain; published
-    results name colour shift as the main source of test errors (stroma read as smooth muscle). HED
-    jitter (Tellez et al., 2019) varies haematoxylin and eosin amounts as a real stain does; the
-    per-channel scale/shift covers scanner colour balance and, elsewhere, exposure and gain.
-    """
-    b, c = len(x), x.shape[1]
-
-    def uniform(half_width, strength):
-        u = torch.rand((b, c, 1, 1), generator=generator) * 2 - 1
-        return (u * half_width * strength).to(x.device)
-
-    if stain > 0:
-        od = -torch.log(x.clamp_min(1e-6))                      # optical density per RGB channel
-        hed = torch.einsum("bchw,cd->bdhw", od, HED_FROM_RGB.to(x.device))
-        hed = hed * (1 + uniform(0.05, stain)) + uniform(0.05, stain)
-        x = torch.exp(-torch.einsum("bchw,cd->bdhw", hed, RGB_FROM_HED.to(x.device)))
-    if colour > 0:
-        x = x * (1 + uniform(0.1, colour)) + uniform(0.05, colour)
-    return x.clamp_(0, 1)
-
-
-# ----------------------------------------------------------------------------- synthetic data
-
-# Classes as (colour, texture) pairs: colours repeat across classes and so do textures, so a model
-# must use both, and both live only inside the evidence mask. The first nine are PathMNIST's stand-ins;
-# 20 pairs cover the largest label count (chestmnist's 14). One channel uses grey levels instead.
-SYNTHETIC_COLOURS = np.array([[150, 60, 140], [205, 95, 125], [105, 45, 115], [235, 195, 215],
-                              [175, 115, 180]], dtype=np.float32)
-SYNTHETIC_GREYS = np.array([[35], [85], [135], [250], [160]], dtype=np.float32)
-SYNTHETIC_CLASSES = [(0, 0), (1, 1), (2, 2), (3, 3), (4, 0), (0, 2), (1, 3), (2, 0), (4, 1),
-                     (0, 1), (0, 3), (1, 0), (1, 2), (2, 1), (2, 3), (3, 0), (3, 1), (3, 2), (4, 2), (4, 3)]
-SYNTHETIC_BACKGROUND = {3: np.array([225, 165, 195], np.float32), 1: np.array([190], np.float32)}
-SYNTHETIC_TEST_STAIN = {3: np.array([0.93, 1.0, 1.06], np.float32),  # the "other centre" shift
-                        1: np.array([0.95], np.float32)}
-SYNTHETIC_LABEL_RATES = (0.6, 0.3)  # multi-label: chance of a first and of a second finding
-
-
-def write_synthetic(path, size=28, counts=None, seed=0, flag=FLAG):
-    """Write a learnable SYNTHETIC npz in `flag`'s MedMNIST format (channels, classes, task), with
-    evidence masks, atomically."""
-    counts = counts or SYNTHETIC_COUNTS
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for split in progress(SPLITS, desc=f"writing SYNTHETIC data {path}", unit="split"):
-        images, labels, masks = synthetic_split(rng, counts[split], size, shifted=(split == "test"), flag=flag)
-        arrays.update({f"{split}_images": images, f"{split}_labels": labels, f"{split}_masks": masks})
-    with atomic_path(path) as tmp:
-        np.savez_compressed(tmp, **arrays)
-
-
-def synthetic_split(rng, n, size, shifted=False, flag=FLAG):
-    """(images as MedMNIST stores them, labels, masks) for n synthetic images of `flag`'s kind.
-
-    Single-label tasks: one evidence rectangle of the image's class covering 15-35% of it.
-    Multi-label: up to two findings, each its own rectangle (the first in the left half, the second
-    in the right), and images with none, as in chest X-rays."""
-    info = flag_info(flag)
-    k, c, multi = len(info["label"]), info["n_channels"], info["task"] == MULTI_LABEL
-    labels = rng.integers(0, k, size=n)
-    py, px = np.mgrid[0:size, 0:size]
-    yy, xx = py * (28 / size), px * (28 / size)  # texture coordinates: patterns scale with size
-    # Textures have no fixed orientation (neither has tissue, and training rotates images), so
-    # stripes run across or down at random; the class is told by their spacing.
-    across = rng.random(n)[:, None, None] < 0.5
-    coord = np.where(across, yy[None], xx[None])
-    textures = np.stack([np.sin(2 * np.pi * coord / 3.5),                             # fine stripes
-                         np.sin(2 * np.pi * coord / 7.0),                             # coarse stripes
-                         np.broadcast_to(np.sin(np.pi * xx / 2) * np.sin(np.pi * yy / 2), coord.shape),  # dots
-                         np.zeros_like(coord)], axis=1)                               # flat
-    # Class-independent background: smooth blotches and pixel noise (pinkish tissue in colour).
-    blotches = rng.normal(0, 18, size=(n, c, 4, 4)).astype(np.float32)
-    blotches = torch.nn.functional.interpolate(torch.from_numpy(blotches), size=(size, size),
-                                               mode="bicubic", align_corners=False).numpy()
-    base = SYNTHETIC_BACKGROUND[c] + rng.normal(0, 10, (n, c))
-    images = base[:, :, None, None] + blotches
-    palette = SYNTHETIC_COLOURS if c == 3 else SYNTHETIC_GREYS
-    if multi:
-        second = rng.integers(0, k, size=n)
-        present = rng.random((n, 2)) < np.array(SYNTHETIC_LABEL_RATES)
-        present[:, 1] &= second != labels
-        half = size // 2
-        images, first_mask = paint_evidence(rng, images, labels, present[:, 0], textures, palette,
-                                            (0.25, 0.45), (0, half))
-        images, second_mask = paint_evidence(rng, images, second, present[:, 1], textures, palette,
-                                             (0.25, 0.45), (half, size))
-        masks = first_mask | second_mask
-        out_labels = np.zeros((n, k), np.int64)
-        out_labels[np.flatnonzero(present[:, 0]), labels[present[:, 0]]] = 1
-        out_labels[np.flatnonzero(present[:, 1]), second[present[:, 1]]] = 1
-    else:
-        images, masks = paint_evidence(rng, images, labels, np.ones(n, bool), textures, palette,
-                                       (0.4, 0.6), (0, size))
-        out_labels = labels.reshape(-1, 1)
-    images = images + rng.normal(0, 12, (n, c, size, size))
-    if shifted:
-        images = images * SYNTHETIC_TEST_STAIN[c][None, :, None, None]
-    images = np.clip(images, 0, 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
-    return (images[..., 0] if c == 1 else images), out_labels, masks.astype(np.uint8)
-
-
-def paint_evidence(rng, images, labels, present, textures, palette, width, columns):
-    """Paint each image's class evidence (its colour and texture) into a random rectangle: height
-    40-60% of the image, width a `width` share of it, inside the `columns` (start, end) band; only
-    where `present`. Returns (images, masks)."""
-    n, _, size, _ = images.shape
-    py, px = np.mgrid[0:size, 0:size]
-    h = rng.integers(int(0.4 * size), int(0.6 * size) + 1, n)[:, None, None]
-    w = rng.integers(int(width[0] * size), int(width[1] * size) + 1, n)[:, None, None]
-    top = rng.integers(0, size - h + 1)
-    left = columns[0] + rng.integers(0, columns[1] - columns[0] - w + 1)
-    masks = (py >= top) & (py < top + h) & (px >= left) & (px < left + w) & present[:, None, None]
-    colour_idx, texture_idx = np.array(SYNTHETIC_CLASSES)[labels].T
-    colour = palette[colour_idx] + rng.normal(0, 10, (n, palette.shape[1]))
-    evidence = colour[:, :, None, None] + 35 * textures[np.arange(n), texture_idx][:, None]
-    return np.where(masks[:, None], evidence, images), masks
-
-
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Fetch, verify and summarise a MedMNIST 2D dataset (or "
-                                "write its synthetic stand-in).")
-    p.add_argument("--flag", type=flag_arg, default=FLAG, help=FLAG_HELP + " (default: pathmnist)")
-    p.add_argument("--data-dir", default="data", help="folder holding the npz files (default: data)")
+                                "write its synthetic stand-in).", formatter_class=cli.HelpFormatter)
+    p.add_argument("--flag", type=flag_arg, default=FLAG, help=FLAG_HELP)
+    cli.add_data_dir(p)
     p.add_argument("--size", type=int, default=28, choices=SIZES, help="image size: 28 (MedMNIST v2) "
-                   "or 64/128/224 (MedMNIST+) (default: 28)")
+                   "or 64/128/224 (MedMNIST+)")
     p.add_argument("--synthetic", action="store_true", help="use the offline SYNTHETIC dataset, not "
                    "the real one (written on first use)")
     p.add_argument("--trust-file", action="store_true", help=TRUST_FILE_HELP)
-    p.add_argument("--memory", default="auto", choices=MEMORY_MODES, help=MEMORY_HELP + " (default: "
-                   "auto; `--memory map` converts the file now)")
+    cli.add_memory(p)
     args = p.parse_args(argv)
-    try:
-        ds = load(args.data_dir, args.size, args.synthetic, args.memory, args.flag, args.trust_file)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    ds = load(args.data_dir, args.size, args.synthetic, args.memory, args.flag, args.trust_file)
     print(f"{describe(ds.provenance())}  file {ds.path}  MD5 {ds.md5}")
+    aug = augment.AUGMENTATION[ds.flag]
     print(f"  task {ds.task}, {ds.channels} channel(s), {len(ds.class_names)} classes; default augmentation: "
-          f"{AUGMENTATION[ds.flag].summary()} ({AUGMENTATION[ds.flag].why})")
+          f"{aug.summary()} ({aug.why})")
     for s in SPLITS:
         split = getattr(ds, s)
         counts = (split.labels.sum(0) if split.labels.ndim == 2
@@ -897,5 +477,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(line_buffering=True)  # each line reaches a piped log when printed
-    main()
+    cli.run(main)

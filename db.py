@@ -1,66 +1,10 @@
-"""db.py: the SQLite store of Integrated Gradients attributions (stdlib sqlite3).
+"""db.py: the SQLite store of attribution maps and their quality (stdlib sqlite3).
 
-    python db.py runs/pathmnist/explanations.db      # runs, rows per class, accuracy, mean |delta|
+    python db.py runs/pathmnist_28/explanations.db      # runs, rows per class, accuracy, mean |delta|
 
-Schema version 5 (kept in PRAGMA user_version; WAL journal while writing, one plain file at rest
-(see close); foreign keys on). Version 1 had the first two tables; version 2 added `quality`;
-version 3 stores each randomisation stage's name with its correlation; version 4 serves every
-MedMNIST 2D dataset (runs.flag, runs.task, runs.data_verified; explanations.true_labels and
-explanations.correct for multi-label data); version 5 keys explanations by attribution method too
-and stores every randomisation mode (quality.randomization). Opening an older file migrates it in place, each step in
-one transaction, keeping every row.
-
-runs: one row per (checkpoint, IG settings); rerunning evaluate.py with both unchanged reuses it.
-    run_id             INTEGER PRIMARY KEY
-    checkpoint_sha256  TEXT     SHA-256 of the checkpoint file
-    checkpoint_path    TEXT     where it was when the run was made
-    model_config       TEXT     JSON: the model config stored in the checkpoint
-    class_names        TEXT     JSON list: the class names, by label
-    dataset            TEXT     e.g. 'pathmnist' or 'pathmnist-synthetic'
-    flag               TEXT     (v4) the MedMNIST flag, e.g. 'pathmnist', 'chestmnist'
-    task               TEXT     (v4) medmnist's task string, e.g. 'multi-class', 'multi-label, binary-class'
-    data_verified      INTEGER  (v4) 0 when the data file's MD5 differed from medmnist.INFO's (--trust-file)
-    size               INTEGER  image side in pixels
-    data_file, data_md5 TEXT    the npz file name and its MD5
-    synthetic          INTEGER  1 for the synthetic dataset
-    ig_settings        TEXT     JSON: n_steps, method, baseline, target, output, attr_dtype
-    metrics            TEXT     JSON: the latest test metrics for this checkpoint (NULL before)
-    created_at, updated_at TEXT UTC, ISO 8601
-
-explanations: one row per explained image and method, keyed by (run_id, split, image_index, method).
-    image_index        INTEGER  index into that split of the dataset npz
-    method             TEXT     (v5) 'ig' (refined, completeness-checked IG) or another attribution
-                                method: ig_local, saliency, smoothgrad_sq, gradcam, occlusion
-    true_label, pred_label, target INTEGER  (target: the class that was explained; true_label is -1
-                                for multi-label data, whose labels are in true_labels)
-    true_labels        BLOB     (v4) multi-label data only: uint8 0/1 per label; NULL otherwise
-    correct            INTEGER  (v4) 1 when the prediction is right: pred_label = true_label; for
-                                multi-label data, pred_label is a true label (when its probability is
-                                at least 0.5) or, when no label reaches 0.5, the image has none
-    confidence         REAL     probability of pred_label (softmax; a sigmoid per label for multi-label)
-    probs              BLOB     float32 little-endian, one per class
-    attribution        BLOB     raw little-endian array of attr_dtype, C order, shape attr_shape
-    attr_dtype         TEXT     'float16' or 'float32'
-    attr_shape         TEXT     e.g. '3,28,28' (channels, height, width)
-    delta              REAL     Captum's convergence delta: sum(attribution) - (score - baseline_score)
-    score, baseline_score REAL  the explained output at the image and at the IG baseline
-    n_steps            INTEGER  integration steps used for this image
-                                (delta, baseline_score and n_steps are NULL for methods other than ig)
-
-quality (v2): explanation quality per image and method, keyed by (run_id, split, image_index, method).
-    method             TEXT     'ig', or 'smoothgrad_ig:n=<samples>,sd=<stdev>'
-    relative_error     REAL     |delta| / |score - baseline_score| (completeness)
-    deletion_auc, insertion_auc (and *_random)  REAL  Petsiuk et al. 2018; random pixel order as reference
-    deletion_curve, insertion_curve (and *_random) BLOB  float32 probabilities at 0, 1/28, ..., 1 of the pixels
-    infidelity, sensitivity_max REAL  captum.metrics, Gaussian sd 0.05 / uniform radius 0.02 perturbations
-    randomization_spearman REAL  |map| rank correlation, original vs fully randomised model (Adebayo 2018)
-    randomization_spearman_signed REAL  the same without absolute values
-    randomization_input_spearman  REAL  |map| rank correlation with |x - baseline| (input-only reference)
-    randomization_stages TEXT  JSON object {layer: |map| correlation after re-initialising it and
-                               every layer above}, in cascading order, top layer first (v2: a list)
-    mask_mass, mask_area REAL   synthetic data only: share of |map| inside the evidence mask, the mask's area
-    randomization      TEXT     (v5) JSON {"top_down" | "bottom_up" | "single": {layer: {"spearman",
-                                "signed", "ssim"}}}: every randomisation mode, per stage
+The tables and their migrations are schema.py's (version in PRAGMA user_version); the store runs in
+WAL mode while written and is one plain file at rest (see close), with foreign keys on. Opening an
+older file migrates it in place, each step in one transaction, keeping every row.
 
 Writes are all or nothing per batch: a row already stored is kept as it was, and a row that cannot be
 stored (a missing run, a missing value) fails its whole batch with a DBError that says why.
@@ -79,130 +23,29 @@ import json
 import math
 import shutil
 import sqlite3
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-SCHEMA_VERSION = 5
-SCHEMA_V1 = """
-CREATE TABLE runs (
-    run_id INTEGER PRIMARY KEY,
-    checkpoint_sha256 TEXT NOT NULL,
-    checkpoint_path TEXT NOT NULL,
-    model_config TEXT NOT NULL,
-    class_names TEXT NOT NULL,
-    dataset TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    data_file TEXT NOT NULL,
-    data_md5 TEXT NOT NULL,
-    synthetic INTEGER NOT NULL,
-    ig_settings TEXT NOT NULL,
-    metrics TEXT,
-    created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL,
-    UNIQUE (checkpoint_sha256, ig_settings)
-);
-CREATE TABLE explanations (
-    run_id INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
-    split TEXT NOT NULL,
-    image_index INTEGER NOT NULL,
-    true_label INTEGER NOT NULL,
-    pred_label INTEGER NOT NULL,
-    target INTEGER NOT NULL,
-    confidence REAL NOT NULL,
-    probs BLOB NOT NULL,
-    attribution BLOB NOT NULL,
-    attr_dtype TEXT NOT NULL,
-    attr_shape TEXT NOT NULL,
-    delta REAL NOT NULL,
-    score REAL NOT NULL,
-    baseline_score REAL NOT NULL,
-    n_steps INTEGER NOT NULL,
-    PRIMARY KEY (run_id, split, image_index)
-);
-CREATE INDEX explanations_by_true ON explanations (run_id, split, true_label);
-CREATE INDEX explanations_by_pred ON explanations (run_id, split, pred_label);
-"""
-QUALITY_CURVES = ("deletion_curve", "deletion_curve_random", "insertion_curve", "insertion_curve_random")
-QUALITY_VALUES = ("relative_error", "deletion_auc", "deletion_auc_random", "insertion_auc",
-                  "insertion_auc_random", "infidelity", "sensitivity_max", "randomization_spearman",
-                  "randomization_spearman_signed", "randomization_input_spearman", "mask_mass", "mask_area")
-def name_v2_randomization_stages(conn):
-    """v2 -> v3: a v2 row's stage list becomes {layer: correlation}. The v2 code always ran the
-    same six stages (classifier, then features.4 down to features.0), so the names are known."""
-    rows = conn.execute("SELECT rowid, randomization_stages FROM quality").fetchall()
-    for rowid, text in rows:
-        values = json.loads(text)
-        names = ["classifier"] + [f"features.{i}" for i in reversed(range(len(values) - 1))]
-        conn.execute("UPDATE quality SET randomization_stages = ? WHERE rowid = ?",
-                     (json.dumps(dict(zip(names, values))), rowid))
+import cli
+from schema import (
+    EXPLANATION_COLUMNS,
+    EXPLANATION_REALS,
+    MIGRATIONS,
+    QUALITY_CURVES,
+    QUALITY_VALUES,
+    SCHEMA_V1,
+    SCHEMA_VERSION,
+)
 
-
-# MIGRATIONS[v] takes a version-v database to version v + 1: SQL, or a function of the connection.
-MIGRATIONS = {1: """
-CREATE TABLE quality (
-    run_id INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
-    split TEXT NOT NULL,
-    image_index INTEGER NOT NULL,
-    method TEXT NOT NULL,
-""" + "".join(f"    {c} REAL{' NOT NULL' if not c.startswith('mask') else ''},\n" for c in QUALITY_VALUES)
-    + "".join(f"    {c} BLOB NOT NULL,\n" for c in QUALITY_CURVES) + """\
-    randomization_stages TEXT NOT NULL,
-    PRIMARY KEY (run_id, split, image_index, method)
-);
-""", 2: name_v2_randomization_stages, 3: """
-ALTER TABLE runs ADD COLUMN flag TEXT NOT NULL DEFAULT 'pathmnist';
-ALTER TABLE runs ADD COLUMN task TEXT NOT NULL DEFAULT 'multi-class';
-ALTER TABLE runs ADD COLUMN data_verified INTEGER NOT NULL DEFAULT 1;
-ALTER TABLE explanations ADD COLUMN true_labels BLOB;
-ALTER TABLE explanations ADD COLUMN correct INTEGER NOT NULL DEFAULT 0;
-UPDATE explanations SET correct = (true_label = pred_label);
-""", 4: """
-CREATE TABLE explanations_v5 (
-    run_id INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
-    split TEXT NOT NULL,
-    image_index INTEGER NOT NULL,
-    method TEXT NOT NULL,
-    true_label INTEGER NOT NULL,
-    pred_label INTEGER NOT NULL,
-    target INTEGER NOT NULL,
-    confidence REAL NOT NULL,
-    probs BLOB NOT NULL,
-    attribution BLOB NOT NULL,
-    attr_dtype TEXT NOT NULL,
-    attr_shape TEXT NOT NULL,
-    delta REAL,
-    score REAL NOT NULL,
-    baseline_score REAL,
-    n_steps INTEGER,
-    true_labels BLOB,
-    correct INTEGER NOT NULL,
-    PRIMARY KEY (run_id, split, image_index, method),
-    CHECK (method != 'ig' OR (delta IS NOT NULL AND baseline_score IS NOT NULL AND n_steps IS NOT NULL))
-);
-INSERT INTO explanations_v5 SELECT run_id, split, image_index, 'ig', true_label, pred_label, target,
-    confidence, probs, attribution, attr_dtype, attr_shape, delta, score, baseline_score, n_steps,
-    true_labels, correct FROM explanations;
-DROP TABLE explanations;
-ALTER TABLE explanations_v5 RENAME TO explanations;
-CREATE INDEX explanations_by_true ON explanations (run_id, split, method, true_label);
-CREATE INDEX explanations_by_pred ON explanations (run_id, split, method, pred_label);
-ALTER TABLE quality ADD COLUMN randomization TEXT;
-"""}
-EXPLANATION_REALS = ("confidence", "delta", "score", "baseline_score")
-EXPLANATION_COLUMNS = ("run_id", "split", "image_index", "method", "true_label", "pred_label", "target",
-                       "confidence", "probs", "attribution", "attr_dtype", "attr_shape", "delta",
-                       "score", "baseline_score", "n_steps", "true_labels", "correct")
 # Sort orders of find(): name -> (column, descending); ties always go by image index.
 ORDERS = {"index": ("image_index", False), "confidence": ("confidence", False),
           "-confidence": ("confidence", True)}
-TINY = 1e-12  # floor for |f(x) - f(baseline)| in the relative completeness error
 
 
-class DBError(Exception):
-    """A path that is not our database, or one of another schema version; meant for the user."""
+class DBError(cli.UserError):
+    """A path that is not our database, one of another schema version, or a write that failed."""
 
 
 def table_names(conn):
@@ -211,14 +54,6 @@ def table_names(conn):
 
 def now():
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def relative_completeness_error(delta, gap):
-    """|delta| / |f(x) - f(baseline)|: IG's completeness error as a share of what it must explain.
-
-    delta and gap may be numpy arrays or torch tensors (both have abs and clip); explain.py,
-    quality.py and this module's summaries all use this one definition."""
-    return abs(delta) / abs(gap).clip(min=TINY)
 
 
 def connect(path, create=True):
@@ -403,7 +238,7 @@ def explanation_rows(run_id, split, image_index, true_label, probs, target, attr
     columns = zip(np.asarray(image_index).tolist(), true_label.tolist(),
                   pred.tolist(), np.asarray(target).tolist(), probs.max(1).tolist(),
                   np.asarray(delta).tolist(), np.asarray(score).tolist(),
-                  np.asarray(baseline_score).tolist(), np.asarray(n_steps).tolist())
+                  np.asarray(baseline_score).tolist(), np.asarray(n_steps).tolist(), strict=True)
     rows = []
     for i, (index, true, pred, tgt, confidence, d, f_x, f_b, steps) in enumerate(columns):
         blob, dt, shape = encode_array(attributions[i], attributions.dtype)
@@ -638,19 +473,6 @@ def select_in(conn, sql, params, values, chunk=500):
     return rows
 
 
-def ig_summary(conn, run_id, split, image_indices=None, tolerance=0.05):
-    """Completeness of the stored explanations of these images (all of the run's if None): count,
-    mean |delta|, mean relative completeness error, and the share within `tolerance`."""
-    rows = find(conn, run_id, split, image_indices=image_indices)
-    if not rows:
-        return {"explained": 0}
-    delta = np.array([r["delta"] for r in rows])
-    rel = relative_completeness_error(delta, np.array([r["score"] - r["baseline_score"] for r in rows]))
-    return {"explained": len(rows), "mean_abs_delta": float(np.abs(delta).mean()),
-            "mean_relative_completeness_error": float(rel.mean()),
-            "share_within_5pct": float((rel <= tolerance).mean())}
-
-
 def class_attributions(conn, run_id, label, split="test", method="ig"):
     """Every stored attribution of one true class, stacked into (N, C, H, W)."""
     rows = conn.execute("SELECT attribution, attr_dtype, attr_shape FROM explanations "
@@ -659,10 +481,12 @@ def class_attributions(conn, run_id, label, split="test", method="ig"):
     return np.stack([decode_array(*r) for r in rows]) if rows else np.empty((0,))
 
 
-def summary(conn, describe):
-    """A human-readable summary of every run in the store; describe(provenance) names a dataset."""
-    conn.create_function("relative_error", 2, lambda d, g: float(relative_completeness_error(
-        np.float64(d), np.float64(g))), deterministic=True)
+def summary(conn, describe, relative_error):
+    """A human-readable summary of every run in the store; describe(provenance) names a dataset and
+    relative_error(delta, gap) is IG's completeness error (attribution.relative_completeness_error,
+    passed in so that this module needs no torch)."""
+    conn.create_function("relative_error", 2, lambda d, g: float(relative_error(np.float64(d), np.float64(g))),
+                         deterministic=True)
     lines = []
     for (run_id,) in conn.execute("SELECT run_id FROM runs ORDER BY run_id").fetchall():
         run = get_run(conn, run_id)
@@ -683,7 +507,8 @@ def summary(conn, describe):
             lines.append(f"  {split}: {n} explanations, accuracy of stored rows {acc:.4f}, mean |delta| "
                          f"{mean_delta:.3e}, mean relative completeness error {rel:.2%}")
             # Multi-label rows have no single true class: group them by the predicted label instead.
-            by, what = ("pred_label", "top label right") if run["task"].startswith("multi-label") else ("true_label", "accuracy")
+            multi = run["task"].startswith("multi-label")
+            by, what = ("pred_label", "top label right") if multi else ("true_label", "accuracy")
             per_class = conn.execute(
                 f"SELECT {by}, COUNT(*), AVG(correct) FROM explanations "
                 f"WHERE run_id = ? AND split = ? AND method = 'ig' GROUP BY {by} ORDER BY {by}",
@@ -711,13 +536,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Summarise an attribution store written by evaluate.py.")
     p.add_argument("db", help="path to the SQLite file (default location: <run dir>/explanations.db)")
     args = p.parse_args(argv)
-    try:
-        conn = connect(args.db, create=False)
-    except DBError as e:
-        sys.exit(f"error: {e}")
-    from data import describe  # imported here so that the module itself stays free of torch
-    print(summary(conn, describe))
+    conn = connect(args.db, create=False)
+    from attribution import relative_completeness_error  # here, so that the module itself needs no torch
+    from datasets import describe
+    print(summary(conn, describe, relative_completeness_error))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

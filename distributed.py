@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-import model as model_lib
+import cli
 
 TIMEOUT = datetime.timedelta(minutes=30)  # how long a rank waits for the others at a collective
 
@@ -39,6 +39,9 @@ class Context:
         return self.rank == 0
 
 
+ALONE = Context()  # a single process on the CPU, not launched by torchrun
+
+
 def launched():
     """True inside a process started by torchrun."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -48,19 +51,19 @@ def start(device_arg="auto"):
     """Join torchrun's process group, if launched by it, and pick this rank's device: with CUDA (and
     --device auto or cuda) the GPU numbered LOCAL_RANK, else the CPU. Returns the Context."""
     if not launched():
-        return Context(device=model_lib.resolve_device(device_arg))
+        return Context(device=cli.resolve_device(device_arg))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device_arg in ("auto", "cuda") and torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
-            raise model_lib.DeviceError(
+            raise cli.DeviceError(
                 f"Rank {rank} is local process {local_rank} on its node, which has only "
                 f"{torch.cuda.device_count()} GPU(s). Start at most that many processes per node "
                 f"(torchrun --nproc_per_node {torch.cuda.device_count()}), or pass --device cpu.")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
-        device = model_lib.resolve_device("cpu" if device_arg == "auto" else device_arg)
+        device = cli.resolve_device("cpu" if device_arg == "auto" else device_arg)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=TIMEOUT,
                             **({"device_id": device} if device.type == "cuda" else {}))

@@ -6,14 +6,14 @@
 The network takes float images in [0, 1] and normalises them itself with the training split's
 per-channel mean/std (stored as buffers, so they travel in every checkpoint). A space-to-depth stem
 (PixelUnshuffle 2: 3x28x28 -> 12x14x14, lossless; 1x28x28 -> 4x14x14 for 1-channel datasets) avoids
-full-resolution feature maps, which cost the most time on CPU for the least arithmetic; five Conv-BN-ReLU blocks follow, downsampling by
-stride; global average pooling makes it work at any (even) input size; then dropout and one linear
-layer. At 28x28 it costs 255K parameters and 8.75M multiply-adds, under half of the original
-PathMNIST-XAI CNN (871K, 19.5M).
+full-resolution feature maps, which cost the most time on CPU for the least arithmetic; five
+Conv-BN-ReLU blocks follow, downsampling by stride; global average pooling makes it work at any
+(even) input size; then dropout and one linear layer. At 28x28 it costs 255K parameters and 8.75M
+multiply-adds, under half of the original PathMNIST-XAI CNN (871K, 19.5M).
 
 A checkpoint is one file: {"format", "version", "config", "state_dict", "meta", "train_state"}. Only
 tensors, numbers, strings, lists and dicts go in, so it loads with torch.load(weights_only=True) and
-an arbitrary pickle is refused. `train_state` (last.pt only) holds exactly TRAIN_STATE_KEYS.
+an arbitrary pickle is refused. `train_state` (last.pt only) is train.py's (train.TRAIN_STATE_KEYS).
 
 The config also records the input channels (3 or 1) and medmnist's task string: `probabilities`
 turns logits into one sigmoid per label for a multi-label model and a softmax otherwise.
@@ -29,41 +29,27 @@ import copy
 import io
 import os
 import re
-import sys
 
 import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.flop_counter import FlopCounterMode
 
-from data import MULTI_LABEL, atomic_path, dihedral, to_unit
+import cli
+from augment import dihedral
+from colour import to_unit
+from datasets import MULTI_LABEL
+from files import atomic_path
 
 FORMAT = "pathmnist-xai-checkpoint"
 VERSION = 1
-DEFAULT_CONFIG = {"n_classes": 9, "in_channels": 3, "task": "multi-class", "unshuffle": 2, "channels": [32, 32, 64, 96, 192],
-                  "strides": [1, 1, 2, 1, 2], "dropout": 0.2, "mean": [0.5, 0.5, 0.5],
-                  "std": [0.5, 0.5, 0.5]}
-# What train.py stores to continue a run: optimizer, scheduler, early stopping and both RNGs.
-TRAIN_STATE_KEYS = ("optimizer", "scheduler", "epoch", "best_val_loss", "bad_epochs", "rng_torch",
-                    "rng_generator", "seconds", "scaler")
-DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
+DEFAULT_CONFIG = {"n_classes": 9, "in_channels": 3, "task": "multi-class", "unshuffle": 2,
+                  "channels": [32, 32, 64, 96, 192], "strides": [1, 1, 2, 1, 2], "dropout": 0.2,
+                  "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 
 
-class CheckpointError(Exception):
-    """A checkpoint that is missing, unsafe, or not ours; the message is meant for the user."""
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every script's --help: a flag's default is shown unless it is None or already in its help."""
-
-    def _get_help_string(self, action):
-        if action.default is None or "default:" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-class DeviceError(Exception):
-    """A --device this machine does not have; meant for the user."""
+class CheckpointError(cli.UserError):
+    """A checkpoint that is missing, unsafe, or not ours."""
 
 
 class Normalize(nn.Module):
@@ -107,6 +93,24 @@ class TissueCNN(nn.Module):
         x = self.stem(self.normalize(x.contiguous(memory_format=torch.channels_last)))
         x = self.pool(self.features(x)).flatten(1)
         return self.classifier(self.dropout(x))
+
+
+class MedMNISTResNet18(nn.Module):
+    """MedMNIST's ResNet-18 for 28x28 inputs (MedMNIST/experiments, MedMNIST2D/models.py, adapted
+    from kuangliu/pytorch-cifar): torchvision's resnet18 with a 3x3 stride-1 first convolution and no
+    max-pool, which gives the same layers, behind a Normalize (MedMNIST's 0.5, 0.5 by default) so that
+    it takes [0, 1] pixels like TissueCNN. The peer bench.py compares against."""
+
+    def __init__(self, n_classes=9, in_channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+        super().__init__()
+        import torchvision  # loads every torchvision model (a second): only when a ResNet is built
+        self.normalize = Normalize(list(mean)[:in_channels], list(std)[:in_channels])
+        self.net = torchvision.models.resnet18(num_classes=n_classes)
+        self.net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        self.net.maxpool = nn.Identity()
+
+    def forward(self, x):
+        return self.net(self.normalize(x))
 
 
 def build(config=None, **overrides):
@@ -173,29 +177,6 @@ def fused_for_inference(model):
     return fused.to(memory_format=torch.channels_last)
 
 
-def available_devices():
-    """What this machine can run on, best first: each GPU, then mps, then cpu."""
-    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    return gpus + (["mps"] if torch.backends.mps.is_available() else []) + ["cpu"]
-
-
-def resolve_device(name="auto"):
-    """torch.device for a --device value; `auto` takes the best this machine has."""
-    here = available_devices()
-    if name == "auto":
-        return torch.device(here[0])
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise DeviceError(f"--device {name!r} is not a device name; use {DEVICE_HELP}. This machine "
-                          f"has: {', '.join(here)}.") from None
-    key = f"cuda:{device.index or 0}" if device.type == "cuda" else device.type
-    if key not in here:
-        raise DeviceError(f"--device {name} is not available on this machine, which has: "
-                          f"{', '.join(here)}. Pass one of those, or --device auto for the best.")
-    return device
-
-
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -240,12 +221,15 @@ def predict_logits(model, images, batch_size=512, device="cpu", tta=False):
     return torch.cat(out) if out else torch.empty(0, model.config["n_classes"])
 
 
+def predict_probabilities(model, images, batch_size=512, device="cpu", tta=False):
+    """Class probabilities (numpy, (N, K)) for uint8 images: predict_logits, then probabilities."""
+    return probabilities(model, predict_logits(model, images, batch_size, device, tta)).numpy()
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path, model, meta, train_state=None):
     """Write the model, its metadata and (optionally) the training state atomically."""
-    if train_state is not None and set(train_state) != set(TRAIN_STATE_KEYS):
-        raise ValueError(f"train_state has keys {sorted(train_state)}, expected {TRAIN_STATE_KEYS}")
     payload = {"format": FORMAT, "version": VERSION, "config": model.config,
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "meta": meta, "train_state": train_state}
@@ -290,7 +274,7 @@ def short_reason(e):
 
 def load_checkpoint(path, device="cpu", with_train_state=False):
     """(model in eval mode on `device`, metadata dict) from a checkpoint written by train.py, and
-    the training state as a third item with `with_train_state` (for --resume)."""
+    the stored training state (None if it has none) as a third item with `with_train_state`."""
     payload = read_checkpoint(path)
     try:
         model = build(payload["config"])
@@ -301,38 +285,21 @@ def load_checkpoint(path, device="cpu", with_train_state=False):
     model = model.to(device).eval()
     if not with_train_state:
         return model, payload["meta"]
-    state = payload.get("train_state")
-    if not isinstance(state, dict) or set(state) != set(TRAIN_STATE_KEYS):
-        raise CheckpointError(f"{path} holds no complete training state to resume from (only "
-                              f"last.pt has one). Start a new run, or pass the run's --out.")
-    return model, payload["meta"], state
-
-
-def input_size(text):
-    """argparse type for --size: the stem's space-to-depth step halves the image, so it must be even."""
-    if not text.isdigit() or int(text) < 2 or int(text) % 2:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an even number of pixels of at least 2 (the "
-                                         f"model's first step folds 2x2 pixels into one); MedMNIST sizes "
-                                         f"are 28, 64, 128 and 224")
-    return int(text)
+    return model, payload["meta"], payload.get("train_state")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Print the CNN's layers with parameters and "
-                                "multiply-adds (MACs) for one image.")
-    p.add_argument("--size", type=input_size, default=28, help="input height and width, an even number "
-                   "of pixels (default: 28)")
+                                "multiply-adds (MACs) for one image.", formatter_class=cli.HelpFormatter)
+    p.add_argument("--size", type=cli.even_size, default=28, help="input height and width, an even "
+                   "number of pixels")
     p.add_argument("--checkpoint", help="summarise this checkpoint's model instead of the default")
     args = p.parse_args(argv)
-    try:
-        model = load_checkpoint(args.checkpoint)[0] if args.checkpoint else build()
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
+    model = load_checkpoint(args.checkpoint)[0] if args.checkpoint else build()
     print(f"{'layer':28s} {'output':>14s} {'params':>10s} {'MACs':>12s}")
     for name, shape, params, macs in layer_costs(model, args.size):
         print(f"{name:28s} {str(shape):>14s} {params:10,d} {macs:12,d}")
 
 
 if __name__ == "__main__":
-    sys.stdout.reconfigure(line_buffering=True)  # each line reaches a piped log when printed
-    main()
+    cli.run(main)

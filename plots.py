@@ -10,10 +10,11 @@
     methods side by side   plot_methods        (evaluate.py -> <run>/images/methods.png)
 
 Images come in as float (C, H, W) tensors in [0, 1], i.e. already un-normalised: every panel shows
-the tissue in its true colours, and 1-channel images (X-ray, CT, OCT, ultrasound) in greyscale. This is the only module that imports matplotlib; it draws with the
-file-only Agg backend and writes every figure atomically (write_figure), so a crash never leaves
-half a PNG.
+the tissue in its true colours, and 1-channel images (X-ray, CT, OCT, ultrasound) in greyscale. This
+is the only module that imports matplotlib; it draws with the file-only Agg backend and writes every
+figure atomically (write_figure), so a crash never leaves half a PNG.
 """
+import itertools
 import textwrap
 import warnings
 
@@ -22,7 +23,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from captum.attr import visualization as viz
 
-from data import atomic_path
+from files import atomic_path
 
 matplotlib.use("Agg")  # files only, never a window; set before any figure exists, so it always holds
 
@@ -65,12 +66,13 @@ def plot_history(history, path, title, best_epoch=None):
     for key, style in (("train", "-o"), ("val", "-s")):
         ax_acc.plot(epochs, [h[f"{key}_acc"] for h in history], style, label=key, ms=3)
         ax_loss.plot(epochs, [h[f"{key}_loss"] for h in history], style, label=key, ms=3)
-    drops = [h["epoch"] for prev, h in zip(history, history[1:]) if h["lr"] < prev["lr"]]
+    drops = [h["epoch"] for prev, h in itertools.pairwise(history) if h["lr"] < prev["lr"]]
     for ax, name in ((ax_acc, "accuracy"), (ax_loss, "loss")):
         if best_epoch is not None:
             ax.axvline(best_epoch, color="black", linestyle="--", linewidth=1, label=f"best epoch ({best_epoch})")
         for i, epoch in enumerate(drops):
-            ax.axvline(epoch, color="grey", linestyle=":", linewidth=1, label="learning rate halved" if i == 0 else None)
+            ax.axvline(epoch, color="grey", linestyle=":", linewidth=1,
+                       label="learning rate halved" if i == 0 else None)
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
@@ -115,11 +117,12 @@ def plot_reliability(probs, labels, multi_label, path, title, n_bins=15):
     fig, ax = plt.subplots(figsize=(5, 4.5))
     centres = (np.arange(n_bins) + 0.5) / n_bins
     counts = np.bincount(bins, minlength=n_bins)
-    acc = np.divide(np.bincount(bins, weights=correct, minlength=n_bins), counts, out=np.zeros(n_bins), where=counts > 0)
+    acc = np.divide(np.bincount(bins, weights=correct, minlength=n_bins), counts, out=np.zeros(n_bins),
+                    where=counts > 0)
     ax.bar(centres[counts > 0], acc[counts > 0], width=1 / n_bins, edgecolor="black", color="#4c78a8",
            label="accuracy in bin")
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    for c, a, n in zip(centres, acc, counts):
+    for c, a, n in zip(centres, acc, counts, strict=True):
         if n:
             ax.text(c, min(a + 0.02, 0.97), f"{n}", ha="center", fontsize=5, rotation=90)
     ax.set_xlabel("confidence")
@@ -217,7 +220,7 @@ def plot_faithfulness(curves, path, title):
     the same images with the same random order, so one reference is drawn.
     """
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, kind in zip(axes, ("deletion", "insertion")):
+    for ax, kind in zip(axes, ("deletion", "insertion"), strict=True):
         for method, c in curves.items():
             frac = np.linspace(0, 1, np.shape(c[f"{kind}_curve"])[1])
             ax.plot(frac, np.mean(c[f"{kind}_curve"], 0), "-",
@@ -247,12 +250,13 @@ def plot_randomization_rows(image, rows, path, title):
     stage. rows: [(method, [(stage name, (C, H, W) map)], [Spearman per later map])]."""
     columns = 1 + max(len(maps) for _, maps, _ in rows)
     lines = max(len(textwrap.wrap(method, 22)) for method, _, _ in rows) + 1  # the image column's title
-    fig, axes = plt.subplots(len(rows), columns, figsize=(1.7 * columns, len(rows) * (1.75 + 0.13 * max(lines, 3)) + 0.6),
-                             squeeze=False)
+    height = len(rows) * (1.75 + 0.13 * max(lines, 3)) + 0.6
+    fig, axes = plt.subplots(len(rows), columns, figsize=(1.7 * columns, height), squeeze=False)
     for r, (method, maps, correlations) in enumerate(rows):
         show_image(axes[r, 0], image)
         axes[r, 0].set_title("image" if not method else "\n".join(textwrap.wrap(method, 22)) + "\nimage", fontsize=7)
-        for ax, (name, attribution), rho in zip(axes[r, 1:], maps, [None] + list(correlations)):
+        # a row with fewer maps than the widest leaves its last panels empty (turned off below)
+        for ax, (name, attribution), rho in zip(axes[r, 1:], maps, [None] + list(correlations), strict=False):
             if attribution.abs().sum() > 0:  # Captum cannot scale an all-zero map
                 with warnings.catch_warnings():  # a randomised model's tiny maps are still drawn to scale
                     warnings.filterwarnings("ignore", message="Attempting to normalize by value approximately 0")

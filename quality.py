@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from captum.metrics import infidelity, sensitivity_max
 
-import data
+import attribution as attr
 import db
-import explain
 import model as model_lib
 import plots
+from colour import to_unit
 from progress import progress
 
 CURVE_POINTS = 29  # deletion/insertion curves: 0, 1/28, ..., all of the pixels
@@ -153,7 +153,7 @@ def control_maps():
         return torch.randn(x.shape, device=x.device)
 
     def input_only(model, x, target, baseline="mean"):
-        return (x - explain.make_baseline(x, baseline, model_lib.input_mean(model))).abs()
+        return (x - attr.make_baseline(x, baseline, model_lib.input_mean(model))).abs()
 
     def edges(model, x, target):
         grey = x.mean(1, keepdim=True)
@@ -167,8 +167,8 @@ def control_maps():
 def quality_measures(model, x, target, attributions, settings, attribute, stages, masks=None, seed=0):
     """Faithfulness and sanity measures of `attributions` (B, C, H, W) for images x, per image.
 
-    `model` is the (BN-folded) model explained; `attribute` recomputes maps (explain.method_fn or a
-    control) for the randomised models in `stages` ({mode: [(layer, model)]}, see
+    `model` is the (BN-folded) model explained; `attribute` recomputes maps (attribution.method_fn or
+    a control) for the randomised models in `stages` ({mode: [(layer, model)]}, see
     all_randomized_models; a plain list is the top-down cascade) and for Captum's sensitivity_max.
     "randomization_stages" is (B, stages) of the top-down |map| Spearman; "randomization" holds, per
     image, every mode's {layer: {"spearman", "signed", "ssim"}}.
@@ -177,7 +177,7 @@ def quality_measures(model, x, target, attributions, settings, attribute, stages
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # random orders and metric noise: the same on every rerun
         gen = torch.Generator().manual_seed(seed)
-        base = explain.make_baseline(x, settings["baseline"], model_lib.input_mean(model))
+        base = attr.make_baseline(x, settings["baseline"], model_lib.input_mean(model))
         order, random_order = pixel_order(attributions), pixel_order(attributions, gen)
         curves = {f"{kind}_curve{suffix}": perturbation_curves(model, x, base, o, target, kind == "insertion")
                   for kind in ("deletion", "insertion")
@@ -186,7 +186,7 @@ def quality_measures(model, x, target, attributions, settings, attribute, stages
         def gaussian(inputs):
             noise = torch.randn_like(inputs) * INFIDELITY_NOISE
             return noise, inputs - noise
-        forward = explain.forward_for(model, settings["output"])
+        forward = attr.forward_for(model, settings["attribute"])
         infid = infidelity(forward, gaussian, x, attributions.to(x.device), target=target,
                            n_perturb_samples=16, normalize=True)
         def explanation(inputs, target):  # Captum passes and expects 1-tuples
@@ -224,12 +224,13 @@ SUMMARY_KEYS = ("deletion_auc", "deletion_auc_random", "insertion_auc", "inserti
                 "randomization_spearman_signed", "randomization_input_spearman", "mask_mass", "mask_area")
 
 
-def methods(settings, smooth=0, smooth_sd=0.1, names=("ig",), controls=True):
-    """{method name: attribution function}: each of `names` (explain.ATTRIBUTION_METHODS), SmoothGrad
-    over IG with `smooth` samples, and the three controls (control_maps)."""
-    out = {name: explain.method_fn(name, settings) for name in names}
+def scored_maps(settings, smooth=0, smooth_sd=0.1, names=("ig",), controls=True):
+    """{name: attribution function} of everything the quality pass scores: each attribution method
+    of `names` (attribution.METHODS), SmoothGrad over IG with `smooth` samples, and the three
+    controls (control_maps)."""
+    out = {name: attr.method_fn(name, settings) for name in names}
     if smooth:
-        out[f"smoothgrad_ig:n={smooth},sd={smooth_sd}"] = explain.attribution_fn(settings, smooth, smooth_sd)
+        out[f"smoothgrad_ig:n={smooth},sd={smooth_sd}"] = attr.smoothgrad_ig_fn(settings, smooth, smooth_sd)
     if controls:
         baseline = settings["baseline"]
         out.update({name: (functools.partial(fn, baseline=baseline) if name == "control:input" else fn)
@@ -253,11 +254,11 @@ def quality_into_db(fused, stages, split, indices, settings, attribute_by_method
             rows = db.find(conn, run_id, "test", image_indices=todo[start:start + QUALITY_BATCH],
                            with_arrays=True)
             idx = torch.tensor([r["image_index"] for r in rows])
-            x = data.to_unit(split.images[idx].to(device))
+            x = to_unit(split.images[idx].to(device))
             target = torch.tensor([r["target"] for r in rows], device=device)
             if method in stored_methods:
                 maps = db.find(conn, run_id, "test", image_indices=idx.tolist(), with_arrays=True, method=method)
-                attributions = explain.stored_attributions(maps)
+                attributions = attr.stored_attributions(maps)
             else:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(todo[start])  # the random-map control: the same on every rerun and shard
@@ -265,16 +266,30 @@ def quality_into_db(fused, stages, split, indices, settings, attribute_by_method
             q = quality_measures(fused, x, target, attributions, settings, attribute, stages,
                                  masks=None if split.masks is None else split.masks[idx])
             gap = torch.tensor([r["score"] - r["baseline_score"] for r in rows])
-            q["relative_error"] = db.relative_completeness_error(attributions.sum((1, 2, 3)) - gap, gap)
+            q["relative_error"] = attr.relative_completeness_error(attributions.sum((1, 2, 3)) - gap, gap)
             by_stage, detail = q.pop("randomization_stages"), q.pop("randomization")
             stage_names = [name for name, _ in stages["top_down"]]
             db.insert_quality(conn, [{"run_id": run_id, "split": "test", "image_index": int(i),
                                       "method": method, **{k: v[j].tolist() for k, v in q.items()},
-                                      "randomization_stages": dict(zip(stage_names, by_stage[j].tolist())),
+                                      "randomization_stages": dict(zip(stage_names, by_stage[j].tolist(),
+                                                                       strict=True)),
                                       "randomization": detail[j]}
                                      for j, i in enumerate(idx.tolist())])
             bar.update(len(rows))
         bar.close()
+
+
+def completeness_summary(conn, run_id, split, tolerance):
+    """Completeness of every stored IG explanation of the run: count, mean |delta|, mean relative
+    completeness error, and the share within `tolerance` (the IG settings' own)."""
+    rows = db.find(conn, run_id, split)
+    if not rows:
+        return {"explained": 0}
+    delta = np.array([r["delta"] for r in rows])
+    rel = attr.relative_completeness_error(delta, np.array([r["score"] - r["baseline_score"] for r in rows]))
+    return {"explained": len(rows), "mean_abs_delta": float(np.abs(delta).mean()),
+            "mean_relative_completeness_error": float(rel.mean()), "tolerance": tolerance,
+            "share_within_tolerance": float((rel <= tolerance).mean())}
 
 
 def quality_summary(conn, run_id, method, settings, control_spearman=1.0):
@@ -349,10 +364,11 @@ QUALITY_TABLE = (("images", "images", "{:d}"), ("complete", "completeness_share"
 def quality_table(summaries):
     """One line per method (controls last) and one column per measure, as text."""
     widths = [max(len(head), 8) for head, _, _ in QUALITY_TABLE]
-    lines = [f"  {'method':16s} " + " ".join(f"{head:>{w}s}" for (head, _, _), w in zip(QUALITY_TABLE, widths))]
+    columns = list(zip(QUALITY_TABLE, widths, strict=True))
+    lines = [f"  {'method':16s} " + " ".join(f"{head:>{w}s}" for (head, _, _), w in columns)]
     for method, q in summaries.items():
         cells = []
-        for (_, key, fmt), w in zip(QUALITY_TABLE, widths):
+        for (_, key, fmt), w in columns:
             value = q.get(key)
             if key == "completeness_share" and not method.startswith(("ig", "smoothgrad_ig")) or value is None:
                 cells.append(f"{'—':>{w}s}")  # completeness holds for IG only
@@ -412,14 +428,14 @@ def quality_figures(conn, run_id, attribute_by_method, indices, stages, split, i
                             f"Deletion and insertion, {len(indices)} test images of {tag}; pixels set to the "
                             f"IG baseline ({settings['baseline']})")
     row = db.find(conn, run_id, "test", image_indices=indices[:1], with_arrays=True)[0]
-    x = data.to_unit(split.images[row["image_index"]][None]).to(next(fused.parameters()).device)
+    x = to_unit(split.images[row["image_index"]][None]).to(next(fused.parameters()).device)
     target = torch.tensor([row["target"]], device=x.device)
     stored = set(db.explanation_methods(conn, run_id))
     figure_rows = []
     for method, attribute in attribute_by_method.items():
         if method.startswith("control:") and method != "control:input":
             continue
-        trained = (explain.stored_attributions(db.find(conn, run_id, "test", image_indices=[row["image_index"]],
+        trained = (attr.stored_attributions(db.find(conn, run_id, "test", image_indices=[row["image_index"]],
                                                        with_arrays=True, method=method))[0]
                    if method in stored else attribute(fused, x, target)[0].cpu())
         maps = [("trained |map|", trained)] + [(f"randomised down to\n{model_lib.layer_label(name)}",

@@ -13,13 +13,15 @@ import base64
 import html
 import json
 import statistics
-import sys
-from importlib.metadata import PackageNotFoundError, version as package_version
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
 
-import data
+import cli
+import datasets
 import model as model_lib
+from files import write_text
 
 SECTIONS = ("Provenance", "Training", "Results", "Explanations", "How to reproduce")
 FIGURES = {  # section -> [(file under <run>/images, caption)]
@@ -44,7 +46,8 @@ MEASURES = {  # quality table column -> what it means, one line each
 CSS = """body{font-family:system-ui,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
 padding:0 1em;color:#111;line-height:1.45}h1{font-size:1.6em}h2{border-bottom:2px solid #ccc;padding-top:.6em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em}td,th{border:1px solid #bbb;padding:.25em .6em;
-text-align:right}th{background:#eee}table.text td,table.text th{text-align:left}td:first-child,th:first-child{text-align:left}
+text-align:right}th{background:#eee}table.text td,table.text th{text-align:left}
+td:first-child,th:first-child{text-align:left}
 .banner{padding:.6em 1em;margin:.8em 0;font-weight:bold;border-radius:4px}
 .synthetic{background:#fff3b0;border:2px solid #c9a400}.unverified{background:#ffd6d6;border:2px solid #b00}
 figure{margin:1em 0;page-break-inside:avoid}figure img{max-width:100%;border:1px solid #ddd}
@@ -116,7 +119,8 @@ def stop_reason(meta):
 def banners(provenance):
     out = []
     if provenance.get("synthetic"):
-        out.append(f'<div class="banner synthetic">SYNTHETIC data, not {esc(data.title_of(provenance.get("flag", data.FLAG)))}: '
+        title = datasets.title_of(provenance.get("flag", datasets.FLAG))
+        out.append(f'<div class="banner synthetic">SYNTHETIC data, not {esc(title)}: '
                    f"these numbers show that the code works and say nothing about the real dataset.</div>")
     if not provenance.get("verified", True):
         out.append('<div class="banner unverified">Unverified file: its MD5 differs from medmnist.INFO\'s '
@@ -138,7 +142,7 @@ def quality_rows(metrics):
 
 
 def reproduce_commands(metrics, meta):
-    p, s = data.with_defaults(meta["provenance"]), meta.get("settings", {})
+    p, s = datasets.with_defaults(meta["provenance"]), meta.get("settings", {})
     flags = [f"--flag {p['flag']}", f"--size {p['size']}", f"--seed {s.get('seed', 0)}",
              f"--epochs {s.get('epochs', 25)}"] + (["--synthetic"] if p["synthetic"] else []) + (
         ["--trust-file"] if not p["verified"] else [])
@@ -155,8 +159,8 @@ def render(run_dir, metrics, meta):
     """The report page of one run, as HTML text."""
     run_dir = Path(run_dir)
     images = run_dir / "images"
-    p = data.with_defaults(meta["provenance"])
-    tag = data.describe(p)
+    p = datasets.with_defaults(meta["provenance"])
+    tag = datasets.describe(p)
     model_rows = ([["model cost", f"{metrics['params']:,} parameters, {metrics['macs']:,} multiply-adds per image"]]
                   if metrics.get("macs") else [])
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{esc(tag)}: run report</title>"
@@ -176,7 +180,8 @@ def render(run_dir, metrics, meta):
     best_row = next((h for h in history if h["epoch"] == best), None)
     parts.append("<h2>Training</h2>" + table(["what", "value"], [
         ["epochs run", len(history)], ["best epoch (lowest validation loss)", best],
-        ["its validation loss / accuracy", f"{best_row['val_loss']:.4f} / {best_row['val_acc']:.4f}" if best_row else "—"],
+        ["its validation loss / accuracy",
+         f"{best_row['val_loss']:.4f} / {best_row['val_acc']:.4f}" if best_row else "—"],
         ["why it stopped", stop_reason(meta)]], kind="text"))
     parts += [figure(images / f, c) for f, c in FIGURES["Training"]]
     val = metrics.get("val") or {}
@@ -199,7 +204,8 @@ def render(run_dir, metrics, meta):
     ig = metrics.get("ig", {})
     if ig.get("explained"):
         parts.append(f"<p>Integrated Gradients for {ig['explained']} test images; mean relative completeness "
-                     f"error {ig['mean_relative_completeness_error']:.2%}, {ig['share_within_5pct']:.0%} within 5%.</p>")
+                     f"error {ig['mean_relative_completeness_error']:.2%}, {ig['share_within_tolerance']:.0%} within "
+                     f"{ig['tolerance']:.0%}.</p>")
     rows = quality_rows(metrics)
     if rows:
         parts.append(table(["method", "images", "deletion AUC (random)", "insertion AUC (random)", "in mask",
@@ -213,7 +219,7 @@ def render(run_dir, metrics, meta):
 
 def model_card(metrics, meta):
     """MODEL_CARD.md text, from the same numbers as the report."""
-    p = data.with_defaults(meta["provenance"])
+    p = datasets.with_defaults(meta["provenance"])
     per_class = sorted(metrics["per_class"], key=lambda c: c["recall"])
     cm, names = metrics.get("confusion_matrix"), [c["class"] for c in metrics["per_class"]]
     confusions = []
@@ -221,7 +227,7 @@ def model_card(metrics, meta):
         pairs = [(cm[i][j], names[i], names[j]) for i in range(len(cm)) for j in range(len(cm)) if i != j]
         confusions = [f"- {t} read as {q}: {n} test images" for n, t, q in sorted(pairs, reverse=True)[:3] if n]
     rows = quality_rows(metrics)
-    lines = [f"# Model card: {data.describe(p)}", "",
+    lines = [f"# Model card: {datasets.describe(p)}", "",
              "**Intended use**: research on small medical images and their explanations. Not a diagnostic "
              "device; not validated for clinical use.", "",
              "## Data", f"- {p['dataset']} ({p['flag']}), {p['size']}×{p['size']} px, file {p['file']}, MD5 {p['md5']}"
@@ -233,12 +239,15 @@ def model_card(metrics, meta):
              "## Metrics (test split)",
              f"- ACC {interval(metrics, 'acc')}, AUC {interval(metrics, 'auc')} (MedMNIST's getACC/getAUC), "
              f"ECE {metrics['ece']:.4f}, {metrics['n']} images.",
-             *([f"- Validation ACC {metrics['val']['acc']:.4f}, AUC {metrics['val']['auc']:.4f}."] if metrics.get("val") else []),
+             *([f"- Validation ACC {metrics['val']['acc']:.4f}, AUC {metrics['val']['auc']:.4f}."]
+               if metrics.get("val") else []),
              "", "## Known failure modes",
              *[f"- lowest recall: {c['class']} ({c['recall']:.3f})" for c in per_class[:3]], *confusions, "",
-             "## Explanation quality", *(["| method | deletion (random) | insertion (random) | in mask | randomised Spearman | check |",
-                                          "|---|---|---|---|---|---|"] + [f"| {r[0]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {r[6]} |" for r in rows]
-                                         if rows else ["Not measured for this run."]), "",
+             "## Explanation quality",
+             *(["| method | deletion (random) | insertion (random) | in mask | randomised Spearman | check |",
+                "|---|---|---|---|---|---|"]
+               + [f"| {r[0]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {r[6]} |" for r in rows]
+               if rows else ["Not measured for this run."]), "",
              "## Limitations",
              "- One seed unless stated; single-seed PathMNIST numbers move by a point or more.",
              "- Explanations: IG fails the model-randomisation check on the demo model (its (x - baseline) "
@@ -250,10 +259,8 @@ def write_report(run_dir):
     """Write <run>/report.html and <run>/MODEL_CARD.md atomically; returns the report's path."""
     run_dir = Path(run_dir)
     metrics, meta = load_run(run_dir)
-    with data.atomic_path(run_dir / "report.html") as tmp:
-        tmp.write_text(render(run_dir, metrics, meta), encoding="utf-8")
-    with data.atomic_path(run_dir / "MODEL_CARD.md") as tmp:
-        tmp.write_text(model_card(metrics, meta), encoding="utf-8")
+    write_text(run_dir / "report.html", render(run_dir, metrics, meta))
+    write_text(run_dir / "MODEL_CARD.md", model_card(metrics, meta))
     return run_dir / "report.html"
 
 
@@ -277,24 +284,26 @@ def summarise(run_dirs):
 
 def render_summary(s):
     first = s["runs"][0][1]
-    tag = data.describe(data.with_defaults(first["provenance"]))
+    tag = datasets.describe(datasets.with_defaults(first["provenance"]))
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{len(s['runs'])} runs: {esc(tag)}</title>"
              f"<style>{CSS}</style></head><body><h1>{len(s['runs'])} runs of {esc(tag)}</h1>",
-             *banners(data.with_defaults(first["provenance"])),
+             *banners(datasets.with_defaults(first["provenance"])),
              "<h2>Mean ± sd over runs</h2>" + table(["metric", "mean", "sd"],
-                                                   [[k.upper(), f"{m:.4f}", f"{sd:.4f}"] for k, (m, sd) in s["summary"].items()]),
+                                                   [[k.upper(), f"{m:.4f}", f"{sd:.4f}"]
+                                                    for k, (m, sd) in s["summary"].items()]),
              "<h2>Per class F1</h2>" + table(["class", "mean F1", "sd"],
                                             [[c, f"{m:.3f}", f"{sd:.3f}"] for c, (m, sd) in s["per_class"].items()]),
              "<h2>Each run</h2>" + table(["run", "ACC", "AUC", "ECE", "seed", "checkpoint SHA-256"],
                                         [[name, f"{m['acc']:.4f}", f"{m['auc']:.4f}", f"{m['ece']:.4f}",
-                                          m.get("seed", "—"), m.get("checkpoint_sha256", "")[:16]] for name, m in s["runs"]]),
+                                          m.get("seed", "—"), m.get("checkpoint_sha256", "")[:16]]
+                                         for name, m in s["runs"]]),
              "</body></html>"]
     return "\n".join(parts)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Write a run's report.html and MODEL_CARD.md, or summarise "
-                                "several runs (e.g. seeds) on one page.", formatter_class=model_lib.HelpFormatter)
+                                "several runs (e.g. seeds) on one page.", formatter_class=cli.HelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders evaluated by evaluate.py (holding metrics.json)")
     p.add_argument("--out", help="with several runs: the summary page (default: runs_summary.html)")
     args = p.parse_args(argv)
@@ -304,14 +313,17 @@ def main(argv=None):
             return
         out = Path(args.out or "runs_summary.html")
         s = summarise(args.runs)
-        with data.atomic_path(out) as tmp:
-            tmp.write_text(render_summary(s), encoding="utf-8")
+        write_text(out, render_summary(s))
         for key, (m, sd) in s["summary"].items():
             print(f"{key.upper()} {m:.4f} ± {sd:.4f} over {len(s['runs'])} runs")
         print(f"summary -> {out}")
-    except (model_lib.CheckpointError, OSError, KeyError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except (OSError, KeyError, ValueError) as e:  # a run folder whose files are not evaluate.py's
+        raise ReportError(f"{e} ({type(e).__name__}). Pass run folders that evaluate.py wrote.") from e
+
+
+class ReportError(cli.UserError):
+    """Run folders that cannot be reported on."""
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

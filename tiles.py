@@ -8,7 +8,7 @@ Image files may be PNG, JPEG or TIFF of any size and mode (grayscale, RGBA, 16-b
 input size; MedMNIST does not document its interpolation, so we use antialiased bicubic.
 
 input_warnings says when an answer may mean little: an image far smaller than the model's input,
-far larger than a tile, or with colour statistics unlike the training split's (data.colour_distance,
+far larger than a tile, or with colour statistics unlike the training split's (colour.colour_distance,
 with the threshold the checkpoint calibrated on its validation split). A warning is no verdict on
 the prediction, and no warning is no guarantee: the check sees colour, not tissue.
 """
@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-import data
+import cli
+import colour
 
 
-class ImageError(Exception):
-    """A file that cannot be read as an image; meant for the user."""
+class ImageError(cli.UserError):
+    """A file that cannot be read as an image."""
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -60,7 +61,7 @@ def input_warnings(image, original, size, colour_reference):
         warnings.append(f"the image is {original[0]}x{original[1]} px, far larger than a {TILE_PX} px "
                         f"tile: its centre square is squeezed to {size} px; crop or tile it first")
     if colour_reference:
-        distance = float(data.colour_distance(colour_reference, image[None])[0])
+        distance = float(colour.colour_distance(colour_reference, image[None])[0])
         if distance > colour_reference["threshold"]:
             warnings.append(f"its colour statistics lie far from the training images' (distance "
                             f"{distance:.1f}, above the {colour_reference['threshold']:.1f} that "

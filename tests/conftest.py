@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import data
+import datasets
 import realdata as realdata_lib
+import synthetic
 import train
 
 SMALL = {"train": 1500, "val": 300, "test": 300}
@@ -46,10 +48,18 @@ def realdata():
     return realdata_lib.folder()
 
 
+# Fixtures that train a model (directly or through one another): their tests are marked `trains`,
+# which `make test-fast` leaves out. Tests that train inline carry the mark themselves.
+TRAINING_FIXTURES = {"trained_run", "evaluated_run", "untrained_run", "train_argv", "demo"}
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
-        if "realdata" in getattr(item, "fixturenames", ()):
+        used = set(getattr(item, "fixturenames", ()))
+        if "realdata" in used:
             item.add_marker("realdata")
+        if used & TRAINING_FIXTURES:
+            item.add_marker("trains")
 
 
 SKIPPED_REAL = []
@@ -75,7 +85,7 @@ def pytest_terminal_summary(terminalreporter):
 def syn_dir(tmp_path_factory):
     """A data dir holding a small synthetic npz under the name train.py --synthetic looks for."""
     d = tmp_path_factory.mktemp("data")
-    data.write_synthetic(d / data.synthetic_file_name(28), 28, counts=SMALL, seed=0)
+    synthetic.write_synthetic(d / datasets.synthetic_file_name(28), 28, counts=SMALL, seed=0)
     return d
 
 
@@ -102,7 +112,7 @@ def write_npz(path, size=28, n=6, **override):
     """A tiny MedMNIST-format npz; keyword arguments replace (or, set to None, drop) arrays."""
     rng = np.random.default_rng(0)
     arrays = {}
-    for split in data.SPLITS:
+    for split in datasets.SPLITS:
         arrays[f"{split}_images"] = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
         arrays[f"{split}_labels"] = rng.integers(0, 9, (n, 1))
     arrays.update(override)

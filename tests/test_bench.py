@@ -5,18 +5,20 @@ import math
 import pytest
 
 import bench
+import original
 
 KEYS = ("train_speedup", "ig_speedup", "ig_rel_delta", "db_write_speedup", "db_bytes_ratio",
         "train_speedup_vs_resnet18", "ig_speedup_vs_resnet18",
         "read_class_ms", "macs_ratio")
 
 
+@pytest.mark.trains
 def test_quick_benchmark_reports_every_key(tmp_path, capsys):
     bench.main(["--quick", "--json", str(tmp_path / "b.json"), "--memory-dir", str(tmp_path)])
     results = json.loads((tmp_path / "b.json").read_text())
     for key in KEYS:
         assert math.isfinite(results[key]) and results[key] > 0, key
-    assert set(results["method_rates"]) == set(bench.explain.ATTRIBUTION_METHODS)
+    assert set(results["method_rates"]) == set(bench.attr.ATTRIBUTION_METHODS)
     assert all(rate > 0 for rate in results["method_rates"].values())
     out = capsys.readouterr().out
     assert "ratio" in out and "(projected" in out
@@ -52,7 +54,7 @@ def test_projection_to_224_follows_the_area():
 
 
 def test_original_model_is_the_one_the_issue_describes():
-    name, shape, params, macs = bench.model_lib.layer_costs(bench.original_model())[-1]
+    name, shape, params, macs = bench.model_lib.layer_costs(original.original_model())[-1]
     assert params == 871_145 and shape == (9,)
     assert round(macs / 1e6, 1) == 19.5
 
@@ -61,13 +63,14 @@ def test_original_storage_round_trips_its_base64_text(tmp_path):
     import numpy as np
     arrays = np.random.default_rng(0).normal(size=(5, 3, 28, 28)).astype(np.float32)
     labels = np.array([1, 2, 1, 0, 1])
-    bench.original_store(tmp_path / "o.db", arrays, labels, labels)
-    back = bench.original_read_class(tmp_path / "o.db", 1)
+    original.original_store(tmp_path / "o.db", arrays, labels, labels)
+    back = original.original_read_class(tmp_path / "o.db", 1)
     assert len(back) == 3 and np.array_equal(back[0], arrays[0])
 
 
 def test_table_prints_counts_as_integers_and_no_ratio_for_errors():
-    table = bench.format_table([("parameters", 871_145, 254_857), ("IG, mean relative completeness error", 0.0039, 0.0116),
+    table = bench.format_table([("parameters", 871_145, 254_857),
+                                ("IG, mean relative completeness error", 0.0039, 0.0116),
                                 ("IG, attributions/s", 36.2, 847.7)]).splitlines()
     assert table[1].split()[-3:] == ["871,145", "254,857", "0.29x"]
     assert table[2].split()[-3:] == ["0.39%", "1.16%", "—"]
@@ -78,8 +81,8 @@ def test_peer_is_medmnists_resnet18_for_28_px():
     # MedMNIST/experiments' ResNet18(in_channels=3, num_classes=9): torchvision's 11,689,512
     # parameters, less its 7x7 first convolution (9,408) and 1000-class head (513,000), plus a 3x3
     # first convolution (1,728) and a 9-class head (4,617).
-    net = bench.medmnist_resnet18()
+    net = bench.model_lib.MedMNISTResNet18()
     params = sum(p.numel() for p in net.parameters())
     assert params == 11_689_512 - 9_408 - 513_000 + 1_728 + 4_617
     assert net.eval()(bench.torch.rand(2, 3, 28, 28)).shape == (2, 9)
-    assert isinstance(net.net.maxpool, bench.nn.Identity) and net.net.conv1.stride == (1, 1)
+    assert isinstance(net.net.maxpool, bench.torch.nn.Identity) and net.net.conv1.stride == (1, 1)

@@ -16,8 +16,11 @@ import torch
 import data
 import db
 import distributed
+import engine
 import model as model_lib
 import train
+
+pytestmark = pytest.mark.trains  # every test here trains a model
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_AUGMENTATION = ["--flips", "off", "--stain-jitter", "0", "--colour-jitter", "0"]
@@ -89,7 +92,7 @@ STEP_SCRIPT = """
 import argparse, sys
 import torch
 sys.path.insert(0, {root!r})
-import data, distributed, train
+import augment, data, distributed, engine
 
 ctx = distributed.start("cpu")
 g = torch.Generator().manual_seed(1)
@@ -99,8 +102,8 @@ torch.manual_seed(0)
 net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 3))  # no BatchNorm, no dropout
 step = torch.nn.parallel.DistributedDataParallel(net) if ctx.world_size > 1 else net
 opt = torch.optim.SGD(net.parameters(), lr=0.5)
-args = argparse.Namespace(batch_size=7, augment=data.NO_AUGMENTATION, amp="off", lr=0.5)
-loss, acc = train.train_epoch(step, "multi-class", split, opt, torch.Generator().manual_seed(0), args,
+args = argparse.Namespace(batch_size=7, augment=augment.NONE, amp="off", lr=0.5)
+loss, acc = engine.train_epoch(step, "multi-class", split, opt, torch.Generator().manual_seed(0), args,
                               ctx.device, 1, torch.amp.GradScaler("cpu", enabled=False), ctx)
 if ctx.main:
     torch.save({{"weights": net.state_dict(), "loss": loss, "acc": acc}}, sys.argv[1])
@@ -143,7 +146,7 @@ def test_one_process_resumes_a_two_process_run(ddp_two_epochs, syn_dir, tmp_path
 
 
 def test_sync_bn_on_cpu_is_refused_with_the_reason(syn_dir, tmp_path):
-    with pytest.raises(train.TrainingError, match="--sync-bn needs CUDA"):
+    with pytest.raises(engine.TrainingError, match="--sync-bn needs CUDA"):
         train.main(run_args(syn_dir, tmp_path / "run", 1)[1:] + ["--sync-bn"])
 
 
@@ -166,7 +169,8 @@ def test_two_launchers_as_two_nodes_on_localhost_train_together(syn_dir, tmp_pat
 
 def evaluate_args(checkpoint, syn_dir, shard_dir):
     return ["evaluate.py", "--checkpoint", str(checkpoint), "--data-dir", str(syn_dir), "--explain", "70",
-            "--quality", "30", "--methods", "ig,saliency,gradcam,smoothgrad_sq", "--threads", "1", "--shard-dir", str(shard_dir)]
+            "--quality", "30", "--methods", "ig,saliency,gradcam,smoothgrad_sq", "--threads", "1",
+            "--shard-dir", str(shard_dir)]
 
 
 def stored(path):
@@ -251,6 +255,6 @@ def test_recorded_validation_loss_is_the_saved_checkpoints_own(ddp_run, syn_dir)
     # 0's, which is saved), or the history would describe no checkpoint that exists.
     net, meta = model_lib.load_checkpoint(ddp_run / "last.pt")
     ds = data.load(syn_dir, synthetic=True)
-    loss, acc = train.evaluate_split(net, ds.val, 128, torch.device("cpu"))
+    loss, acc = engine.evaluate_split(net, ds.val, 128, torch.device("cpu"))
     assert loss == pytest.approx(meta["history"][-1]["val_loss"], abs=2e-6)
     assert acc == pytest.approx(meta["history"][-1]["val_acc"], abs=1e-6)

@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 import torch
 
+import attribution as attr
+import colour
 import data
+import datasets
 import db
 import evaluate
-import explain
 import model as model_lib
 import quality
+import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,106 +32,6 @@ def assert_a_drawn_picture(path):
         assert img.format == "PNG" and min(img.size) >= 200, (path, img.size)
         colours = np.unique(np.asarray(img.convert("RGB")).reshape(-1, 3), axis=0)
     assert len(colours) > 50, path
-
-
-def random_scores(n=200, k=9, seed=0):
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, k, n)
-    logits = rng.normal(size=(n, k)) + 2 * np.eye(k)[labels] * rng.random((n, 1))
-    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    return labels, probs
-
-
-def one_vs_rest_auc(labels, scores, c):
-    """The probability that a random image of class c scores higher for c than a random other image
-    (ties count half): the Mann-Whitney form of the ROC AUC, counted pair by pair."""
-    pos, neg = scores[labels == c, c], scores[labels != c, c]
-    return ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
-
-
-def test_acc_is_the_share_of_correct_argmax_predictions():
-    labels = np.array([0, 1, 2, 2, 1])
-    probs = np.array([[.6, .3, .1], [.2, .5, .3], [.1, .1, .8], [.5, .4, .1], [.3, .3, .4]])
-    assert evaluate.classification_metrics(labels, probs, ["a", "b", "c"])["acc"] == pytest.approx(3 / 5)
-
-
-def test_auc_is_the_mean_one_vs_rest_auc_over_classes():
-    labels, probs = random_scores(n=120)
-    expected = np.mean([one_vs_rest_auc(labels, probs, c) for c in range(9)])
-    assert evaluate.classification_metrics(labels, probs, [str(i) for i in range(9)])["auc"] == pytest.approx(expected)
-
-
-def test_per_class_precision_recall_f1_match_numbers_worked_by_hand():
-    labels = np.array([0, 0, 0, 1, 1, 2])
-    pred = np.array([0, 0, 1, 1, 2, 2])
-    m = evaluate.classification_metrics(labels, np.eye(3)[pred] * 0.7 + 0.1, ["a", "b", "c"])
-    # a: 2 of 2 predicted right, 2 of 3 found; b: 1 of 2 and 1 of 2; c: 1 of 2 and 1 of 1.
-    got = [[c["precision"], c["recall"], c["f1"], c["support"]] for c in m["per_class"]]
-    assert np.allclose(got, [[1.0, 2 / 3, 0.8, 3], [0.5, 0.5, 0.5, 2], [0.5, 1.0, 2 / 3, 1]])
-    assert m["confusion_matrix"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
-
-
-def test_multi_label_metrics_are_per_label_at_probability_one_half():
-    labels = np.array([[1, 0], [1, 1], [0, 0], [0, 1]])
-    probs = np.array([[.9, .2], [.6, .4], [.7, .1], [.3, .8]])
-    m = evaluate.classification_metrics(labels, probs, ["a", "b"], data.MULTI_LABEL)
-    # predicted: a on images 0, 1, 2 (right on 0, 1); b on image 3 only (right; image 1's b missed).
-    # ACC: label a right on 3 of 4 images, b on 3 of 4. AUC: a ranks its two positives (.9, .6)
-    # above .3 and below/above .7: (1 + 1 + 1 + 0) / 4; b: positives .4, .8 vs .2, .1: 4 / 4.
-    assert m["acc"] == pytest.approx(0.75) and m["auc"] == pytest.approx((0.75 + 1.0) / 2)
-    got = [[c["precision"], c["recall"], c["support"]] for c in m["per_class"]]
-    assert np.allclose(got, [[2 / 3, 1.0, 2], [1.0, 0.5, 2]]) and m["confusion_matrix"] is None
-
-
-def test_multi_label_ece_pools_every_image_and_label_decision():
-    # Eight decisions, each 90% confident; 4 of them right: ECE = |0.5 - 0.9|.
-    labels = np.array([[1, 1], [0, 0], [1, 0], [0, 1]])
-    probs = np.array([[.9, .1], [.1, .9], [.9, .9], [.1, .1]])
-    assert evaluate.classification_metrics(labels, probs, ["a", "b"], data.MULTI_LABEL)["ece"] == pytest.approx(0.4)
-
-
-def test_binary_metrics_score_the_positive_column_as_medmnist_does():
-    labels = np.array([0, 1, 1, 0])
-    probs = np.array([[.8, .2], [.3, .7], [.6, .4], [.45, .55]])
-    m = evaluate.classification_metrics(labels, probs, ["benign", "malignant"], "binary-class")
-    # positive scores .7, .4 against .2, .55: pairs won 2 + 1 of 4; ACC at 0.5: images 0 and 1 right.
-    assert m["auc"] == pytest.approx(0.75) and m["acc"] == pytest.approx(0.5)
-
-
-def test_ece_uses_fifteen_equal_width_bins():
-    # Two images in each of the 15 bins, at the bin's centre c_b = (b + 0.5) / 15 minus and plus
-    # 0.025: in even bins the first is right and the second wrong (accuracy 0.5), in odd bins both
-    # are right (accuracy 1). So ECE = (1/15) * (sum over even b of |0.5 - c_b| + sum over odd b of
-    # 1 - c_b) = (1/15) * (32/15 + 52.5/15) = 84.5/225. Coarser bins mix accuracies and finer ones
-    # split the pairs: 10 bins give 0.344, 20 give 0.432.
-    centres = (np.arange(15) + 0.5) / 15
-    conf = np.stack([centres - 0.025, centres + 0.025], 1).reshape(-1)
-    probs = np.tile(((1 - conf) / 199)[:, None], (1, 200))  # 200 classes: class 0 is always the top
-    probs[:, 0] = conf
-    right = np.stack([np.ones(15, bool), np.arange(15) % 2 == 1], 1).reshape(-1)
-    assert evaluate.expected_calibration_error(probs, np.where(right, 0, 1)) == pytest.approx(84.5 / 225)
-
-
-def test_ece_is_zero_when_confidence_equals_accuracy():
-    # 10 predictions at 80% confidence, 8 of them right.
-    probs = np.full((10, 2), 0.2)
-    probs[:, 0] = 0.8
-    labels = np.array([0] * 8 + [1] * 2)
-    assert evaluate.expected_calibration_error(probs, labels) == pytest.approx(0.0)
-
-
-def test_ece_measures_overconfidence():
-    probs = np.full((10, 2), 0.05)
-    probs[:, 0] = 0.95
-    labels = np.array([0] * 5 + [1] * 5)  # 95% confident, 50% right
-    assert evaluate.expected_calibration_error(probs, labels) == pytest.approx(0.45)
-
-
-def test_explained_images_are_a_shuffled_prefix_of_one_fixed_order():
-    everything = evaluate.explanation_indices(100, "all")
-    assert sorted(everything) == list(range(100)) and everything != list(range(100))
-    assert evaluate.explanation_indices(100, "10") == everything[:10]  # more images extend the set
-    assert sorted(evaluate.explanation_indices(5, "10")) == [0, 1, 2, 3, 4]
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -187,7 +90,7 @@ def counting(monkeypatch, module, name):
 
 def test_identical_rerun_computes_no_explanation_and_no_quality(evaluated_run, syn_dir, monkeypatch):
     run_dir, metrics = evaluated_run
-    ig_calls = counting(monkeypatch, explain, "explain_batch")
+    ig_calls = counting(monkeypatch, attr, "explain_batch")
     quality_calls = counting(monkeypatch, quality, "quality_measures")
     again = evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(syn_dir),
                            "--explain", "60", "--images", str(run_dir / "images")])
@@ -204,7 +107,7 @@ def test_tta_is_recorded_in_the_metrics(trained_run, syn_dir, tmp_path):
 
 
 def test_data_with_another_md5_is_refused(trained_run, tmp_path):
-    data.write_synthetic(tmp_path / data.synthetic_file_name(28), 28, seed=5,
+    synthetic.write_synthetic(tmp_path / datasets.synthetic_file_name(28), 28, seed=5,
                          counts={"train": 20, "val": 10, "test": 10})
     with pytest.raises(data.DataError, match="MD5"):
         evaluate.main(["--checkpoint", str(trained_run / "best.pt"), "--data-dir", str(tmp_path)])
@@ -294,7 +197,7 @@ def untrained_run(syn_dir, tmp_path_factory):
     """A checkpoint of an untrained model on the synthetic set: most of its predictions are wrong."""
     ds = data.load(syn_dir, 28, synthetic=True)
     torch.manual_seed(3)
-    net = model_lib.build(mean=data.channel_stats(ds.train.images)[0])
+    net = model_lib.build(mean=colour.channel_stats(ds.train.images)[0])
     path = tmp_path_factory.mktemp("untrained") / "best.pt"
     model_lib.save_checkpoint(path, net.eval(), {"class_names": ds.class_names,
                                                  "provenance": ds.provenance(), "best_epoch": None})
@@ -372,9 +275,9 @@ def test_methods_all_stores_scores_and_draws_every_method_beside_the_controls(tr
     conn = db.connect(tmp_path / "e.db", create=False)
     run = m["ig"]["run_id"]
     assert db.explanation_methods(conn, run) == ["ig", "gradcam", "ig_local", "occlusion", "saliency", "smoothgrad_sq"]
-    assert all(len(db.done_indices(conn, run, "test", method)) == 24 for method in explain.ATTRIBUTION_METHODS)
+    assert all(len(db.done_indices(conn, run, "test", method)) == 24 for method in attr.ATTRIBUTION_METHODS)
     controls = ["control:edge", "control:input", "control:random"]
-    assert sorted(m["methods"]) == sorted([*explain.ATTRIBUTION_METHODS, *controls])
+    assert sorted(m["methods"]) == sorted([*attr.ATTRIBUTION_METHODS, *controls])
     assert all(q["images"] == 12 and set(q["randomization_modes"]) == {"top_down", "bottom_up", "single"}
                for q in m["methods"].values())
     table = capsys.readouterr().out
@@ -385,4 +288,4 @@ def test_methods_all_stores_scores_and_draws_every_method_beside_the_controls(tr
 def test_an_unknown_method_is_refused_with_the_list():
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--methods", "ig,lime"])
-    assert explain.methods_arg("gradcam,saliency") == ["ig", "saliency", "gradcam"]
+    assert attr.methods_arg("gradcam,saliency") == ["ig", "saliency", "gradcam"]

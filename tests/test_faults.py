@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
-import data
 import db
 import evaluate
+import files
 import model as model_lib
 import train
+
+pytestmark = pytest.mark.trains  # every test here trains a model
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -115,13 +117,14 @@ def test_two_evaluate_runs_on_one_store_both_finish_without_duplicates(run_copy,
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     errors = [p.communicate(timeout=300)[1] for p in procs]
-    for p, err in zip(procs, errors):
+    for p, err in zip(procs, errors, strict=True):
         assert "Traceback" not in err and "database is locked" not in err
         assert p.returncode == 0 or (p.returncode == 1 and "error:" in err), err[-2000:]
     assert any(p.returncode == 0 for p in procs)
     assert rows_by_method(run / "explanations.db") == {"ig": (150, 150), "saliency": (150, 150)}
     with sqlite3.connect(run / "explanations.db") as con:
-        assert con.execute("SELECT COUNT(*), COUNT(DISTINCT image_index || method) FROM quality").fetchone() == (50, 50)  # 10 images x (2 methods + 3 controls)
+        # 10 images x (2 methods + 3 controls)
+        assert con.execute("SELECT COUNT(*), COUNT(DISTINCT image_index || method) FROM quality").fetchone() == (50, 50)
     assert integrity(run / "explanations.db") == "ok"
 
 
@@ -164,7 +167,7 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(syn_dir, t
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return f
     monkeypatch.setattr(model_lib, "open", full_disk_open, raising=False)
-    with pytest.raises(data.DataError, match="disk is full") as failure:
+    with pytest.raises(files.FileError, match="disk is full") as failure:
         train.main(train_argv(syn_dir, out, "--epochs", "3"))
     assert str(out / "last.pt") in str(failure.value) and "needs about" in str(failure.value)
     _, meta = model_lib.load_checkpoint(out / "last.pt")
@@ -213,7 +216,7 @@ def test_readers_during_writes_are_never_blocked_and_see_whole_batches(run_copy,
 
 def test_train_refuses_an_unwritable_out_before_reading_any_data(tmp_path, train_argv):
     (tmp_path / "a_file").write_text("in the way")
-    with pytest.raises(data.DataError, match="Cannot write to") as failure:
+    with pytest.raises(files.FileError, match="Cannot write to") as failure:
         train.main(train_argv(tmp_path / "no_data_here", tmp_path / "a_file" / "run"))
     assert "--out" in str(failure.value)
 
@@ -221,7 +224,7 @@ def test_train_refuses_an_unwritable_out_before_reading_any_data(tmp_path, train
 def test_evaluate_refuses_an_unwritable_images_folder_before_any_work(run_copy, tmp_path):
     run, checkpoint = run_copy
     (tmp_path / "a_file").write_text("in the way")
-    with pytest.raises(data.DataError, match="Cannot write to") as failure:
+    with pytest.raises(files.FileError, match="Cannot write to") as failure:
         evaluate.main(["--checkpoint", str(checkpoint), "--data-dir", str(tmp_path / "no_data_here"),
                        "--images", str(tmp_path / "a_file" / "images")])
     assert "--images" in str(failure.value)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import data
+import datasets
 import plots
 
 
@@ -91,16 +91,20 @@ def draw_all(names, channels):
     titles = [plots.panel_title(names, [longest[0], longest[1]] if i % 2 else longest[0], longest[1], 0.87,
                                 ["WRONG"] if i % 2 else []) for i in range(4)]
     plots.explanation_figure([(image, torch.randn(channels, 28, 28), t) for t in titles], "e.png",
-                             "Integrated Gradients on the test split of pathmnist 28x28 (SYNTHETIC data, not PathMNIST)")
+                             "Integrated Gradients on the test split of pathmnist 28x28 (SYNTHETIC data, not "
+                             "PathMNIST)")
     plots.explanation_figure([(image, torch.randn(channels, 28, 28), titles[1])], "one.png",
-                             "IG, model trained on organcmnist-synthetic 28x28 (SYNTHETIC data, not OrganCMNIST) (unverified file)")
-    curves = {m: {**{f"{kind}_curve{s}": rng.random((4, 29)) for kind in ("deletion", "insertion") for s in ("", "_random")},
-                  **{f"{kind}_auc{s}": 0.5 for kind in ("deletion", "insertion") for s in ("", "_random")}}
+                             "IG, model trained on organcmnist-synthetic 28x28 (SYNTHETIC data, not OrganCMNIST) "
+                             "(unverified file)")
+    kinds = [(kind, s) for kind in ("deletion", "insertion") for s in ("", "_random")]
+    curves = {m: {**{f"{kind}_curve{s}": rng.random((4, 29)) for kind, s in kinds},
+                  **{f"{kind}_auc{s}": 0.5 for kind, s in kinds}}
               for m in ("ig", "saliency", "smoothgrad_ig:n=16,sd=0.1")}
     plots.plot_faithfulness(curves, "f.png", "Deletion and insertion, 200 test images of chestmnist 28x28; pixels "
                             "set to the IG baseline (mean)")
     maps = [("trained |map|", torch.randn(channels, 28, 28))] + [
-        (f"randomised down to\n{s}", torch.randn(channels, 28, 28)) for s in ("classifier", "conv block 5", "conv block 1")]
+        (f"randomised down to\n{s}", torch.randn(channels, 28, 28))
+        for s in ("classifier", "conv block 5", "conv block 1")]
     plots.plot_randomization_rows(image, [(m, maps, [0.5, 0.4, 0.3]) for m in (
         "ig: failed (mean 0.58 over 200 images)", "control:input: failed (mean 1.00 over 200 images)")], "r.png",
                                   "Cascading randomisation (top layer first), test image 17 of pathmnist 28x28")
@@ -112,9 +116,9 @@ def draw_all(names, channels):
                            "Reliability, test split of dermamnist 28x28 (SYNTHETIC data, not DermaMNIST) (ECE 0.031)")
 
 
-@pytest.mark.parametrize("flag", data.FLAGS)
+@pytest.mark.parametrize("flag", datasets.FLAGS)
 def test_no_text_overlaps_or_leaves_the_canvas_with_real_class_names(flag, figures):
-    draw_all(data.class_names_of(flag), data.flag_info(flag)["n_channels"])
+    draw_all(datasets.class_names_of(flag), datasets.flag_info(flag)["n_channels"])
     problems = []
     for fig in figures:
         outside, clashes = check_layout(fig)

@@ -36,7 +36,7 @@ def test_model_normalises_with_its_stored_mean_and_std():
     assert torch.allclose(net.normalize(x), expected)
 
 
-# The 8 symmetries of a square, written out independently of data.dihedral.
+# The 8 symmetries of a square, written out independently of augment.dihedral.
 SYMMETRIES = {
     "identity": lambda x: x, "flip left-right": lambda x: x.flip(-1), "flip up-down": lambda x: x.flip(-2),
     "rotate 180": lambda x: x.flip(-1).flip(-2), "transpose": lambda x: x.transpose(-2, -1),
@@ -185,37 +185,12 @@ def test_folding_refuses_a_block_that_is_not_conv_bn_relu():
         model_lib.fused_for_inference(net)
 
 
-def test_auto_device_is_one_this_machine_has():
-    assert str(model_lib.resolve_device("auto")) in model_lib.available_devices()
-    assert model_lib.resolve_device("cpu") == torch.device("cpu")
-
-
-@pytest.mark.parametrize("name", ["gpu", "cuda:99"])
-def test_unknown_or_absent_device_is_a_device_error_naming_what_exists(name):
-    with pytest.raises(model_lib.DeviceError, match="cpu"):
-        model_lib.resolve_device(name)
-
-
-def test_training_state_must_have_exactly_the_known_keys(tmp_path):
-    with pytest.raises(ValueError, match="train_state"):
-        model_lib.save_checkpoint(tmp_path / "c.pt", model_lib.build(), {}, train_state={"epoch": 1})
-
-
-def test_resume_loading_returns_the_training_state_or_says_there_is_none(tmp_path):
-    state = dict.fromkeys(model_lib.TRAIN_STATE_KEYS, 0)
+def test_a_checkpoint_round_trips_its_training_state_and_has_none_without_it(tmp_path):
+    state = {"epoch": 3, "seconds": [1.0]}
     model_lib.save_checkpoint(tmp_path / "last.pt", model_lib.build(), {"m": 1}, train_state=state)
     _, meta, loaded = model_lib.load_checkpoint(tmp_path / "last.pt", with_train_state=True)
     assert meta == {"m": 1} and loaded == state
     model_lib.save_checkpoint(tmp_path / "best.pt", model_lib.build(), {})
-    with pytest.raises(model_lib.CheckpointError, match="no complete training state"):
-        model_lib.load_checkpoint(tmp_path / "best.pt", with_train_state=True)
+    assert model_lib.load_checkpoint(tmp_path / "best.pt", with_train_state=True)[2] is None
 
 
-@pytest.mark.parametrize("size", ["27", "0", "abc"])
-def test_model_cli_refuses_a_size_the_model_cannot_take(size):
-    import subprocess
-    import sys
-    from pathlib import Path
-    result = subprocess.run([sys.executable, "model.py", "--size", size], cwd=Path(__file__).resolve().parents[1],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr and "even number" in result.stderr

@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
+import datasets
 import plots
 
 TISSUE = (200, 100, 50)  # a colour no colormap or grey overlay produces by accident
@@ -85,18 +86,16 @@ def test_a_failed_save_keeps_the_previous_figure_and_no_temporary_file(tmp_path,
 
 
 def test_panel_titles_wrap_long_class_names_to_the_panel_width():
-    import data
-    title = plots.panel_title(data.CLASS_NAMES, 8, 7, 0.87, ["WRONG"])
+    title = plots.panel_title(datasets.CLASS_NAMES, 8, 7, 0.87, ["WRONG"])
     assert all(len(line) <= plots.TITLE_WIDTH for line in title.splitlines())
     assert " ".join(title.split()) == ("true colorectal adenocarcinoma epithelium pred cancer-associated "
                                        "stroma (87%) WRONG")
 
 
 def test_rows_grow_to_fit_long_titles(tmp_path):
-    import data
     image = flat_image()
     short = plots.panel_title(["a", "b"], 0, 1, 0.5)
-    long = plots.panel_title(data.CLASS_NAMES, 8, 7, 0.5, ["WRONG"])
+    long = plots.panel_title(datasets.CLASS_NAMES, 8, 7, 0.5, ["WRONG"])
     plots.explanation_figure([(image, torch.randn(3, 28, 28), short)] * 2, tmp_path / "s.png", "t")
     plots.explanation_figure([(image, torch.randn(3, 28, 28), long)] * 2, tmp_path / "l.png", "t")
     assert pixels(tmp_path / "l.png").shape[0] > pixels(tmp_path / "s.png").shape[0]

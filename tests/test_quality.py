@@ -1,11 +1,13 @@
 """quality.py: deletion/insertion, randomisation, localisation, and the stored quality pass."""
+import numpy as np
 import pytest
 import torch
 
+import attribution as attr
+import colour
 import data
 import db
 import evaluate
-import explain
 import model as model_lib
 import quality as quality_lib
 
@@ -16,9 +18,9 @@ def quality(trained_run, syn_dir):
     net, meta = model_lib.load_checkpoint(trained_run / "best.pt")
     fused = model_lib.fused_for_inference(net)
     test = data.load_matching(meta["provenance"], syn_dir).test
-    _, targets, r = explain.explain_batch(fused, test.images[:60], test.labels[:60], explain.DEFAULT_IG)
-    q = quality_lib.quality_measures(fused, data.to_unit(test.images[:60]), targets, r.attributions,
-                                     explain.DEFAULT_IG, explain.attribution_fn(explain.DEFAULT_IG),
+    _, targets, r = attr.explain_batch(fused, test.images[:60], test.labels[:60], attr.DEFAULT_IG)
+    q = quality_lib.quality_measures(fused, colour.to_unit(test.images[:60]), targets, r.attributions,
+                                     attr.DEFAULT_IG, attr.method_fn("ig", attr.DEFAULT_IG),
                                      quality_lib.randomized_models(net), masks=test.masks[:60])
     return {k: v.float().mean(0) for k, v in q.items() if k != "randomization"}
 
@@ -45,9 +47,9 @@ def test_attribution_mass_in_the_evidence_mask_exceeds_its_area_share(quality):
 def test_maps_that_ignore_the_model_fail_the_randomisation_check(trained_run, syn_dir):
     net, meta = model_lib.load_checkpoint(trained_run / "best.pt")
     test = data.load_matching(meta["provenance"], syn_dir).test
-    x = data.to_unit(test.images[:8])
+    x = colour.to_unit(test.images[:8])
     blind = lambda model, inputs, target: inputs * 2 - 1  # noqa: E731  the same map whatever the model
-    q = quality_lib.quality_measures(net, x, test.labels[:8], blind(net, x, None), explain.DEFAULT_IG,
+    q = quality_lib.quality_measures(net, x, test.labels[:8], blind(net, x, None), attr.DEFAULT_IG,
                                      blind, quality_lib.randomized_models(net))
     assert float(q["randomization_spearman"].mean()) == pytest.approx(1.0)
     assert quality_lib.randomization_verdict(float(q["randomization_spearman"].mean())) == "failed"
@@ -72,7 +74,7 @@ def test_cascading_randomization_reinitialises_one_more_layer_each_stage(trained
 def test_curves_start_at_the_image_and_end_at_the_baseline():
     net = model_lib.build().eval()
     x = torch.rand(3, 3, 28, 28)
-    base = explain.make_baseline(x, "mean", model_lib.input_mean(net))
+    base = attr.make_baseline(x, "mean", model_lib.input_mean(net))
     order = quality_lib.pixel_order(torch.randn(3, 3, 28, 28))
     target = torch.zeros(3, dtype=torch.long)
     deletion = quality_lib.perturbation_curves(net, x, base, order, target, insertion=False)
@@ -86,7 +88,7 @@ def test_curves_start_at_the_image_and_end_at_the_baseline():
 def test_completeness_warning_names_more_steps():
     summary = {"completeness_share": 0.6, "deletion_auc": 0.1, "deletion_auc_random": 0.5,
                "insertion_auc": 0.9, "insertion_auc_random": 0.5, "randomization_check": "passed"}
-    lines = quality_lib.quality_warnings(summary, "ig", {**explain.DEFAULT_IG, "n_steps": 8, "max_steps": 8})
+    lines = quality_lib.quality_warnings(summary, "ig", {**attr.DEFAULT_IG, "n_steps": 8, "max_steps": 8})
     assert len(lines) == 1 and "--max-steps 16" in lines[0]
 
 
@@ -127,18 +129,18 @@ def per_method(trained_run, syn_dir):
     net, meta = model_lib.load_checkpoint(trained_run / "best.pt")
     fused = model_lib.fused_for_inference(net)
     test = data.load_matching(meta["provenance"], syn_dir).test
-    x, labels = data.to_unit(test.images[:60]), test.labels[:60]
+    x, labels = colour.to_unit(test.images[:60]), test.labels[:60]
     stages = {"top_down": quality_lib.randomized_models(net)[-1:]}
     out = {}
-    for name, attribute in quality_lib.methods(explain.DEFAULT_IG, names=explain.ATTRIBUTION_METHODS).items():
+    for name, attribute in quality_lib.scored_maps(attr.DEFAULT_IG, names=attr.ATTRIBUTION_METHODS).items():
         maps = attribute(fused, x, labels)
-        q = quality_lib.quality_measures(fused, x, labels, maps, explain.DEFAULT_IG, attribute, stages,
+        q = quality_lib.quality_measures(fused, x, labels, maps, attr.DEFAULT_IG, attribute, stages,
                                          masks=test.masks[:60])
         out[name] = {"maps": maps, **{k: v.float().mean(0) for k, v in q.items() if k != "randomization"}}
     return out
 
 
-@pytest.mark.parametrize("method", explain.ATTRIBUTION_METHODS)
+@pytest.mark.parametrize("method", attr.ATTRIBUTION_METHODS)
 def test_every_method_gives_finite_maps_of_the_inputs_shape(per_method, method):
     maps = per_method[method]["maps"]
     assert maps.shape == (60, 3, 28, 28) and torch.isfinite(maps).all() and maps.abs().sum() > 0
@@ -205,8 +207,8 @@ def quantus_case(trained_run, syn_dir):
     net, meta = model_lib.load_checkpoint(trained_run / "best.pt")
     fused = model_lib.fused_for_inference(net)
     test = data.load_matching(meta["provenance"], syn_dir).test
-    x, y = data.to_unit(test.images[:32]), test.labels[:32]
-    ig = explain.attribution_fn(explain.DEFAULT_IG)
+    x, y = colour.to_unit(test.images[:32]), test.labels[:32]
+    ig = attr.method_fn("ig", attr.DEFAULT_IG)
     return net, fused, x, y, test.masks[:32], ig, ig(fused, x, y)
 
 
@@ -241,9 +243,28 @@ def test_full_randomisation_correlation_agrees_with_quantus_mprt(quantus_case):
     net, fused, x, y, _, ig, a = quantus_case
 
     def explain_func(model, inputs, targets, **kwargs):
-        return ig(model, torch.as_tensor(inputs).float(), torch.as_tensor(targets).long()).abs().sum(1, keepdim=True).numpy()
+        maps = ig(model, torch.as_tensor(inputs).float(), torch.as_tensor(targets).long())
+        return maps.abs().sum(1, keepdim=True).numpy()
     theirs = quantus.MPRT(return_last_correlation=True, layer_order="top_down", abs=True, disable_warnings=True)(
         model=fused, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=a.abs().sum(1, keepdim=True).numpy(),
         device="cpu", explain_func=explain_func)
     ours = quality_lib.rank_correlation(a, ig(quality_lib.randomized_models(net)[-1][1], x, y))
     assert abs(float(torch.tensor(theirs).mean()) - float(ours.mean())) < 0.1
+
+
+def test_completeness_summary_covers_every_stored_ig_row_at_the_settings_tolerance(tmp_path):
+    conn = db.connect(tmp_path / "e.db")
+    run = db.run_id_for(conn, "sha", "c.pt", {"n_classes": 2}, ["a", "b"],
+                        {"dataset": "d", "size": 28, "file": "f", "md5": "m", "synthetic": True}, {})
+    n, probs = 4, np.full((4, 2), 0.5, "<f4")
+    for method, delta in (("ig", [0.0, 0.05, 0.09, 0.2]), ("gradcam", [None] * n)):
+        baseline = [0.5] * n if method == "ig" else [None] * n
+        db.insert_explanations(conn, db.explanation_rows(
+            run, "test", range(n), [0] * n, probs, [0] * n, np.zeros((n, 1, 2, 2), "float16"), delta, [2.0] * n,
+            baseline, [8] * n if method == "ig" else [None] * n, method=method))
+    s = quality_lib.completeness_summary(conn, run, "test", tolerance=0.05)  # gap 1.5: errors 0, 0.033, 0.06, 0.13
+    assert s["explained"] == 4 and s["tolerance"] == 0.05
+    assert s["mean_abs_delta"] == pytest.approx(0.34 / 4)
+    assert s["mean_relative_completeness_error"] == pytest.approx(0.34 / 4 / 1.5)
+    assert s["share_within_tolerance"] == pytest.approx(2 / 4)
+    assert quality_lib.completeness_summary(conn, run, "test", tolerance=0.1)["share_within_tolerance"] == 0.75

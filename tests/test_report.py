@@ -1,5 +1,6 @@
 """report.py: the self-contained run report (checked in headless Chromium), the model card, the
 MedMNIST-format predictions and the summary of several runs."""
+import html
 import json
 import re
 import shutil
@@ -37,6 +38,7 @@ def test_the_reports_numbers_are_metrics_json(evaluated_run):
 def test_predictions_csv_reads_back_in_medmnists_way_to_the_same_acc(evaluated_run, syn_dir):
     import pandas as pd
     from medmnist.evaluator import getACC
+
     import data
     run_dir, metrics = evaluated_run
     scores = pd.read_csv(run_dir / "predictions_test.csv", index_col=0, header=None).sort_index().values
@@ -106,7 +108,7 @@ def test_chromium_renders_every_section_and_decodes_every_figure(evaluated_run, 
                          capture_output=True, text=True, timeout=120).stdout
     found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
     assert found, dom[-2000:]
-    result = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
+    result = json.loads(html.unescape(found.group(1)))
     assert result["headings"] == list(report.SECTIONS)
     assert len(result["images"]) >= 5 and all(i["width"] > 100 and i["colours"] > 20 for i in result["images"])
     assert all(r.startswith("data:") for r in result["resources"])

@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
+import colour
 import data
 import tiles
 
@@ -57,18 +58,18 @@ def test_non_image_file_is_an_explain_error(tmp_path):
 @pytest.fixture(scope="module")
 def reference(syn_dir):
     ds = data.load(syn_dir, 28, synthetic=True)
-    return ds, data.colour_reference(ds.train.images, ds.val.images)
+    return ds, colour.colour_reference(ds.train.images, ds.val.images)
 
 
 def test_colour_threshold_lets_through_99_percent_of_validation_images(reference):
     ds, ref = reference
-    inside = (data.colour_distance(ref, ds.val.images) <= ref["threshold"]).float().mean()
+    inside = (colour.colour_distance(ref, ds.val.images) <= ref["threshold"]).float().mean()
     assert 0.985 <= float(inside) <= 0.995 and ref["percentile"] == 99
 
 
 def test_a_training_like_image_gets_no_warning(reference):
     ds, ref = reference
-    distances = data.colour_distance(ref, ds.val.images)
+    distances = colour.colour_distance(ref, ds.val.images)
     typical = ds.val.images[int(distances.argsort()[len(distances) // 2])]
     assert tiles.input_warnings(typical, (224, 224), 28, ref) == []
 

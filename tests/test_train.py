@@ -2,6 +2,7 @@
 import csv
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
+import augment
 import data
+import datasets
+import engine
 import model as model_lib
+import synthetic
 import train
+
+pytestmark = pytest.mark.trains  # every test here trains a model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +78,7 @@ def scripted(monkeypatch):
     script). The real training step still runs, so every epoch has its own weights; returns the
     list of weights seen by each validation."""
     val, tr, weights = iter(VAL_LOSSES), iter(TRAIN_LOSSES), []
-    real_epoch = train.train_epoch
+    real_epoch = engine.train_epoch
 
     def train_epoch(*args, **kwargs):
         return next(tr), real_epoch(*args, **kwargs)[1]
@@ -79,8 +86,8 @@ def scripted(monkeypatch):
     def evaluate_split(model, *args, **kwargs):
         weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         return next(val), 0.5
-    monkeypatch.setattr(train, "train_epoch", train_epoch)
-    monkeypatch.setattr(train, "evaluate_split", evaluate_split)
+    monkeypatch.setattr(engine, "train_epoch", train_epoch)
+    monkeypatch.setattr(engine, "evaluate_split", evaluate_split)
     return weights
 
 
@@ -120,12 +127,12 @@ def test_resume_keeps_the_best_loss_and_the_early_stopping_count(syn_dir, tmp_pa
 @pytest.fixture
 def jitter_calls(monkeypatch):
     calls = []
-    real = data.colour_jitter
+    real = augment.colour_jitter
 
     def counted(*args, **kwargs):
         calls.append(len(args[0]))
         return real(*args, **kwargs)
-    monkeypatch.setattr(data, "colour_jitter", counted)
+    monkeypatch.setattr(augment, "colour_jitter", counted)
     return calls
 
 
@@ -217,27 +224,27 @@ def test_early_stopping_fires_on_a_plateau(syn_dir, tmp_path, train_argv):
 
 
 def test_ctrl_c_keeps_last_finished_epoch_and_resume_completes(syn_dir, tmp_path, monkeypatch, train_argv):
-    real_epoch, calls = train.train_epoch, []
+    real_epoch, calls = engine.train_epoch, []
 
     def interrupted_in_epoch_2(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real_epoch(*args, **kwargs)
-    monkeypatch.setattr(train, "train_epoch", interrupted_in_epoch_2)
+    monkeypatch.setattr(engine, "train_epoch", interrupted_in_epoch_2)
     with pytest.raises(SystemExit) as stopped:
         train.main(train_argv(syn_dir, tmp_path, "--epochs", "3"))
     assert stopped.value.code == 130
     state = model_lib.read_checkpoint(tmp_path / "last.pt")
     assert state["train_state"]["epoch"] == 1
-    monkeypatch.setattr(train, "train_epoch", real_epoch)
+    monkeypatch.setattr(engine, "train_epoch", real_epoch)
     history = train.main(train_argv(syn_dir, tmp_path, "--epochs", "3", "--resume"))
     assert [r["epoch"] for r in history] == [1, 2, 3]
 
 
 def test_nan_loss_stops_with_a_clear_error(syn_dir, tmp_path, monkeypatch, train_argv):
-    monkeypatch.setattr(train.F, "cross_entropy", lambda logits, y: logits.sum() * float("nan"))
-    with pytest.raises(train.TrainingError, match="Lower --lr"):
+    monkeypatch.setattr(engine.F, "cross_entropy", lambda logits, y: logits.sum() * float("nan"))
+    with pytest.raises(engine.TrainingError, match="Lower --lr"):
         train.main(train_argv(syn_dir, tmp_path, "--epochs", "1"))
 
 
@@ -245,9 +252,9 @@ def test_resume_onto_other_data_is_refused(syn_dir, tmp_path, trained_run, train
     (tmp_path / "last.pt").write_bytes((trained_run / "last.pt").read_bytes())
     other = tmp_path / "other"
     other.mkdir()
-    data.write_synthetic(other / "pathmnist_synthetic.npz", 28, seed=1,
+    synthetic.write_synthetic(other / "pathmnist_synthetic.npz", 28, seed=1,
                                    counts={"train": 50, "val": 20, "test": 20})
-    with pytest.raises(train.TrainingError, match="trained on"):
+    with pytest.raises(engine.TrainingError, match="trained on"):
         train.main(train_argv(other, tmp_path, "--epochs", "5", "--resume"))
 
 
@@ -323,7 +330,7 @@ def test_resume_without_a_run_exits_1_and_names_the_flags_train_py_has(tmp_path,
 
 def test_resume_with_nothing_to_resume_downloads_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "download_url", lambda *a, **k: pytest.fail("tried to download"))
-    with pytest.raises(train.TrainingError, match="nothing to resume"):
+    with pytest.raises(engine.TrainingError, match="nothing to resume"):
         train.main(["--resume", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")])
     assert not (tmp_path / "data").exists()
 
@@ -357,11 +364,12 @@ def test_trust_file_trains_on_a_resaved_copy_and_records_it_unverified(tmp_path,
     train.main(argv + ["--trust-file"])
     _, meta = model_lib.load_checkpoint(tmp_path / "run" / "best.pt")
     assert meta["provenance"]["verified"] is False and meta["settings"]["trust_file"] is True
-    assert "unverified file" in data.describe(meta["provenance"])
+    assert "unverified file" in datasets.describe(meta["provenance"])
 
 
 def test_every_figure_of_a_trusted_file_says_unverified_file(tmp_path, monkeypatch):
     import matplotlib.text
+
     import evaluate
     import plots
     texts = {}
@@ -372,9 +380,11 @@ def test_every_figure_of_a_trusted_file_says_unverified_file(tmp_path, monkeypat
         real_write(fig, path, dpi, tight)
     monkeypatch.setattr(plots, "write_figure", recording)
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "bloodmnist.npz", **{k: v for split, n in (("train", 64), ("val", 16), ("test", 16))
-                                              for k, v in ((f"{split}_images", rng.integers(0, 256, (n, 28, 28, 3), dtype=np.uint8)),
-                                                           (f"{split}_labels", rng.integers(0, 8, (n, 1))))})
+    arrays = {}
+    for split, n in (("train", 64), ("val", 16), ("test", 16)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28, 3), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 8, (n, 1))
+    np.savez(tmp_path / "bloodmnist.npz", **arrays)
     run = tmp_path / "run"
     train.main(["--flag", "bloodmnist", "--trust-file", "--data-dir", str(tmp_path), "--out", str(run),
                 "--epochs", "1", "--threads", "2"])
@@ -413,3 +423,14 @@ def test_compile_trains_and_saves_the_plain_module(syn_dir, tmp_path, train_argv
     assert len(compiled) == 2 and len(compiled[1]) == 12  # every training step of 1,500 images went through it
     net, meta = model_lib.load_checkpoint(tmp_path / "best.pt")  # no torch.compile prefixes in it
     assert meta["settings"]["compile"] is True and meta["history"][0]["train_acc"] > 0.3  # chance: 0.11
+
+
+def test_last_pt_holds_exactly_the_training_state_a_resume_needs(trained_run):
+    state = model_lib.load_checkpoint(trained_run / "last.pt", with_train_state=True)[2]
+    assert set(state) == set(train.TRAIN_STATE_KEYS)
+
+
+def test_resuming_from_a_checkpoint_without_a_training_state_is_refused(trained_run, syn_dir, tmp_path, train_argv):
+    shutil.copy(trained_run / "best.pt", tmp_path / "last.pt")  # best.pt has no training state
+    with pytest.raises(model_lib.CheckpointError, match="no complete training state"):
+        train.main(train_argv(syn_dir, tmp_path, "--resume"))

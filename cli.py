@@ -1,0 +1,163 @@
+"""cli.py: what every script's command line shares: flags, help, device choice, errors and exit codes.
+
+    import cli
+    p = argparse.ArgumentParser(formatter_class=cli.HelpFormatter); cli.add_device(p)
+    if __name__ == "__main__": cli.run(main)
+
+A problem the user can fix (bad data, a missing checkpoint, a device this machine lacks) is a
+UserError, whatever module raises it: cli.run prints it as one `error:` paragraph and exits 1, where
+a traceback would only bury the advice. Ctrl-C exits 130; argparse's own errors exit 2.
+
+This module imports only the standard library at first (every script's --help stays fast); the
+flags whose choices live elsewhere import their module when they are declared.
+"""
+import argparse
+import sys
+
+DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
+
+
+class UserError(Exception):
+    """A problem the user can fix; the message is a paragraph saying what went wrong and what to do."""
+
+
+class DeviceError(UserError):
+    """A --device this machine does not have."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every script's --help: a flag's default is shown unless it is None or already in its help."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def run(main):
+    """Run a script's main(): stdout line-buffered (each line reaches a piped log when printed), a
+    UserError as one `error:` paragraph with exit code 1, Ctrl-C with exit code 130."""
+    sys.stdout.reconfigure(line_buffering=True)
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("\nInterrupted.", file=sys.stderr)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------- devices
+
+def available_devices():
+    """What this machine can run on, best first: each GPU, then mps, then cpu."""
+    import torch
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return gpus + (["mps"] if torch.backends.mps.is_available() else []) + ["cpu"]
+
+
+def resolve_device(name="auto"):
+    """torch.device for a --device value; `auto` takes the best this machine has."""
+    import torch
+    here = available_devices()
+    if name == "auto":
+        return torch.device(here[0])
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"--device {name!r} is not a device name; use {DEVICE_HELP}. This machine "
+                          f"has: {', '.join(here)}.") from None
+    key = f"cuda:{device.index or 0}" if device.type == "cuda" else device.type
+    if key not in here:
+        raise DeviceError(f"--device {name} is not available on this machine, which has: "
+                          f"{', '.join(here)}. Pass one of those, or --device auto for the best.")
+    return device
+
+
+# ----------------------------------------------------------------------------- argument types
+
+def positive_int(text):
+    """argparse type: an integer of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def on_off(text):
+    """argparse type for on/off switches such as --flips."""
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'on' or 'off'")
+    return text == "on"
+
+
+def image_count(text):
+    """argparse type for --explain/--quality: a number of images, or 'all'."""
+    if text == "all" or text.isdigit():
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number of images or 'all'")
+
+
+def even_size(text):
+    """argparse type for model.py's --size: the stem's space-to-depth step halves the image, so it
+    must be even."""
+    if not text.isdigit() or int(text) < 2 or int(text) % 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an even number of pixels of at least 2 (the "
+                                         f"model's first step folds 2x2 pixels into one); MedMNIST sizes "
+                                         f"are 28, 64, 128 and 224")
+    return int(text)
+
+
+class Renamed(argparse.Action):
+    """An old spelling of a renamed flag: still works for one release, with a warning naming the new one."""
+
+    def __init__(self, option_strings, dest, new=None, **kwargs):
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is now {self.new}; the old spelling will be removed in the next "
+              f"release.", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+# ----------------------------------------------------------------------------- shared flags
+
+def add_device(p):
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
+def add_threads(p):
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+
+
+def add_data_dir(p, extra=""):
+    p.add_argument("--data-dir", default="data", help="folder holding the MedMNIST npz files" + extra)
+
+
+def add_memory(p):
+    import data
+    p.add_argument("--memory", default="auto", choices=data.MEMORY_MODES, help=data.MEMORY_HELP)
+
+
+def add_ig_arguments(p):
+    """The Integrated Gradients flags, shared by explain.py and evaluate.py."""
+    import attribution as attr
+    ig = attr.DEFAULT_IG
+    p.add_argument("--n-steps", type=int, default=ig["n_steps"], help="IG integration steps to start "
+                   "with, for every image")
+    p.add_argument("--max-steps", type=int, default=ig["max_steps"], help="double the steps of images "
+                   "whose completeness error exceeds --tolerance, up to this many (set it to --n-steps "
+                   "for a fixed count)")
+    p.add_argument("--tolerance", type=float, default=ig["tolerance"], help="allowed |delta| / |f(x) - "
+                   "f(baseline)| before an image is recomputed with more steps")
+    p.add_argument("--ig-rule", default=ig["rule"], choices=attr.IG_RULES, help="IG's integration "
+                   "rule along the path (the quadrature)")
+    p.add_argument("--method", dest="ig_rule", choices=attr.IG_RULES, action=Renamed, new="--ig-rule")
+    p.add_argument("--baseline", default=ig["baseline"], choices=attr.BASELINES,
+                   help="IG reference image: training mean colour, black, white or blurred input")
+    p.add_argument("--attribute", default=ig["attribute"], choices=attr.OUTPUTS,
+                   help="what the maps explain: the class logit or its probability")
+    p.add_argument("--output", dest="attribute", choices=attr.OUTPUTS, action=Renamed, new="--attribute")
+    p.add_argument("--target", default=ig["target"], help="class to explain: 'pred' (predicted; for "
+                   "multi-label data the highest-scoring label), 'true' (dataset images of single-label "
+                   "data only), or a class index or name")

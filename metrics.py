@@ -1,0 +1,118 @@
+"""metrics.py: classification metrics as MedMNIST computes them, calibration, and predictions files.
+
+    m = metrics.classification_metrics(labels, probs, class_names, task)   # ACC, AUC, per class, ECE
+    metrics.bootstrap_intervals(labels, probs, task)                       # 95% intervals of ACC, AUC
+
+ACC and AUC are medmnist.evaluator's getACC/getAUC with the dataset's task string; everything else
+(per-class precision/recall/F1, the confusion matrix, ECE) is computed here from the same arrays.
+"""
+import csv
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from datasets import MULTI_LABEL, medmnist_module
+from files import atomic_path
+
+ECE_BINS = 15
+BOOTSTRAP = 200  # resamples of the test split for the 95% intervals of ACC and AUC
+
+
+def classification_metrics(labels, probs, class_names, task="multi-class"):
+    """MedMNIST's ACC/AUC for `task` (medmnist.evaluator.getACC/getAUC), per-class precision/recall/F1,
+    the confusion matrix and ECE. Multi-label data (labels (N, L) of 0/1, a probability per label)
+    is scored per label at probability 0.5, has no confusion matrix, and its ECE pools every
+    (image, label) decision."""
+    evaluator = medmnist_module("evaluator")  # pandas and sklearn: loaded only when needed
+    n = len(class_names)
+    if task == MULTI_LABEL:
+        predicted, actual = probs > 0.5, labels.astype(bool)
+        tp = (predicted & actual).sum(0).astype(float)
+        predicted_n, actual_n, cm = predicted.sum(0), actual.sum(0), None
+        p_flat = probs.reshape(-1)
+        ece = expected_calibration_error(np.stack([1 - p_flat, p_flat], 1), actual.reshape(-1).astype(int))
+    else:
+        pred = probs.argmax(1)
+        cm = np.bincount(labels * n + pred, minlength=n * n).reshape(n, n)  # rows: true, cols: predicted
+        tp, predicted_n, actual_n = np.diag(cm).astype(float), cm.sum(0), cm.sum(1)
+        ece = expected_calibration_error(probs, labels)
+    precision = np.divide(tp, predicted_n, out=np.zeros(n), where=predicted_n > 0)
+    recall = np.divide(tp, actual_n, out=np.zeros(n), where=actual_n > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n),
+                   where=(precision + recall) > 0)
+    return {"acc": float(evaluator.getACC(labels, probs, task)),
+            "auc": float(evaluator.getAUC(labels, probs, task)),
+            "task": task, "ece": ece, "n": int(len(labels)),
+            "per_class": [{"class": name, "precision": float(p), "recall": float(r), "f1": float(f),
+                           "support": int(s)}
+                          for name, p, r, f, s in zip(class_names, precision, recall, f1, actual_n, strict=True)],
+            "confusion_matrix": None if cm is None else cm.tolist()}
+
+
+def bootstrap_intervals(labels, probs, task, n=BOOTSTRAP, seed=0):
+    """95% percentile intervals of MedMNIST's ACC and AUC over `n` resamples of the images (seeded)."""
+    evaluator = medmnist_module("evaluator")
+    rng = np.random.default_rng(seed)
+    accs, aucs = [], []
+    for _ in range(n):
+        i = rng.integers(0, len(labels), len(labels))
+        accs.append(evaluator.getACC(labels[i], probs[i], task))
+        with warnings.catch_warnings():  # a resample without some class: its AUC is undefined
+            warnings.simplefilter("ignore")
+            try:
+                auc = evaluator.getAUC(labels[i], probs[i], task)
+            except ValueError:
+                continue
+        if np.isfinite(auc):
+            aucs.append(auc)
+    ci = lambda v: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v else None  # noqa: E731
+    return {"acc_ci95": ci(accs), "auc_ci95": ci(aucs), "bootstrap": n}
+
+
+def write_predictions(path, probs):
+    """The CSV medmnist.Evaluator.evaluate(y_score, save_folder) writes: per image its index, then one
+    score per class; no header. MedMNIST's tools read it back with pandas (index_col=0, header=None)."""
+    rows = [[i, *(repr(float(v)) for v in row)] for i, row in enumerate(probs)]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(rows)
+
+
+def medmnist_results(ds, split, probs, folder):
+    """For a real file, also the CSV medmnist's own Evaluator writes, under its standard name
+    (<flag>[_size]_<split>_[AUC]…_[ACC]…@<run>.csv) in `folder`. None for synthetic data, which
+    medmnist's Evaluator cannot read."""
+    if ds.synthetic:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    evaluator = medmnist_module("evaluator").Evaluator(ds.flag, split, size=ds.size, root=str(Path(ds.path).parent))
+    evaluator.evaluate(probs, save_folder=str(folder), run="evaluate")
+    return folder
+
+
+def expected_calibration_error(probs, labels, n_bins=ECE_BINS):
+    """Top-label ECE over equal-width confidence bins: sum_b |B|/N * |acc(B) - conf(B)|."""
+    conf, correct = probs.max(1), probs.argmax(1) == labels
+    bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        in_bin = bins == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
+    return float(ece)
+
+
+def print_metrics(m, title):
+    print(f"\n{title}")
+    print(f"  ACC {m['acc']:.4f}   AUC {m['auc']:.4f}   ECE {m['ece']:.4f}   ({m['n']} images, "
+          f"TTA {'on' if m['tta'] else 'off'})")
+    multi = m["confusion_matrix"] is None
+    print(f"  {'label (at probability 0.5)' if multi else 'class':40s} {'precision':>9s} {'recall':>7s} "
+          f"{'F1':>7s} {'support':>8s}")
+    for c in m["per_class"]:
+        print(f"  {c['class']:40s} {c['precision']:9.3f} {c['recall']:7.3f} {c['f1']:7.3f} {c['support']:8d}")
+    if multi:
+        return
+    print("  confusion matrix (rows true, columns predicted):")
+    for row in m["confusion_matrix"]:
+        print("   " + " ".join(f"{v:5d}" for v in row))
