@@ -43,7 +43,7 @@ from files import atomic_path
 
 FORMAT = "pathmnist-xai-checkpoint"
 VERSION = 1
-DEFAULT_CONFIG = {"n_classes": 9, "in_channels": 3, "task": "multi-class", "unshuffle": 2,
+DEFAULT_CONFIG = {"arch": "tissuecnn", "n_classes": 9, "in_channels": 3, "task": "multi-class", "unshuffle": 2,
                   "channels": [32, 32, 64, 96, 192], "strides": [1, 1, 2, 1, 2], "dropout": 0.2,
                   "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 
@@ -71,11 +71,12 @@ class TissueCNN(nn.Module):
     """`in_channels` is 3 (RGB) or 1 (grayscale); `task` is medmnist's task string, which decides
     how logits become probabilities (see probabilities)."""
 
-    def __init__(self, n_classes, in_channels, task, unshuffle, channels, strides, dropout, mean, std):
+    def __init__(self, n_classes, in_channels, task, unshuffle, channels, strides, dropout, mean, std,
+                 arch="tissuecnn"):
         super().__init__()
         if len(mean) != in_channels or len(std) != in_channels:
             raise ValueError(f"mean/std have {len(mean)}/{len(std)} entries for {in_channels} input channels")
-        self.config = {"n_classes": n_classes, "in_channels": in_channels, "task": task,
+        self.config = {"arch": arch, "n_classes": n_classes, "in_channels": in_channels, "task": task,
                        "unshuffle": unshuffle, "channels": list(channels), "strides": list(strides),
                        "dropout": dropout, "mean": list(mean), "std": list(std)}
         self.normalize = Normalize(mean, std)
@@ -94,17 +95,41 @@ class TissueCNN(nn.Module):
         x = self.pool(self.features(x)).flatten(1)
         return self.classifier(self.dropout(x))
 
+    def gradcam_layer(self):
+        """The last convolutional block (coarsest, most semantic maps; 4x4 at 28 px)."""
+        return self.features[-1]
+
+    def randomization_layers(self):
+        """The classifier (top) first, then each feature block down to the first."""
+        return ["classifier"] + [f"features.{i}" for i in reversed(range(len(self.features)))]
+
+    def fold_batchnorm(self):
+        """Fold each block's BatchNorm into its convolution, in place (eval mode only)."""
+        for i, block in enumerate(self.features):
+            kinds = [type(m) for m in block] if isinstance(block, nn.Sequential) else [type(block)]
+            if kinds != [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]:
+                raise TypeError(f"features.{i} is {' -> '.join(k.__name__ for k in kinds)}; "
+                                f"fused_for_inference folds only Conv2d -> BatchNorm2d -> ReLU blocks. "
+                                f"Teach it the new block (model.py) or explain the unfused model.")
+            conv, bn, relu = block
+            self.features[i] = nn.Sequential(fuse_conv_bn_eval(conv, bn), relu)
+
 
 class MedMNISTResNet18(nn.Module):
     """MedMNIST's ResNet-18 for 28x28 inputs (MedMNIST/experiments, MedMNIST2D/models.py, adapted
     from kuangliu/pytorch-cifar): torchvision's resnet18 with a 3x3 stride-1 first convolution and no
-    max-pool, which gives the same layers, behind a Normalize (MedMNIST's 0.5, 0.5 by default) so that
-    it takes [0, 1] pixels like TissueCNN. The peer bench.py compares against."""
+    max-pool, which gives the same layers, behind a Normalize (the training split's mean/std, as
+    TissueCNN; MedMNIST's 0.5/0.5 by default), so that it takes [0, 1] pixels. The peer this repo is
+    measured against (bench.py, `train.py --arch resnet18`)."""
 
-    def __init__(self, n_classes=9, in_channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+    def __init__(self, n_classes=9, in_channels=3, task="multi-class", mean=(0.5, 0.5, 0.5),
+                 std=(0.5, 0.5, 0.5), arch="resnet18"):
         super().__init__()
         import torchvision  # loads every torchvision model (a second): only when a ResNet is built
-        self.normalize = Normalize(list(mean)[:in_channels], list(std)[:in_channels])
+        mean, std = list(mean)[:in_channels], list(std)[:in_channels]
+        self.config = {"arch": arch, "n_classes": n_classes, "in_channels": in_channels, "task": task,
+                       "mean": mean, "std": std}
+        self.normalize = Normalize(mean, std)
         self.net = torchvision.models.resnet18(num_classes=n_classes)
         self.net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
         self.net.maxpool = nn.Identity()
@@ -112,15 +137,45 @@ class MedMNISTResNet18(nn.Module):
     def forward(self, x):
         return self.net(self.normalize(x))
 
+    def gradcam_layer(self):
+        """The last residual stage (4x4 at 28 px)."""
+        return self.net.layer4
+
+    def randomization_layers(self):
+        """The classifier first, then each residual stage down to the stem."""
+        return ["net.fc", "net.layer4", "net.layer3", "net.layer2", "net.layer1", "net.conv1"]
+
+    def fold_batchnorm(self):
+        """Fold every BatchNorm into the convolution before it, in place (eval mode only)."""
+        def fold(owner, conv, bn):
+            setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, bn)))
+            setattr(owner, bn, nn.Identity())
+        fold(self.net, "conv1", "bn1")
+        for stage in (self.net.layer1, self.net.layer2, self.net.layer3, self.net.layer4):
+            for block in stage:
+                fold(block, "conv1", "bn1")
+                fold(block, "conv2", "bn2")
+                if block.downsample is not None:
+                    block.downsample = nn.Sequential(fuse_conv_bn_eval(*block.downsample))
+
+
+ARCHITECTURES = {"tissuecnn": TissueCNN, "resnet18": MedMNISTResNet18}
+
 
 def build(config=None, **overrides):
-    """A TissueCNN from a config dict (defaults filled in), e.g. build(n_classes=9, mean=..., std=...).
-    A 1-channel model without its own mean/std gets DEFAULT_CONFIG's first entries."""
-    config = {**DEFAULT_CONFIG, **(config or {}), **overrides}
+    """A model from a config dict (defaults filled in), e.g. build(n_classes=9, mean=..., std=...);
+    config["arch"] picks the architecture (ARCHITECTURES; a config without one is a TissueCNN, as
+    every checkpoint before there was a choice). A 1-channel model without its own mean/std gets
+    DEFAULT_CONFIG's first entries."""
+    given = {**(config or {}), **overrides}
+    arch = given.get("arch", "tissuecnn")
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"Unknown architecture {arch!r}; this code builds {', '.join(ARCHITECTURES)}.")
+    config = {**DEFAULT_CONFIG, **given} if arch == "tissuecnn" else given
     for key in ("mean", "std"):
-        if len(config[key]) != config["in_channels"] and config[key] == DEFAULT_CONFIG[key]:
+        if key in config and len(config[key]) != config["in_channels"] and config[key] == DEFAULT_CONFIG[key]:
             config[key] = DEFAULT_CONFIG[key][:config["in_channels"]]
-    return TissueCNN(**config)
+    return ARCHITECTURES[arch](**config)
 
 
 def input_channels(model):
@@ -143,20 +198,21 @@ def input_mean(model):
 
 
 def layer_label(name):
-    """A randomisation stage in words for figures: 'classifier', or 'conv block 3' for features.2."""
-    return f"conv block {int(name.split('.')[1]) + 1}" if name.startswith("features.") else name
+    """A randomisation stage in words for figures: 'classifier', 'conv block 3' for features.2, or
+    a ResNet stage's own name ('layer4', 'conv1')."""
+    if name.startswith("features."):
+        return f"conv block {int(name.split('.')[1]) + 1}"
+    return "classifier" if name == "net.fc" else name.removeprefix("net.")
 
 
 def gradcam_layer(model):
-    """The layer Grad-CAM reads: the last convolutional block (coarsest, most semantic maps; 4x4 at
-    28 px)."""
-    return model.features[-1]
+    """The layer Grad-CAM reads (the architecture says which)."""
+    return model.gradcam_layer()
 
 
 def randomization_layers(model):
-    """Names of the layers a cascading randomisation test re-initialises, in order: the classifier
-    (top) first, then each feature block down to the first."""
-    return ["classifier"] + [f"features.{i}" for i in reversed(range(len(model.features)))]
+    """Names of the layers a cascading randomisation test re-initialises, in order, top first."""
+    return model.randomization_layers()
 
 
 def fused_for_inference(model):
@@ -166,14 +222,7 @@ def fused_for_inference(model):
     float rounding) with less work per pass; IG, which runs many passes per image, uses it.
     """
     fused = copy.deepcopy(model).eval()
-    for i, block in enumerate(fused.features):
-        kinds = [type(m) for m in block] if isinstance(block, nn.Sequential) else [type(block)]
-        if kinds != [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]:
-            raise TypeError(f"features.{i} is {' -> '.join(k.__name__ for k in kinds)}; "
-                            f"fused_for_inference folds only Conv2d -> BatchNorm2d -> ReLU blocks. "
-                            f"Teach it the new block (model.py) or explain the unfused model.")
-        conv, bn, relu = block
-        fused.features[i] = nn.Sequential(fuse_conv_bn_eval(conv, bn), relu)
+    fused.fold_batchnorm()
     return fused.to(memory_format=torch.channels_last)
 
 

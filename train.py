@@ -38,8 +38,8 @@ from files import check_writable, write_csv
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 MIN_IMPROVEMENT = 1e-4  # a val-loss drop smaller than this does not count as progress
 # The flags that decide the weights: recorded in every checkpoint (paths and threads are not).
-RESULT_SETTINGS = ("flag", "epochs", "batch_size", "lr", "patience", "seed", "device", "size",
-                   "synthetic", "trust_file", "flips", "stain_jitter", "colour_jitter", "amp", "compile",
+RESULT_SETTINGS = ("flag", "arch", "epochs", "batch_size", "lr", "patience", "seed", "device", "size",
+                   "synthetic", "trust_file", "flips", "stain_jitter", "colour_jitter", "shift", "amp", "compile",
                    "world_size", "sync_bn")
 # What last.pt holds to continue a run: optimizer, scheduler, early stopping and both RNGs.
 TRAIN_STATE_KEYS = ("optimizer", "scheduler", "epoch", "best_val_loss", "bad_epochs", "rng_torch",
@@ -51,10 +51,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].split(": ", 1)[1],
                                 formatter_class=cli.HelpFormatter)
     p.add_argument("--flag", type=datasets.flag_arg, default=datasets.FLAG, help=datasets.FLAG_HELP)
-    p.add_argument("--epochs", type=cli.positive_int, default=25, help="maximum number of epochs")
+    p.add_argument("--arch", default="tissuecnn", choices=model_lib.ARCHITECTURES, help="the model: this "
+                   "repo's lightweight CNN, or MedMNIST's ResNet-18 (the peer it is measured against)")
+    p.add_argument("--epochs", type=cli.positive_int, default=100, help="maximum number of epochs (early "
+                   "stopping usually ends a run long before)")
     p.add_argument("--batch-size", type=int, default=128, help="images per training batch")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam's initial learning rate")
-    p.add_argument("--patience", type=int, default=5, help="stop after this many epochs without a "
+    p.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a "
                    "lower validation loss; the learning rate halves after half as many")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling, augmentation "
                    "and dropout; the same seed on the same device gives the same history")
@@ -63,7 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=28, choices=datasets.SIZES, help="image size: 28 "
                    "(MedMNIST v2) or 64/128/224 (MedMNIST+ files)")
     p.add_argument("--out", help="run folder for best.pt, last.pt and history.csv (default: "
-                   "runs/<dataset>_<size>, e.g. runs/pathmnist_28 or runs/pathmnist-synthetic_28)")
+                   "runs/<dataset>_<size>, e.g. runs/pathmnist_28 or runs/pathmnist-synthetic_28; "
+                   "runs/<dataset>_<size>-resnet18 for --arch resnet18)")
     p.add_argument("--images", help="folder for the training-curve plot (default: <out>/images)")
     p.add_argument("--synthetic", action="store_true", help="train on the offline SYNTHETIC "
                    "stand-in for --flag (same channels, classes and task; for demos and tests, never a "
@@ -87,14 +91,17 @@ def parse_args(argv=None):
                    "(RGB only; default: 1 for pathmnist's H&E, 0 elsewhere)")
     p.add_argument("--colour-jitter", type=float, help="strength of per-channel colour (or, on one "
                    "channel, brightness/contrast) jitter, 0 for none (default: the dataset's)")
+    p.add_argument("--shift", type=float, help="strength of random translation: 1 moves each image by up "
+                   "to 1/14 of its side (2 px at 28), 0 for none (default: 1 for every dataset)")
     args = p.parse_args(argv)
-    args.out = args.out or str(Path("runs") / f"{datasets.dataset_name(args.synthetic, args.flag)}_{args.size}")
+    arch = "" if args.arch == "tissuecnn" else f"-{args.arch}"
+    args.out = args.out or str(Path("runs") / f"{datasets.dataset_name(args.synthetic, args.flag)}_{args.size}{arch}")
     args.images = args.images or str(Path(args.out) / "images")
     try:
-        aug = augment.augmentation(args.flag, args.flips, args.stain_jitter, args.colour_jitter)
+        aug = augment.augmentation(args.flag, args.flips, args.stain_jitter, args.colour_jitter, args.shift)
     except datasets.DataError as e:
         p.error(str(e))
-    args.flips, args.stain_jitter, args.colour_jitter = aug.flips, aug.stain, aug.colour  # as recorded
+    args.flips, args.stain_jitter, args.colour_jitter, args.shift = aug.flips, aug.stain, aug.colour, aug.shift
     args.augment = aug
     return args
 
@@ -216,7 +223,8 @@ def new_or_resumed(args, ds):
                                        f"--data-dir, or start a new run with another --out.")
         return net, meta, state
     mean, std = colour.channel_stats(ds.train.images)
-    net = model_lib.build(n_classes=len(ds.class_names), in_channels=ds.channels, task=ds.task, mean=mean, std=std)
+    net = model_lib.build(arch=args.arch, n_classes=len(ds.class_names), in_channels=ds.channels, task=ds.task,
+                          mean=mean, std=std)
     meta = {"class_names": ds.class_names, "task": ds.task, "provenance": ds.provenance(),
             "settings": {k: getattr(args, k) for k in RESULT_SETTINGS},
             "colour_reference": colour.colour_reference(ds.train.images, ds.val.images),

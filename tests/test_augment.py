@@ -127,3 +127,28 @@ def test_pathmnists_default_augmentation_stays_near_real_h_and_e_colours(real_he
     # exact range); within 0.1 of it: 99% at the defaults, 92% at strength 2, 82% at strength 3.
     default = augment.AUGMENTATION["pathmnist"]
     assert share_inside(real_he, 0.1, colour=default.colour, stain=default.stain) >= 0.97
+
+
+def test_a_shift_moves_each_image_by_its_own_offset_and_reflects_the_border():
+    x = torch.rand(64, 3, 10, 10)
+    y = augment.random_shift(x, torch.Generator().manual_seed(0), 2)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")  # worked out here, not by the code
+    offsets = []
+    for i in range(len(x)):
+        found = [(dy, dx) for dy in range(5) for dx in range(5)
+                 if torch.equal(padded[i, :, dy:dy + 10, dx:dx + 10], y[i])]
+        assert len(found) == 1
+        offsets.append(found[0])
+    assert len(set(offsets)) > 10  # per image, not one offset for the batch
+    assert {dy for dy, _ in offsets} == set(range(5)) and {dx for _, dx in offsets} == set(range(5))
+
+
+def test_every_dataset_is_shifted_by_default_by_a_fourteenth_of_the_side():
+    assert all(a.shift == 1.0 for a in augment.AUGMENTATION.values())
+    x = torch.zeros(200, 1, 28, 28)
+    x[:, :, 14, 14] = 1  # one bright pixel in the middle
+    shift_only = augment.Augmentation(False, 0.0, 0.0, "shift only", shift=1.0)
+    y = augment.apply(x, shift_only, torch.Generator().manual_seed(0))
+    rows, cols = (y[:, 0] == 1).nonzero()[:, 1:].T
+    assert rows.min() == 12 and rows.max() == 16 and cols.min() == 12 and cols.max() == 16  # 28 / 14 = 2 px
+    assert augment.augmentation("pathmnist", shift=0.0).shift == 0.0

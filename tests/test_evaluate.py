@@ -289,3 +289,16 @@ def test_an_unknown_method_is_refused_with_the_list():
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--methods", "ig,lime"])
     assert attr.methods_arg("gradcam,saliency") == ["ig", "saliency", "gradcam"]
+
+
+def test_medmnists_resnet18_trains_and_is_explained_through_the_same_scripts(tmp_path, train_argv):
+    import synthetic
+    import train
+    small = tmp_path / "data"
+    synthetic.write_synthetic(small / "pathmnist_synthetic.npz", 28, counts={"train": 64, "val": 16, "test": 16})
+    train.main(train_argv(small, tmp_path / "r18", "--epochs", "1", "--arch", "resnet18", "--batch-size", "32"))
+    m = evaluate.main(["--checkpoint", str(tmp_path / "r18" / "best.pt"), "--data-dir", str(small), "--explain", "4",
+                       "--quality", "2", "--methods", "ig,gradcam", "--threads", "2"])
+    assert m["params"] == 11_689_512 - 9_408 - 513_000 + 1_728 + 4_617 and m["ig"]["explained"] == 4  # see test_bench
+    assert set(m["methods"]) == {"ig", "gradcam", "control:input", "control:edge", "control:random"}
+    assert list(m["methods"]["ig"]["randomization_by_stage"])[:2] == ["net.fc", "net.layer4"]

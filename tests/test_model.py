@@ -194,3 +194,44 @@ def test_a_checkpoint_round_trips_its_training_state_and_has_none_without_it(tmp
     assert model_lib.load_checkpoint(tmp_path / "best.pt", with_train_state=True)[2] is None
 
 
+
+
+# ----------------------------------------------------------------------------- MedMNIST's ResNet-18, the peer
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    net = model_lib.build(arch="resnet18", n_classes=5, in_channels=3, task="multi-class",
+                          mean=[0.4, 0.5, 0.6], std=[0.2, 0.3, 0.25]).train()
+    with torch.no_grad():
+        for _ in range(3):  # running statistics that are not the identity
+            net(torch.rand(16, 3, 28, 28))
+    return net.eval()
+
+
+def test_the_resnet_rebuilds_from_its_checkpoint_config_as_a_resnet(resnet, tmp_path):
+    model_lib.save_checkpoint(tmp_path / "r.pt", resnet, {})
+    back, _ = model_lib.load_checkpoint(tmp_path / "r.pt")
+    assert isinstance(back, model_lib.MedMNISTResNet18) and back.config["arch"] == "resnet18"
+    x = torch.rand(2, 3, 28, 28)
+    assert torch.equal(back(x), resnet(x))
+
+
+def test_folding_the_resnets_batchnorm_keeps_the_function(resnet):
+    fused = model_lib.fused_for_inference(resnet)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    x = torch.rand(4, 3, 28, 28)
+    assert torch.allclose(fused(x), resnet(x), atol=1e-5)
+
+
+def test_the_resnets_randomisation_stages_and_gradcam_layer_are_its_own_modules(resnet):
+    names = model_lib.randomization_layers(resnet)
+    assert names[0] == "net.fc" and names[-1] == "net.conv1"
+    assert all(resnet.get_submodule(n) is not None for n in names)
+    assert model_lib.gradcam_layer(resnet) is resnet.net.layer4
+    assert [model_lib.layer_label(n) for n in names[:2]] == ["classifier", "layer4"]
+
+
+def test_a_checkpoint_without_an_architecture_is_this_repos_cnn():
+    config = {k: v for k, v in model_lib.build().config.items() if k != "arch"}  # as written before --arch
+    assert isinstance(model_lib.build(config), model_lib.TissueCNN)
