@@ -23,7 +23,7 @@ import train
 pytestmark = pytest.mark.trains  # every test here trains a model
 
 ROOT = Path(__file__).resolve().parents[1]
-NO_AUGMENTATION = ["--flips", "off", "--stain-jitter", "0", "--colour-jitter", "0"]
+NO_AUGMENTATION = ["--flips", "off", "--stain-jitter", "0", "--colour-jitter", "0", "--shift", "0"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks share this machine's two cores
 
 

@@ -267,7 +267,7 @@ def test_help_explains_every_flag():
     out = run_cli("--help").stdout
     for flag in ("--epochs", "--batch-size", "--lr", "--patience", "--seed", "--device",
                  "--data-dir", "--size", "--out", "--synthetic", "--resume", "--threads", "--flag",
-                 "--trust-file", "--flips", "--stain-jitter", "--colour-jitter"):
+                 "--trust-file", "--flips", "--stain-jitter", "--colour-jitter", "--shift", "--arch"):
         assert flag in out
 
 
