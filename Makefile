@@ -6,6 +6,9 @@
 # make bench - speed and storage against the original approach, side by side (a few minutes)
 # make real  - this repo's model against MedMNIST's ResNet-18 on the real RetinaMNIST file of the
 #              shared real-data folder, 3 seeds each (real.py; about an hour on 2 CPU cores)
+# make gpu-check - on a machine with an NVIDIA GPU: every GPU code path once, numbers and checks into
+#              runs/gpu_check/gpu_check.json (gpu_check.py; about 8 minutes). It uses the machine's own
+#              python3 and torch (a GPU node's may be older than requirements.txt's); ARGS go to gpu_check.py
 # make seeds SEEDS="0 1 2" ARGS="--synthetic --epochs 8"
 #            - train and evaluate one run per seed into runs/seeds/seed<N>, then summarise them
 #              (mean +- sd) in runs/seeds/summary.html; ARGS go to train.py
@@ -16,7 +19,7 @@ PY := $(VENV)/bin/python
 SEEDS ?= 0 1 2
 ARGS ?=
 
-.PHONY: setup run demo test test-fast lint bench real seeds
+.PHONY: setup run demo test test-fast lint bench real gpu-check seeds
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -48,6 +51,9 @@ bench: setup
 
 real: setup
 	$(PY) real.py
+
+gpu-check:
+	$(PYTHON) gpu_check.py $(ARGS)
 
 seeds: setup
 	@for s in $(SEEDS); do \

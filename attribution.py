@@ -22,13 +22,21 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
-from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, NoiseTunnel, Occlusion, Saliency
+from captum.attr import (
+    GradientShap,
+    IntegratedGradients,
+    LayerAttribution,
+    LayerGradCam,
+    NoiseTunnel,
+    Occlusion,
+    Saliency,
+)
 
 import cli
 import model as model_lib
 from colour import to_unit
 
-BASELINES = ("mean", "black", "white", "blur")
+BASELINES = ("mean", "black", "white", "blur", "noise")
 IG_RULES = ("gausslegendre", "riemann_trapezoid", "riemann_middle", "riemann_left", "riemann_right")
 OUTPUTS = ("logit", "prob")
 # Steps are chosen per image by the measured completeness error: every image starts with 8
@@ -41,6 +49,8 @@ DEFAULT_IG = {"n_steps": 8, "max_steps": 64, "tolerance": 0.05, "rule": "gaussle
 CPU_CHUNK = 256
 SMOOTHGRAD_SAMPLES, SMOOTHGRAD_SD = 16, 0.1  # smoothgrad_sq: noisy copies, noise s.d. in [0, 1] pixel units
 TINY = 1e-12  # floor for |f(x) - f(baseline)| in the relative completeness error
+NOISE_SEED = 0  # the uniform-noise baseline
+EG_SAMPLES, EG_REFERENCES = 32, 64  # expected gradients: samples per image, training images to draw from
 
 
 class ExplainError(cli.UserError):
@@ -118,7 +128,24 @@ def make_baseline(x, kind, mean):
         from torchvision.transforms.functional import gaussian_blur  # torchvision loads slowly
         sigma = x.shape[-1] / 7  # removes structure at 28 px, keeps the overall stain colour
         return gaussian_blur(x, kernel_size=2 * int(3 * sigma) + 1, sigma=sigma)
+    if kind == "noise":  # uniform noise, the same for every call of this shape (completeness is checkable)
+        return torch.rand(x.shape, generator=torch.Generator().manual_seed(NOISE_SEED)).to(x.device, x.dtype)
     raise ValueError(f"unknown baseline {kind!r}; choose from {BASELINES}")
+
+
+@contextlib.contextmanager
+def seeded(seed):
+    """torch's and numpy's global random state set to `seed` inside, and restored after: Captum's
+    noisy methods draw from both (SmoothGrad, GradientShap), and a rerun or another shard must draw
+    the same."""
+    state = np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            np.random.set_state(state)
 
 
 def forward_for(model, attribute):
@@ -247,26 +274,88 @@ def occlusion(model, x, target, settings):
         baselines=base, target=target, perturbations_per_eval=16)
 
 
+def expected_gradients(model, x, target, settings, references):
+    """Expected Gradients (Erion et al., 2021): Captum's GradientShap with `references`, a sample of
+    training images, as the distribution of baselines: for each of EG_SAMPLES draws, a random
+    reference and a random point on the path to x; complete in expectation, f(x) - E f(reference)."""
+    return GradientShap(forward_for(model, settings["attribute"])).attribute(
+        x, baselines=references.to(x.device, x.dtype), n_samples=EG_SAMPLES, stdevs=0.0, target=target)
+
+
+# IG with another reference or output, measured against the same tests as every method (the stored
+# "ig" keeps the training mean colour and the logit): each is IG refined like the stored one (to the
+# settings' tolerance, up to their max_steps), with these settings replaced.
+IG_VARIANTS = {"ig_black": {"baseline": "black"}, "ig_blur": {"baseline": "blur"},
+               "ig_noise": {"baseline": "noise"}, "ig_prob": {"attribute": "prob"}}
+
+
+def ig_variant(changes):
+    def variant(model, x, target, settings):
+        return refined_integrated_gradients(model, x, target, {**settings, **changes},
+                                            internal_batch_size=chunk_size(x)).attributions
+    return variant
+
+
 # Every method evaluate.py and explain.py offer (--methods), by name; "ig" first (the stored,
 # completeness-checked IG; the others reuse its predictions). Each is (model, x, target, settings)
-# -> a map of x's shape.
-METHODS = {"ig": ig, "ig_local": ig_local, "saliency": saliency, "smoothgrad_sq": smoothgrad_sq,
-           "gradcam": gradcam, "occlusion": occlusion}
+# -> a map of x's shape; expected_gradients also takes references (training images).
+METHODS = {"ig": ig, **{name: ig_variant(changes) for name, changes in IG_VARIANTS.items()},
+           "expected_gradients": expected_gradients, "ig_local": ig_local, "saliency": saliency,
+           "smoothgrad_sq": smoothgrad_sq, "gradcam": gradcam, "occlusion": occlusion}
 ATTRIBUTION_METHODS = tuple(METHODS)
+# evaluate.py's default: the flagship IG, and a method of each other kind that the tests may find
+# better (docs/DESIGN.md); --methods all adds the IG variants and the rest.
+DEFAULT_METHODS = "ig,expected_gradients,saliency,gradcam"
+# Methods whose maps add up to f(x) - f(reference): their completeness is measured (quality.py). IG
+# and its variants are complete for every image, so completeness is one of their tests (trust.py);
+# expected gradients only in expectation over its sampled references, so its error is reported.
+COMPLETE_METHODS = ("ig", *IG_VARIANTS, "expected_gradients")
+EXACTLY_COMPLETE = ("ig", *IG_VARIANTS)
 
 
-def method_fn(name, settings):
-    """(model, x, target) -> float32 attributions of x's shape, for one of METHODS."""
+def method_settings(name, settings):
+    """The settings a method explains with: an IG variant's changes applied."""
+    return {**settings, **IG_VARIANTS.get(name, {})}
+
+
+def method_fn(name, settings, references=None):
+    """(model, x, target) -> float32 attributions of x's shape, for one of METHODS; `references`
+    (training images) for expected_gradients."""
     if name not in METHODS:
         raise ValueError(f"unknown attribution method {name!r}; choose from {ATTRIBUTION_METHODS}")
+    if name == "expected_gradients" and references is None:
+        raise ExplainError("expected_gradients draws its baselines from the training images, and none were "
+                           "given: run it through evaluate.py, or give explain.py the --data-dir of the "
+                           "model's dataset.")
     method = METHODS[name]
+    if name == "expected_gradients":
+        method = functools.partial(method, references=references)
 
     def attribute(model, x, target):
-        if name == "ig":  # refined or not, IG manages its own gradients
+        if name == "ig" or name in IG_VARIANTS:  # IG manages its own gradients
             return method(model, x, target, settings)
         with input_gradients_only(model):
             return method(model, x, target, settings).detach().float().contiguous()
     return attribute
+
+
+def reference_sample(train_images, n=EG_REFERENCES, seed=0):
+    """The training images expected_gradients draws its baselines from: a fixed random sample, as
+    [0, 1] floats."""
+    order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:n]
+    return to_unit(train_images[order.sort().values])
+
+
+def reference_score(name, model, x, target, settings, references=None):
+    """f(reference) for each image, what a complete method's map must add up to with f(x): the IG
+    variant's baseline, or for expected_gradients the mean over the references."""
+    settings = method_settings(name, settings)
+    forward = forward_for(model, settings["attribute"])
+    with torch.no_grad():
+        if name == "expected_gradients":
+            return forward(references.to(x.device, x.dtype))[:, target].mean(0)
+        base = make_baseline(x, settings["baseline"], model_lib.input_mean(model))
+        return forward(base)[torch.arange(len(x), device=x.device), target]
 
 
 def smoothgrad_ig_fn(settings, samples, stdev):

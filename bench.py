@@ -17,7 +17,10 @@ A second table compares this repo with the peer most users would pick instead: M
 ResNet-18 for 28 px (model.MedMNISTResNet18), trained and explained through this repo's own data and IG
 paths, so only the model differs.
 
-A third table is memory: PathMNIST-sized npz files of random pixels (89,996 / 10,004 / 7,180 images)
+An inference table (bench_inference.py) gives batch-1 latency, batch-256 throughput and bytes shipped
+for both models run four ways: PyTorch eager, PyTorch with BatchNorm folded, ONNX float32 and int8.
+
+A last table is memory: PathMNIST-sized npz files of random pixels (89,996 / 10,004 / 7,180 images)
 at 28, 64 and 128 px, each loaded by the in-memory loader (--memory ram, the only loader before
 memory maps) and by the memory-mapped one (--memory map), then trained for some steps with batches
 drawn across the whole split. Each measurement runs in its own process, which samples its anonymous
@@ -41,6 +44,7 @@ import torch
 
 import attribution as attr
 import augment
+import bench_inference
 import cli
 import colour
 import data
@@ -54,10 +58,10 @@ from files import atomic_path
 OUR_BATCH = 128
 FULL = {"train_images": 20000, "train_steps": 60, "ig_images_original": 40, "ig_images_ours": 480,
         "db_rows": 2000, "repeats": 3, "peer_train_steps": 10, "ig_images_peer": 64, "warmup": 3,
-        "peer_batch": OUR_BATCH}
+        "peer_batch": OUR_BATCH, "quality_images": 200}
 QUICK = {"train_images": 600, "train_steps": 4, "ig_images_original": 2, "ig_images_ours": 16,
          "db_rows": 40, "repeats": 1, "peer_train_steps": 1, "ig_images_peer": 2, "warmup": 1,
-         "peer_batch": 16}
+         "peer_batch": 16, "quality_images": 8}
 PATHMNIST_COUNTS = {"train": 89996, "val": 10004, "test": 7180}
 FULL_MEMORY = {"counts": PATHMNIST_COUNTS, "sizes": (28, 64, 128), "steps": 60}
 QUICK_MEMORY = {"counts": {"train": 2000, "val": 200, "test": 200}, "sizes": (28, 64), "steps": 3}
@@ -146,20 +150,55 @@ def ig_ours(net, images_u8, labels, repeats, batch=32, device="cpu"):
     return rate, float(rel.mean()), batches
 
 
-def methods_rates(net, images_u8, labels, repeats, batch=32, device="cpu"):
+def methods_rates(net, images_u8, labels, repeats, references, batch=32, device="cpu"):
     """{method: best attributions/s} of every attribution.METHODS on the same images, batches of 32
-    (IG at its fixed 8 steps here, without refinement)."""
+    (IG at its fixed 8 steps here, without refinement; its variants refined as evaluate.py stores
+    them; expected gradients drawing from `references`)."""
     x_all, y_all = colour.to_unit(images_u8).to(device), labels.to(device)
     rates = {}
+
     def measure(attribute):
         t0 = time.perf_counter()
         for i in range(0, len(x_all), batch):
             attribute(net, x_all[i:i + batch], y_all[i:i + batch])
         return len(x_all) / (time.perf_counter() - t0)
     for method in attr.ATTRIBUTION_METHODS:
-        attribute = attr.method_fn(method, attr.DEFAULT_IG)
+        attribute = attr.method_fn(method, attr.DEFAULT_IG, references.to(device))
         rates[method] = best_rate(lambda a=attribute: measure(a), repeats)
     return rates
+
+
+def quality_cost(net, images_u8, references, device="cpu", batch=50):
+    """{method: (seconds of the other quality measures, seconds of the published tests)} for
+    evaluate.py's default methods and the controls, on the same images, batch by batch side by side."""
+    import quality
+    fused = model_lib.fused_for_inference(net.eval()).to(device)
+    stages = quality.all_randomized_models(net)
+    scored = quality.scored_maps(attr.DEFAULT_IG, names=attr.methods_arg(attr.DEFAULT_METHODS),
+                                 references=references.to(device))
+    published, out = quality.published_tests, {}
+    for name, attribute in scored.items():
+        other = tests = 0.0
+        for start in range(0, len(images_u8), batch):
+            x = colour.to_unit(images_u8[start:start + batch]).to(device)
+            with torch.no_grad():
+                target = fused(x).argmax(1)
+            with attr.seeded(start):
+                maps = attribute(fused, x, target).cpu()
+            try:
+                quality.published_tests = lambda *a, **k: {}  # the measures without the published tests
+                t0 = time.perf_counter()
+                quality.quality_measures(fused, x, target, maps, attr.DEFAULT_IG, attribute, stages)
+                other += time.perf_counter() - t0
+            finally:
+                quality.published_tests = published
+            t0 = time.perf_counter()
+            with attr.seeded(start):
+                published(fused, x, target, maps, attribute, stages["bottom_up"][-1][1], net.config["n_classes"],
+                          torch.Generator().manual_seed(0))
+            tests += time.perf_counter() - t0
+        out[name] = (other, tests)
+    return out
 
 
 # ----------------------------------------------------------------------------- the peer
@@ -414,7 +453,15 @@ def run(cfg, device="cpu"):
                                         test_labels[:cfg["ig_images_peer"]], reps, device=device)
 
     stage("every attribution method, this repo's model")
-    method_rates = methods_rates(model_lib.fused_for_inference(our_net), test_u8, test_labels, reps, device=device)
+    method_rates = methods_rates(model_lib.fused_for_inference(our_net), test_u8, test_labels, reps,
+                                 attr.reference_sample(split.images), device=device)
+    stage("the published tests' cost beside the other quality measures")
+    cost = quality_cost(our_net, split.images[:cfg["quality_images"]], attr.reference_sample(split.images), device)
+
+    stage("inference: PyTorch eager and folded, ONNX float32 and int8, both models")
+    icfg = bench_inference.QUICK if cfg is QUICK else bench_inference.FULL
+    inference = {name: bench_inference.inference_rows(net.cpu(), split.images, icfg)
+                 for name, net in (("this repo", our_net), ("ResNet-18", peer_net))}
 
     with tempfile.TemporaryDirectory() as tmp:
         stage("SQLite storage, both sides")
@@ -450,7 +497,7 @@ def run(cfg, device="cpu"):
                "ig_method_speedup_on_original_model": method_on_original_rate / original_ig_rate,
                "train_speedup_vs_resnet18": our_train / peer_train,
                "ig_speedup_vs_resnet18": our_ig_rate / peer_ig_rate,
-               "method_rates": method_rates,
+               "method_rates": method_rates, "quality_cost": cost, "inference": inference,
                "table": [{"measure": m, "original": o, "ours": u} for m, o, u in rows],
                "peer_table": [{"measure": m, "resnet18": o, "ours": u} for m, o, u in peer_rows],
                "settings": {**cfg, "threads": torch.get_num_threads(), "torch": str(torch.__version__),
@@ -516,6 +563,16 @@ def main(argv=None):
     print(f"\nAttribution methods on this repo's model, attributions/s ({cfg['ig_images_ours']} images, "
           f"batches of 32):")
     print("  " + "  ".join(f"{m} {r:,.1f}" for m, r in results["method_rates"].items()))
+    print(f"\nQuality on {cfg['quality_images']} images, evaluate.py's default methods and the controls, seconds: "
+          "the other measures | the published tests (sMPRT, eMPRT, RandomLogit, ROAD) | ratio")
+    for name, (other, published) in results["quality_cost"].items():
+        print(f"  {name:20s} {other:8.1f} {published:8.1f} {published / other:6.2f}")
+    total = [sum(t) for t in zip(*results["quality_cost"].values(), strict=True)]
+    print(f"  {'all':20s} {total[0]:8.1f} {total[1]:8.1f} {total[1] / total[0]:6.2f}")
+    batch = (bench_inference.QUICK if args.quick else bench_inference.FULL)["batch"]
+    print("\nInference on CPU (uint8 images in, logits out; the ONNX files as export.py writes them):")
+    for name, inference_rows in results["inference"].items():
+        print(bench_inference.format_rows(name, inference_rows, batch))
     if memory_rows:
         counts = (QUICK_MEMORY if args.quick else FULL_MEMORY)["counts"]
         print(f"\nMemory: npz files of random pixels with {sum(counts.values()):,} images "

@@ -12,6 +12,7 @@ This module imports only the standard library at first (every script's --help st
 flags whose choices live elsewhere import their module when they are declared.
 """
 import argparse
+import shlex
 import sys
 
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
@@ -118,6 +119,29 @@ class Renamed(argparse.Action):
         print(f"warning: {option_string} is now {self.new}; the old spelling will be removed in the next "
               f"release.", file=sys.stderr)
         setattr(namespace, self.dest, values)
+
+
+# ----------------------------------------------------------------------------- reproducing a run
+
+def flag_words(key, value):
+    """One setting as command-line words: a switch alone when true, a list comma-joined."""
+    flag = "--" + key.replace("_", "-")
+    if value is True:
+        return [flag]
+    if isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value))
+    return [flag, shlex.quote(str(value))]
+
+
+def command_line(script, parse, args, always=()):
+    """`python script` with the settings in `always` (the real paths) and every other flag whose value
+    differs from its default (parse([])'s): the command that does this run again."""
+    defaults = vars(parse([]))
+    words = ["python", script]
+    for key, value in vars(args).items():
+        if key in defaults and (key in always or value != defaults[key]) and value not in (None, False):
+            words += flag_words(key, value)
+    return " ".join(words)
 
 
 # ----------------------------------------------------------------------------- shared flags

@@ -37,6 +37,7 @@ from schema import (
     QUALITY_VALUES,
     SCHEMA_V1,
     SCHEMA_VERSION,
+    TRUST_VALUES,
 )
 
 # Sort orders of find(): name -> (column, descending); ties always go by image index.
@@ -224,16 +225,12 @@ def explanation_rows(run_id, split, image_index, true_label, probs, target, attr
                       f"stored. With --attr-dtype float16, values beyond 65504 overflow: try "
                       f"--attr-dtype float32; otherwise the model itself gives non-finite outputs.")
     true_label, pred = np.asarray(true_label), probs.argmax(1)
-    multi_label = true_label.ndim == 2
-    if multi_label:
+    correct = correct_predictions(true_label, probs)
+    if true_label.ndim == 2:  # multi-label
         sets = [np.asarray(t, np.uint8).tobytes() for t in true_label]
-        # Right when the top label is a finding the image has, or when no label reaches 0.5 and
-        # the image has none (chestmnist's many images without a finding).
-        correct = np.where(probs.max(1) >= 0.5, true_label[np.arange(len(pred)), pred] == 1,
-                           true_label.sum(1) == 0)
         true_label = np.full(len(pred), -1)
     else:
-        sets, correct = [None] * len(pred), true_label == pred
+        sets = [None] * len(pred)
     # Whole-column conversions: per-element indexing of arrays costs microseconds a row.
     columns = zip(np.asarray(image_index).tolist(), true_label.tolist(),
                   pred.tolist(), np.asarray(target).tolist(), probs.max(1).tolist(),
@@ -248,6 +245,17 @@ def explanation_rows(run_id, split, image_index, true_label, probs, target, attr
                      "attr_shape": shape, "delta": d, "score": f_x, "baseline_score": f_b,
                      "n_steps": steps, "true_labels": sets[i], "correct": int(correct[i])})
     return rows
+
+
+def correct_predictions(true_label, probs):
+    """Which predictions are right (bool per image): the top class is the true one; for multi-label
+    data (true_label (N, K) of 0/1) the top label is a finding the image has, or, when no label
+    reaches 0.5, the image has none (chestmnist's many images without a finding)."""
+    true_label, probs = np.asarray(true_label), np.asarray(probs)
+    pred = probs.argmax(1)
+    if true_label.ndim == 2:
+        return np.where(probs.max(1) >= 0.5, true_label[np.arange(len(pred)), pred] == 1, true_label.sum(1) == 0)
+    return true_label == pred
 
 
 def done_indices(conn, run_id, split, method="ig"):
@@ -280,14 +288,15 @@ def refuse_non_finite(rows, table, columns):
                       f"The model or the explanation gave non-finite numbers for these images.")
 
 
-def insert_batch(conn, table, columns, values):
-    """INSERT the rows in one transaction, skipping keys already stored; any other failure stores
-    none of them and raises DBError. Returns the number of rows added."""
+def insert_batch(conn, table, columns, values, on_conflict="DO NOTHING"):
+    """INSERT the rows in one transaction, skipping keys already stored (or, with `on_conflict`,
+    as it says); any other failure stores none of them and raises DBError. Returns the number of
+    rows added (or changed)."""
     needed = sum(len(v) for row in values for v in row if isinstance(v, (bytes, str)))
     try:
         with write_errors(conn, needed), conn:
             cur = conn.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
-                                   f"({', '.join('?' * len(columns))}) ON CONFLICT DO NOTHING", values)
+                                   f"({', '.join('?' * len(columns))}) ON CONFLICT {on_conflict}", values)
     except sqlite3.IntegrityError as e:
         raise DBError(f"A batch of {len(values)} {table} rows was not stored, none of it: {e}. "
                       f"Is the run in this database, and is every value present?") from e
@@ -318,9 +327,10 @@ def import_rows(conn, run_id, rows):
         for table, table_rows in rows.items():
             if table_rows:
                 columns = [c for c in table_rows[0] if c != "run_id"]
+                conflict = complete_quality(columns) if table == "quality" else "DO NOTHING"
                 added += conn.executemany(
                     f"INSERT INTO {table} (run_id, {', '.join(columns)}) VALUES (?{', ?' * len(columns)}) "
-                    f"ON CONFLICT DO NOTHING", [(run_id, *(r[c] for c in columns)) for r in table_rows]).rowcount
+                    f"ON CONFLICT {conflict}", [(run_id, *(r[c] for c in columns)) for r in table_rows]).rowcount
     return added
 
 
@@ -332,8 +342,10 @@ def quality_methods(conn, run_id, split="test"):
 
 
 def done_quality(conn, run_id, split, method):
+    """Images with a complete quality row (rows stored before schema v7 lack the published tests)."""
+    complete = " AND ".join(f"{c} IS NOT NULL" for c in TRUST_VALUES)
     return {r[0] for r in conn.execute(
-        "SELECT image_index FROM quality WHERE run_id = ? AND split = ? AND method = ?",
+        f"SELECT image_index FROM quality WHERE run_id = ? AND split = ? AND method = ? AND {complete}",
         (run_id, split, method))}
 
 
@@ -354,7 +366,15 @@ def insert_quality(conn, rows):
                      if c == "randomization_stages"
                      else (json.dumps(row[c]) if row.get(c) is not None else None)
                      if c == "randomization" else row.get(c) for c in columns) for row in rows]
-    return insert_batch(conn, "quality", columns, encoded)
+    return insert_batch(conn, "quality", columns, encoded, on_conflict=complete_quality(columns))
+
+
+def complete_quality(columns):
+    """The ON CONFLICT clause for quality rows: a row stored before the published tests existed
+    (schema v7) is completed with the new row's values; a complete one is kept as it was."""
+    incomplete = " OR ".join(f"quality.{c} IS NULL" for c in TRUST_VALUES)
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in ("run_id", "split", "image_index", "method"))
+    return f"(run_id, split, image_index, method) DO UPDATE SET {updates} WHERE {incomplete}"
 
 
 def quality_rows(conn, run_id, split, method, image_indices=None):

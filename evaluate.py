@@ -21,7 +21,6 @@ Under torchrun, steps 3 and 4 come first, shared out over the ranks (shards.py);
 the rest, exactly as a single process would.
 """
 import argparse
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -43,7 +42,10 @@ import plots
 import quality
 import report
 import shards
-from files import atomic_path, check_writable, sha256_of, write_json
+import shift
+import train
+import trust
+from files import check_writable, sha256_of, write_json
 
 
 class EvaluateError(cli.UserError):
@@ -59,10 +61,13 @@ def parse_args(argv=None):
     p.add_argument("--tta", action="store_true", help="average predictions over the 8 flips/rotations")
     p.add_argument("--explain", default="500", type=cli.image_count, help="how many test images to explain "
                    "with IG: a number, 'all', or 0 to skip")
+    p.add_argument("--explain-errors", default=1000, type=int, help="also explain up to this many misclassified "
+                   "test images beyond --explain, so the gallery shows the model's errors (0: none)")
     p.add_argument("--db", help="SQLite store for the explanations (default: <run dir>/explanations.db)")
-    p.add_argument("--methods", type=attr.methods_arg, default=["ig"], help="attribution methods to store, "
-                   "score and draw side by side (images/methods.png), comma-separated or 'all': "
-                   + ", ".join(attr.ATTRIBUTION_METHODS) + " (default: ig)")
+    p.add_argument("--methods", type=attr.methods_arg, default=attr.methods_arg(attr.DEFAULT_METHODS),
+                   help="attribution methods to store, score against the published tests and draw side by side "
+                   "(images/methods.png), comma-separated or 'all': " + ", ".join(attr.ATTRIBUTION_METHODS)
+                   + f" (default: {attr.DEFAULT_METHODS})")
     cli.add_ig_arguments(p)
     p.add_argument("--quality", default="200", type=cli.image_count, help="how many of the explained images "
                    "get the quality checks (completeness, deletion/insertion, infidelity, sensitivity, "
@@ -113,12 +118,15 @@ def evaluate(args, ctx):
     indices = explanations.explanation_indices(len(ds.test), args.explain)
     quality_idx = indices[:len(indices) if args.quality == "all" else int(args.quality)]
     fused = model_lib.fused_for_inference(net)
-    scored = quality.scored_maps(settings, args.smooth, args.smooth_sd, names=args.methods)
+    if indices:  # the model's errors too, so the gallery shows them (not scored: quality_idx is as asked)
+        indices += explanations.error_indices(fused, ds.test, indices, args.explain_errors, args.batch_size, device)
+    references = attr.reference_sample(ds.train.images).to(device) if "expected_gradients" in args.methods else None
+    scored = quality.scored_maps(settings, args.smooth, args.smooth_sd, names=args.methods, references=references)
     stages = quality.all_randomized_models(net) if quality_idx else {}
     run_key = (checkpoint_sha256, args.checkpoint, net.config, ds.class_names, meta["provenance"])
     if ctx.launched:
         shards.sharded_explanations(ctx, fused, stages, ds, indices, quality_idx, settings, scored, db_path,
-                                    run_key, args)
+                                    run_key, args, references)
         if not ctx.main:
             return None
 
@@ -138,36 +146,48 @@ def evaluate(args, ctx):
     if not ctx.launched:  # under torchrun, shards.sharded_explanations did this part
         try:
             explanations.explain_all(fused, stages, ds.test, indices, quality_idx, settings, scored, conn, run_id,
-                                     args, device)
+                                     args, device, references)
         except KeyboardInterrupt:
             db.close(conn)
             print(f"\nInterrupted. Every finished batch is stored in run {run_id}; rerun the same command "
                   f"to compute the rest.", file=sys.stderr)
             raise SystemExit(130) from None
 
-    # Summaries describe everything stored for the run, so a smaller rerun cannot shrink them.
-    metrics["requested"] = {"explain": args.explain, "quality": args.quality}
-    metrics["ig"] = {"run_id": run_id, "settings": settings,
-                     **quality.completeness_summary(conn, run_id, "test", settings["tolerance"])}
-    if db.quality_methods(conn, run_id):
-        metrics.update(quality.report_quality(conn, run_id, settings))
+    metrics.update(explanation_metrics(conn, run_id, settings, db_path, args, indices, quality_idx))
     if quality_idx:
         quality.quality_figures(conn, run_id, scored, quality_idx, stages, ds.test, images, tag, fused, settings,
-                                metrics.get("methods"))
+                                metrics["trust"], metrics["recommended"])
     db.set_metrics(conn, run_id, metrics)
     write_json(run_dir / "metrics.json", metrics)
     if indices:
-        draw_galleries(conn, run_id, ds, args.methods, images, tag, metrics["ig"])
+        draw_galleries(conn, run_id, ds, args.methods, images, tag, metrics)
     db.close(conn)
     print(f"metrics -> {run_dir / 'metrics.json'}; explanations -> {db_path}; predictions -> "
           f"{run_dir / 'predictions_test.csv'}")
     if images == run_dir / "images":  # the report embeds the run's own figures
         print(f"report -> {report.write_report(run_dir)} (and {run_dir / 'MODEL_CARD.md'})")
-        if run_dir.resolve().is_relative_to(Path("runs").resolve()):  # the latest run's figures for the README
-            for figure in images.glob("*.png"):
-                with atomic_path(Path("images") / figure.name) as tmp:
-                    shutil.copyfile(figure, tmp)
     return metrics
+
+
+def explanation_metrics(conn, run_id, settings, db_path, args, indices, quality_idx):
+    """metrics.json's explanation part, over everything stored for the run (a smaller rerun cannot
+    shrink it): the store's run, requested and effective counts, per method its stored maps, its
+    quality and (IG) completeness, the controls' quality, the trust table and the recommended method."""
+    if args.quality != "all" and int(args.quality) > len(quality_idx):
+        print(f"Quality for {len(quality_idx)} images: --quality {args.quality} asks for more than the "
+              f"{len(quality_idx)} explained (--explain {args.explain}), and only explained images are scored.")
+    summaries, table, rec = trust.report(conn, run_id, settings) if db.quality_methods(conn, run_id) else ({}, {}, None)
+    scored = [m for m in summaries if m not in trust.CONTROLS]  # SmoothGrad over IG has no stored maps
+    methods = list(dict.fromkeys(db.explanation_methods(conn, run_id) + scored))
+    out = {m: {"maps": len(db.done_indices(conn, run_id, "test", m)), "quality": summaries.get(m, {"images": 0})}
+           for m in methods}
+    out.setdefault("ig", {"maps": 0, "quality": {"images": 0}})["completeness"] = quality.completeness_summary(
+        conn, run_id, "test", settings["tolerance"])
+    return {"store": {"run_id": run_id, "db": str(db_path), "settings": settings},
+            "requested": {"explain": args.explain, "explain_errors": args.explain_errors, "quality": args.quality},
+            "effective": {"explain": len(indices), "quality": len(quality_idx)},
+            "explanations": out, "controls": {c: summaries[c] for c in trust.CONTROLS if c in summaries},
+            "trust": table, "recommended": rec}
 
 
 def test_metrics(net, ds, meta, checkpoint_sha256, args, device):
@@ -186,12 +206,16 @@ def test_metrics(net, ds, meta, checkpoint_sha256, args, device):
          "seed": meta.get("settings", {}).get("seed"), "params": model_lib.count_params(net),
          "macs": model_lib.layer_costs(model_lib.build(net.config), ds.size)[-1][3],
          "tta": args.tta, "checkpoint": str(args.checkpoint), "checkpoint_sha256": checkpoint_sha256,
-         "provenance": meta["provenance"], "best_epoch": meta.get("best_epoch")}
+         "provenance": meta["provenance"], "best_epoch": meta.get("best_epoch"),
+         "commands": {"train": train.command(meta["settings"], args.data_dir, str(Path(args.checkpoint).parent))
+                      if "settings" in meta else None,
+                      "evaluate": cli.command_line("evaluate.py", parse_args, args, ("checkpoint", "data_dir"))}}
     if meta.get("settings", {}).get("flips", True):  # both ways, for the report: TTA on and off
         other = metrics_lib.classification_metrics(labels, probabilities(ds.test, not args.tta), ds.class_names,
                                                    ds.task)
         m["tta_comparison"] = {"on" if args.tta else "off": {"acc": m["acc"], "auc": m["auc"]},
                                "off" if args.tta else "on": {"acc": other["acc"], "auc": other["auc"]}}
+    m["shift"] = shift.centre_shift(ds, val_probs, probs, meta.get("colour_reference"))
     run_dir = Path(args.checkpoint).parent
     metrics_lib.write_predictions(run_dir / "predictions_test.csv", probs)
     metrics_lib.write_predictions(run_dir / "predictions_val.csv", val_probs)
@@ -200,8 +224,11 @@ def test_metrics(net, ds, meta, checkpoint_sha256, args, device):
     return {**m, "probs": probs}
 
 
-def draw_galleries(conn, run_id, ds, methods, images, tag, ig):
-    """ig_examples.png, and methods.png with several methods; prints IG's completeness."""
+def draw_galleries(conn, run_id, ds, methods, images, tag, metrics):
+    """ig_examples.png, and methods.png with several methods (the recommended one first); prints
+    IG's completeness."""
+    ig = metrics["explanations"]["ig"]["completeness"]
+    methods = sorted(methods, key=lambda m: m != metrics["recommended"])
     n = gallery.plot_ig_examples(conn, run_id, ds, images / "ig_examples.png",
                                  f"Integrated Gradients on the test split of {tag}")
     if len(methods) > 1:

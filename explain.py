@@ -36,20 +36,22 @@ def parse_args(argv=None):
     p.add_argument("--methods", type=attr.methods_arg, default=["ig"], help="also draw these attribution "
                    "methods beside IG (<name>_methods.png), comma-separated or 'all': "
                    + ", ".join(attr.ATTRIBUTION_METHODS) + " (default: ig)")
-    p.add_argument("--out", default="images/explain", help="folder for the attribution figures and "
-                   "predictions.csv")
+    p.add_argument("--out", help="folder for the attribution figures and predictions.csv (default: <run>/explain, "
+                   "beside the checkpoint, or beside --db's store)")
     cli.add_ig_arguments(p)
     cli.add_device(p)
     p.add_argument("--db", help="with --index: re-render an explanation stored in this SQLite file")
     p.add_argument("--index", type=int, help="with --db: the image index to re-render")
     p.add_argument("--run", type=int, help="with --db: the run id (default: the latest run)")
     p.add_argument("--split", default="test", help="with --db: the split the image came from")
-    cli.add_data_dir(p, " (with --db)")
+    cli.add_data_dir(p, " (with --db, and for --methods expected_gradients, which draws its baselines from the "
+                     "training images)")
     args = p.parse_args(argv)
     if bool(args.db) != (args.index is not None):
         p.error("--db and --index go together")
     if not args.db and not args.images:
         p.error("give image files to explain, or --db DB --index I")
+    args.out = args.out or str(Path(args.db or args.checkpoint).parent / "explain")  # one folder per model's run
     return args
 
 
@@ -64,6 +66,11 @@ def explain_files(args):
     net, meta = model_lib.load_checkpoint(args.checkpoint, device)
     net = model_lib.fused_for_inference(net)
     settings = attr.ig_settings(args, meta["class_names"], labels_known=False)
+    references = None
+    if "expected_gradients" in args.methods:  # its baselines are training images
+        train_images = data.load_matching(meta["provenance"], args.data_dir).train.images
+        references = attr.reference_sample(train_images).to(device)
+    methods = {m: attr.method_fn(m, settings, references) for m in args.methods[1:]}
     paths = tiles.image_paths(args.images)
     rows, failed = [], []
     for path, stem in zip(paths, tiles.output_stems(paths), strict=True):
@@ -73,7 +80,7 @@ def explain_files(args):
             print(f"error: {e}", file=sys.stderr)
             failed.append(str(path))
             continue
-        rows.append(explain_file(net, meta, settings, path, stem, image, original, args, device))
+        rows.append(explain_file(net, meta, settings, methods, path, stem, image, original, args, device))
     if rows:
         write_csv(Path(args.out) / "predictions.csv", PREDICTION_COLUMNS, rows)
         print(f"predictions -> {Path(args.out) / 'predictions.csv'}")
@@ -83,9 +90,10 @@ def explain_files(args):
         raise attr.ExplainError(f"{len(failed)} of {len(paths)} inputs could not be explained: {', '.join(failed)}.")
 
 
-def explain_file(net, meta, settings, path, stem, image, original, args, device):
+def explain_file(net, meta, settings, methods, path, stem, image, original, args, device):
     """Classify and explain one image read from `path`: prints the prediction and any warnings,
-    draws <out>/<stem>_ig.png (and <stem>_methods.png with --methods); returns its CSV row."""
+    draws <out>/<stem>_ig.png (and <stem>_methods.png with the other `methods`, name -> function);
+    returns its CSV row."""
     names, size = meta["class_names"], meta["provenance"]["size"]
     probs, targets, result = attr.explain_batch(net, image[None], None, settings, device)
     top = probs[0].topk(min(3, len(names)))
@@ -104,10 +112,11 @@ def explain_file(net, meta, settings, path, stem, image, original, args, device)
                              f"IG, model trained on {trained_on}")
     error = float(result.relative_error()[0])
     print(f"  attribution figure -> {out}  (completeness error {error:.1%} of f(x) - f(baseline))")
-    if len(args.methods) > 1:
+    if methods:
         x = to_unit(image[None].to(device))
         maps = {"ig": [result.attributions[0]]}
-        maps.update({m: [attr.method_fn(m, settings)(net, x, targets.to(device))[0].cpu()] for m in args.methods[1:]})
+        with attr.seeded(0):  # noisy methods draw the same for every file
+            maps.update({m: [attribute(net, x, targets.to(device))[0].cpu()] for m, attribute in methods.items()})
         side_by_side = Path(args.out) / f"{stem}_methods.png"
         plots.plot_methods([(to_unit(image), title)], maps, side_by_side,
                            f"Attribution methods, model trained on {trained_on}")

@@ -6,7 +6,8 @@ IG (refined to its tolerance, with completeness terms) comes first and fixes eac
 and explained class; every other --methods map is computed for the same images and classes. Each
 batch of --ig-batch images is one transaction, so Ctrl-C or a kill loses at most the batch in flight,
 and a rerun computes only what the store lacks. Which images: explanation_indices, the first of a
-fixed shuffle of the split (every class shows up early, and reruns pick the same ones).
+fixed shuffle of the split (every class shows up early, and reruns pick the same ones), and beside
+them error_indices, the model's misclassified images, so the gallery can show its errors.
 """
 import time
 
@@ -27,6 +28,18 @@ def explanation_indices(n_images, how_many):
     count = n_images if how_many == "all" else min(int(how_many), n_images)
     order = torch.randperm(n_images, generator=torch.Generator().manual_seed(EXPLAIN_SEED))
     return order[:count].tolist()
+
+
+def error_indices(net, split, exclude, cap, batch_size=512, device="cpu"):
+    """Up to `cap` misclassified images of the split that `exclude` lacks, in the explanation order
+    (db.correct_predictions' rule, without TTA: what the stored rows will record)."""
+    if cap <= 0:
+        return []
+    import model as model_lib  # the model module, only where predictions are needed
+    wrong = ~db.correct_predictions(split.labels.numpy(), model_lib.predict_probabilities(net, split.images,
+                                                                                         batch_size, device))
+    taken = set(exclude)
+    return [i for i in explanation_indices(len(split), "all") if wrong[i] and i not in taken][:cap]
 
 
 def explain_into_db(net, split, indices, settings, conn, run_id, args, device):
@@ -54,14 +67,14 @@ def explain_into_db(net, split, indices, settings, conn, run_id, args, device):
     return stored
 
 
-def methods_into_db(net, split, indices, settings, conn, run_id, args, device, method):
-    """Maps of another attribution method for the images IG explained, stored under its name, one
-    transaction per batch; the prediction and the explained class are IG's rows'. Returns the count."""
+def methods_into_db(net, split, indices, conn, run_id, args, device, method, attribute):
+    """Maps of another attribution method (`attribute`, from attribution.method_fn) for the images IG
+    explained, stored under its name, one transaction per batch; the prediction and the explained
+    class are IG's rows'. Returns the count."""
     done = db.done_indices(conn, run_id, "test", method)
     todo = [i for i in indices if i not in done]  # in the given order: the batches a single process makes
     if not todo:
         return 0
-    attribute = attr.method_fn(method, settings)
     bar = progress(total=len(todo), unit="img", desc=method)
     t0, stored = time.perf_counter(), 0
     for start in range(0, len(todo), args.ig_batch):
@@ -69,8 +82,7 @@ def methods_into_db(net, split, indices, settings, conn, run_id, args, device, m
         idx = torch.tensor([r["image_index"] for r in rows])
         x = to_unit(split.images[idx].to(device))
         targets = torch.tensor([r["target"] for r in rows], device=device)
-        with torch.random.fork_rng(devices=[]):  # SmoothGrad's noise: the same on every rerun and shard
-            torch.manual_seed(int(idx[0]))
+        with attr.seeded(int(idx[0])):  # noisy methods' draws: the same on every rerun and shard
             maps = attribute(net, x, targets).cpu().numpy().astype(args.attr_dtype)
         labels = split.labels[idx].numpy()
         n = len(rows)
@@ -83,20 +95,23 @@ def methods_into_db(net, split, indices, settings, conn, run_id, args, device, m
     return stored
 
 
-def explain_all(fused, stages, split, indices, quality_idx, settings, methods, conn, run_id, args, device):
+def explain_all(fused, stages, split, indices, quality_idx, settings, scored, conn, run_id, args, device,
+                references=None):
     """Steps 3 and 4 into one store: explain_methods, then quality for `quality_idx`; each only where
-    the store lacks it."""
-    explain_methods(fused, split, indices, settings, conn, run_id, args, device)
+    the store lacks it. `scored` is quality.scored_maps'; `references` are expected_gradients'."""
+    explain_methods(fused, split, indices, settings, conn, run_id, args, device, scored)
     if quality_idx:
-        quality.quality_into_db(fused, stages, split, quality_idx, settings, methods, conn, run_id, device)
+        quality.quality_into_db(fused, stages, split, quality_idx, settings, scored, conn, run_id, device,
+                                references)
 
 
-def explain_methods(fused, split, indices, settings, conn, run_id, args, device):
-    """IG, then every other --methods, for `indices`, where the store lacks them."""
+def explain_methods(fused, split, indices, settings, conn, run_id, args, device, scored):
+    """IG, then every other --methods (their functions in `scored`), for `indices`, where the store
+    lacks them."""
     if indices:
         explain_into_db(fused, split, indices, settings, conn, run_id, args, device)
         for method in args.methods[1:]:
-            methods_into_db(fused, split, indices, settings, conn, run_id, args, device, method)
+            methods_into_db(fused, split, indices, conn, run_id, args, device, method, scored[method])
 
 
 def lacking(indices, done_sets):

@@ -2,36 +2,53 @@
 
     gallery.plot_ig_examples(conn, run_id, ds, "images/ig_examples.png", title)
 
-Per class, the most confident correct and misclassified stored explanation (for multi-label data,
-per predicted label), drawn in IG (ig_examples.png) and, with --methods, in every method
-(methods.png).
+One row per class, never wrapped into the next: GALLERY_CORRECT correct images picked at random
+(seeded, so not only the most confident) and the most confident misclassified one, WRONG (evaluate.py
+explains every misclassified image, up to --explain-errors, so every class with errors has one). For
+multi-label data the class is the predicted (highest-scoring) label. Drawn in IG (ig_examples.png)
+and, with one correct image a class, in every method (methods.png).
 """
+import random
+
 import attribution as attr
 import db
 import plots
 from colour import to_unit
 from datasets import MULTI_LABEL
 
+GALLERY_CORRECT, GALLERY_SEED = 2, 0
 
-def gallery_examples(conn, run_id, ds, with_arrays=False):
-    """[(stored IG row, title)] per class: the most confident correct and misclassified stored
-    explanation, if any. Classes are the true class, or for multi-label data the predicted
-    (highest-scoring) label, right or not."""
+
+def gallery_examples(conn, run_id, ds, with_arrays=False, correct=GALLERY_CORRECT):
+    """[[(stored IG row, title) or None] * (correct + 1)] a class, for the classes with any stored
+    explanation: `correct` random correct rows, then the most confident misclassified one (None
+    where a class has fewer)."""
     by = "pred_label" if ds.task == MULTI_LABEL else "true_label"
-    out = []
+    rows = []
     for label in range(len(ds.class_names)):
-        for wrong in (False, True):
-            for r in db.find(conn, run_id, "test", misclassified=wrong, order="-confidence", limit=1,
-                             with_arrays=with_arrays, **{by: label}):
-                out.append((r, plots.panel_title(ds.class_names, db.true_classes(r), r["pred_label"],
-                                                 r["confidence"], ["WRONG"] if wrong else [])))
-    return out
+        right = db.find(conn, run_id, "test", misclassified=False, **{by: label})
+        picked = sorted(random.Random(GALLERY_SEED * 1009 + label).sample(right, min(correct, len(right))),
+                        key=lambda r: r["image_index"])
+        wrong = db.find(conn, run_id, "test", misclassified=True, order="-confidence", limit=1, **{by: label})
+        chosen = [(r["image_index"], []) for r in picked] + [(r["image_index"], ["WRONG"]) for r in wrong]
+        if with_arrays and chosen:
+            full = {r["image_index"]: r for r in db.find(conn, run_id, "test", image_indices=[i for i, _ in chosen],
+                                                           with_arrays=True)}
+        else:
+            full = {r["image_index"]: r for r in picked + wrong}
+        row = [(full[i], plots.panel_title(ds.class_names, db.true_classes(full[i]), full[i]["pred_label"],
+                                           full[i]["confidence"], note)) for i, note in chosen]
+        row = row[:len(picked)] + [None] * (correct - len(picked)) + (row[len(picked):] or [None])
+        if any(row):
+            rows.append(row)
+    return rows
 
 
 def plot_method_examples(conn, run_id, ds, methods, path, title):
-    """The ig_examples images in every method (those with a map stored in each)."""
+    """One correct and the misclassified image of each class (those with a map stored in every
+    method), in every method."""
     examples, maps = [], {m: [] for m in methods}
-    for r, panel_title in gallery_examples(conn, run_id, ds):
+    for r, panel_title in [e for row in gallery_examples(conn, run_id, ds, correct=1) for e in row if e]:
         i = r["image_index"]
         per_method = {m: db.find(conn, run_id, "test", image_indices=[i], with_arrays=True, method=m)
                       for m in methods}
@@ -46,9 +63,10 @@ def plot_method_examples(conn, run_id, ds, methods, path, title):
 
 
 def plot_ig_examples(conn, run_id, ds, path, title):
-    """IG on gallery_examples: per class, the most confident correct and misclassified image."""
-    panels = [(to_unit(ds.test.images[r["image_index"]]), attr.stored_attributions([r])[0], panel_title)
-              for r, panel_title in gallery_examples(conn, run_id, ds, with_arrays=True)]
-    if panels:
-        plots.explanation_figure(panels, path, title)
-    return len(panels)
+    """IG on gallery_examples, a row per class; returns the number of panels."""
+    rows = gallery_examples(conn, run_id, ds, with_arrays=True)
+    panels = [None if e is None else (to_unit(ds.test.images[e[0]["image_index"]]),
+                                      attr.stored_attributions([e[0]])[0], e[1]) for row in rows for e in row]
+    if rows:
+        plots.explanation_figure(panels, path, title, per_row=GALLERY_CORRECT + 1)
+    return sum(p is not None for p in panels)

@@ -30,34 +30,46 @@ def classification_metrics(labels, probs, class_names, task="multi-class"):
         predicted, actual = probs > 0.5, labels.astype(bool)
         tp = (predicted & actual).sum(0).astype(float)
         predicted_n, actual_n, cm = predicted.sum(0), actual.sum(0), None
-        p_flat = probs.reshape(-1)
-        ece = expected_calibration_error(np.stack([1 - p_flat, p_flat], 1), actual.reshape(-1).astype(int))
     else:
         pred = probs.argmax(1)
         cm = np.bincount(labels * n + pred, minlength=n * n).reshape(n, n)  # rows: true, cols: predicted
         tp, predicted_n, actual_n = np.diag(cm).astype(float), cm.sum(0), cm.sum(1)
-        ece = expected_calibration_error(probs, labels)
     precision = np.divide(tp, predicted_n, out=np.zeros(n), where=predicted_n > 0)
     recall = np.divide(tp, actual_n, out=np.zeros(n), where=actual_n > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n),
                    where=(precision + recall) > 0)
+    present = actual_n > 0
     return {"acc": float(evaluator.getACC(labels, probs, task)),
             "auc": float(evaluator.getAUC(labels, probs, task)),
-            "task": task, "ece": ece, "n": int(len(labels)),
+            # beside ACC, for unbalanced splits: the mean recall over the classes present (single-label
+            # data only) and the unweighted mean F1 over them
+            "balanced_acc": None if task == MULTI_LABEL else float(recall[present].mean()),
+            "macro_f1": float(f1[present].mean()),
+            "task": task, "ece": calibration_error(labels, probs, task), "n": int(len(labels)),
             "per_class": [{"class": name, "precision": float(p), "recall": float(r), "f1": float(f),
                            "support": int(s)}
                           for name, p, r, f, s in zip(class_names, precision, recall, f1, actual_n, strict=True)],
             "confusion_matrix": None if cm is None else cm.tolist()}
 
 
+def calibration_error(labels, probs, task):
+    """The top-label ECE; multi-label data pools every (image, label) decision as a two-class one."""
+    if task != MULTI_LABEL:
+        return expected_calibration_error(probs, labels)
+    p = probs.reshape(-1)
+    return expected_calibration_error(np.stack([1 - p, p], 1), labels.astype(bool).reshape(-1).astype(int))
+
+
 def bootstrap_intervals(labels, probs, task, n=BOOTSTRAP, seed=0):
-    """95% percentile intervals of MedMNIST's ACC and AUC over `n` resamples of the images (seeded)."""
+    """95% percentile intervals of MedMNIST's ACC and AUC, and of the ECE, over `n` resamples of the
+    images (seeded)."""
     evaluator = medmnist_module("evaluator")
     rng = np.random.default_rng(seed)
-    accs, aucs = [], []
+    accs, aucs, eces = [], [], []
     for _ in range(n):
         i = rng.integers(0, len(labels), len(labels))
         accs.append(evaluator.getACC(labels[i], probs[i], task))
+        eces.append(calibration_error(labels[i], probs[i], task))
         with warnings.catch_warnings():  # a resample without some class: its AUC is undefined
             warnings.simplefilter("ignore")
             try:
@@ -67,7 +79,7 @@ def bootstrap_intervals(labels, probs, task, n=BOOTSTRAP, seed=0):
         if np.isfinite(auc):
             aucs.append(auc)
     ci = lambda v: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v else None  # noqa: E731
-    return {"acc_ci95": ci(accs), "auc_ci95": ci(aucs), "bootstrap": n}
+    return {"acc_ci95": ci(accs), "auc_ci95": ci(aucs), "ece_ci95": ci(eces), "bootstrap": n}
 
 
 def write_predictions(path, probs):

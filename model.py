@@ -29,6 +29,7 @@ import copy
 import io
 import os
 import re
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -184,12 +185,15 @@ def input_channels(model):
 
 
 def probabilities(model, logits):
-    """Class probabilities from a model's logits: one sigmoid per label for a multi-label model
-    (chestmnist: findings are not exclusive), softmax over the classes otherwise. Models without a
-    config (bench.py's peers) are single-label."""
-    if getattr(model, "config", {}).get("task") == MULTI_LABEL:
-        return torch.sigmoid(logits)
-    return torch.softmax(logits, dim=1)
+    """Class probabilities from a model's logits (task_probabilities with the model's task). Models
+    without a config (the original approach's) are single-label."""
+    return task_probabilities(getattr(model, "config", {}).get("task"), logits)
+
+
+def task_probabilities(task, logits):
+    """One sigmoid per label for a multi-label task (chestmnist: findings are not exclusive),
+    softmax over the classes otherwise."""
+    return torch.sigmoid(logits) if task == MULTI_LABEL else torch.softmax(logits, dim=1)
 
 
 def input_mean(model):
@@ -294,7 +298,10 @@ def save_checkpoint(path, model, meta, train_state=None):
 def read_checkpoint(path):
     """The raw checkpoint dict, loaded safely (weights_only=True), or CheckpointError."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"No checkpoint at {path}. Train one first with `python train.py` "
+        others = sorted(str(p) for p in Path(path).parent.parent.glob("*/best.pt"))  # e.g. the demo's run
+        hint = (f" Did you mean --checkpoint {others[0]}?" + (f" (also there: {', '.join(others[1:4])})"
+                                                              if others[1:] else "")) if others else ""
+        raise CheckpointError(f"No checkpoint at {path}.{hint} Train one first with `python train.py` "
                               f"(or `python train.py --synthetic` offline), or pass --checkpoint.")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)

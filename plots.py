@@ -4,7 +4,7 @@
     confusion matrix       plot_confusion      (evaluate.py -> <run>/images/confusion_matrix.png)
     reliability diagram    plot_reliability    (evaluate.py -> <run>/images/reliability.png)
     IG gallery / one image explanation_figure  (evaluate.py -> <run>/images/ig_examples.png,
-                                                explain.py  -> images/explain/<name>_ig.png)
+                                                explain.py  -> <run>/explain/<name>_ig.png)
     deletion / insertion   plot_faithfulness   (evaluate.py -> <run>/images/faithfulness.png)
     randomisation example  plot_randomization_rows (evaluate.py -> <run>/images/sanity_randomization.png)
     methods side by side   plot_methods        (evaluate.py -> <run>/images/methods.png)
@@ -177,11 +177,12 @@ def draw_explanation(fig, axes, image, attribution, title, scale=None):
     return shown
 
 
-def explanation_figure(panels, path, suptitle):
-    """panels: [(image (C, H, W) in [0, 1], attribution (C, H, W), title)], drawn two per row."""
-    per_row = 2 if len(panels) > 1 else 1
+def explanation_figure(panels, path, suptitle, per_row=None):
+    """panels: [(image (C, H, W) in [0, 1], attribution (C, H, W), title) or None for an empty slot],
+    drawn `per_row` to a row (default two, or one for a single panel)."""
+    per_row = per_row or (2 if len(panels) > 1 else 1)
     rows = (len(panels) + per_row - 1) // per_row
-    title_lines = max(title.count("\n") + 1 for _, _, title in panels)
+    title_lines = max(title.count("\n") + 1 for _, _, title in filter(None, panels))
     width = 3 * per_row * 1.6
     # each row: the panels plus room for the longest title (about 0.13 in per line at fontsize 7)
     # (+ 0.75 in at the bottom for the shared colour bar)
@@ -190,9 +191,12 @@ def explanation_figure(panels, path, suptitle):
     for ax in axes.flat:
         ax.axis("off")
     # one colour scale for every map of the figure: the 99th percentile of all |channel sums|
-    sums = np.concatenate([np.abs(a.detach().float().sum(0).cpu().numpy()).ravel() for _, a, _ in panels])
+    sums = np.concatenate([np.abs(a.detach().float().sum(0).cpu().numpy()).ravel() for _, a, _ in filter(None, panels)])
     scale = float(np.percentile(sums, 99)) or 1.0
-    for i, (image, attribution, title) in enumerate(panels):
+    for i, panel in enumerate(panels):
+        if panel is None:  # an empty slot keeps the rows aligned (one class a row)
+            continue
+        image, attribution, title = panel
         r, c = divmod(i, per_row)
         row_axes = axes[r, 3 * c:3 * c + 3]
         for ax in row_axes:
@@ -281,10 +285,12 @@ def plot_methods(examples, method_maps, path, title):
     methods = list(method_maps)
     rows, columns = len(examples), 1 + len(methods)
     title_lines = max(t.count("\n") + 1 for _, t in examples)
-    height = rows * (1.45 + 0.12 * title_lines) + 0.9
+    wrapped = textwrap.fill(title, int(1.45 * columns * 13))
+    header = 0.4 + 0.17 * (wrapped.count("\n") + 1)  # inches above the column titles: the figure title's lines
+    height = rows * (1.45 + 0.12 * title_lines) + 0.45 + header
     width = 1.45 * columns + 1.4  # room on the left for the row titles
     fig, axes = plt.subplots(rows, columns, figsize=(width, height), squeeze=False)
-    fig.subplots_adjust(left=1.5 / width, right=0.98, top=1 - 0.55 / height, bottom=0.45 / height, hspace=0.25)
+    fig.subplots_adjust(left=1.5 / width, right=0.98, top=1 - header / height, bottom=0.45 / height, hspace=0.25)
     for c, method in enumerate(methods, start=1):
         sums = [m.detach().float().sum(0).cpu().numpy() for m in method_maps[method]]
         scale = float(np.percentile(np.abs(np.stack(sums)), 99)) or 1.0
@@ -300,5 +306,5 @@ def plot_methods(examples, method_maps, path, title):
         show_image(axes[r, 0], image)
         axes[r, 0].set_ylabel(row_title, fontsize=6, rotation=0, ha="right", va="center")
     no_ticks(axes.flat)
-    fig.suptitle(textwrap.fill(title, int(1.45 * columns * 13)), fontsize=9)
+    fig.suptitle(wrapped, fontsize=9, y=1 - 0.1 / height, va="top")
     write_figure(fig, path, dpi=130, tight=False)  # tight_layout cannot place the per-column colour bars

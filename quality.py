@@ -32,13 +32,18 @@ from colour import to_unit
 from progress import progress
 
 CURVE_POINTS = 29  # deletion/insertion curves: 0, 1/28, ..., all of the pixels
-# The randomisation check: a method passes when its fully randomised |maps| keep a Spearman rank
-# correlation with its trained maps at least RANDOMIZATION_MARGIN below the input-only control's, a
-# map that ignores the model and so keeps 1.0 (measured each run, through the identical test).
-RANDOMIZATION_MARGIN = 0.5
 RANDOMIZATION_MODES = ("top_down", "bottom_up", "single")
 SSIM_WINDOW = 7  # pixels; the Gaussian-free (uniform) window of Wang et al.'s SSIM
 INFIDELITY_NOISE, SENSITIVITY_RADIUS = 0.05, 0.02  # in [0, 1] pixel units
+# The published tests beside deletion/insertion and MPRT (Hedstrom et al. 2023; Sixt et al. 2020;
+# Rong et al. 2022). sMPRT averages each map over noisy copies of the image (noise s.d. a share of
+# the image's range, as Quantus does; the last copy noise-free); fewer copies than Quantus's default
+# of 50, which would cost 50 maps per image and model. ROAD removes pixels by noisy linear imputation.
+SMOOTH_MPRT_SAMPLES, SMOOTH_MPRT_NOISE = 8, 0.1
+ENTROPY_BINS = 100  # eMPRT: bins of the histogram of map values whose entropy is compared
+ROAD_PERCENTAGES = tuple(range(10, 100, 10))  # % of pixels imputed, most (MoRF) or least (LeRF) relevant first
+ROAD_NOISE = 0.01  # s.d. of the noise added to imputed pixels (Rong et al.; Quantus's default)
+QUANTUS_SEED = 42  # Quantus's own default seed for its randomisation and random classes
 
 
 def pixel_order(attributions, generator=None):
@@ -78,19 +83,17 @@ def mask_share(attributions, masks):
 
 def rank_correlation(a, b, absolute=True):
     """Per-image Spearman correlation of a and b summed over channels, of their absolute values by
-    default (Adebayo et al., 2018, report both)."""
+    default (Adebayo et al., 2018, report both). Tied values share their mean rank, as in scipy:
+    ranking ties by position would correlate two maps that are flat in the same places."""
     def centred_ranks(t):
-        t = t.abs().sum(1) if absolute else t.sum(1)
-        r = t.flatten(1).argsort(1).argsort(1).double()
+        t = (t.abs().sum(1) if absolute else t.sum(1)).flatten(1).contiguous()
+        ordered = t.sort(1).values
+        first = torch.searchsorted(ordered, t, right=False)
+        last = torch.searchsorted(ordered, t, right=True) - 1
+        r = (first + last).double() / 2
         return r - r.mean(1, keepdim=True)
     ra, rb = centred_ranks(a), centred_ranks(b)
     return ((ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1)).clamp_min(1e-12)).float()
-
-
-def randomization_verdict(spearman, control_spearman=1.0):
-    """'passed' when fully randomised maps keep at least RANDOMIZATION_MARGIN less rank correlation
-    with the trained maps than the input-only control keeps (1.0: it ignores the model)."""
-    return "passed" if spearman <= control_spearman - RANDOMIZATION_MARGIN else "failed"
 
 
 def reinitialise(model, stage):
@@ -141,6 +144,103 @@ def ssim(a, b, window=SSIM_WINDOW):
     return s.mean((1, 2, 3)).float()
 
 
+# ----------------------------------------------------------------------------- published tests
+
+def smoothed_maps(attribute, model, x, target, generator, samples=SMOOTH_MPRT_SAMPLES, noise=SMOOTH_MPRT_NOISE):
+    """sMPRT's maps: the mean over `samples` copies of x with Gaussian noise of `noise` times each
+    image's value range, the last copy without noise (as Quantus's SmoothMPRT draws them)."""
+    spread = x.amax((1, 2, 3), keepdim=True) - x.amin((1, 2, 3), keepdim=True)
+    total = 0
+    for i in range(samples):
+        eps = torch.randn(x.shape, generator=generator).to(x.device) * noise * spread if i < samples - 1 else 0
+        total = total + attribute(model, x + eps, target).cpu()
+    return total / samples
+
+
+def linear_imputation(x, missing, iterations=None):
+    """Rong et al.'s linear imputation of the `missing` pixels (B, H, W) of images x (B, C, H, W):
+    each missing pixel becomes the weighted mean of its 8 neighbours (1/6 across and down, 1/12
+    diagonally, neighbours outside the image left out), solved for all missing pixels at once by
+    conjugate gradients on the whole batch. quantus.functions.perturb_func.noisy_linear_imputation
+    solves the same system one image at a time with a sparse solver."""
+    w = torch.tensor([[1 / 12, 1 / 6, 1 / 12], [1 / 6, 0.0, 1 / 6], [1 / 12, 1 / 6, 1 / 12]], dtype=torch.float64)
+    b, c, h, wd = x.shape
+    flat = x.double().reshape(b * c, 1, h, wd)
+    m = missing.double().to(x.device).repeat_interleave(c, 0)[:, None]
+    kernel = w.to(x.device).view(1, 1, 3, 3)
+
+    def neighbours(t):
+        return torch.nn.functional.conv2d(t, kernel, padding=1)  # zero padding: outside neighbours drop out
+    total = neighbours(torch.ones_like(flat))
+
+    def apply(u):  # the system's matrix on the missing pixels
+        return m * (total * u - neighbours(m * u))
+    rhs = m * neighbours(flat * (1 - m))
+    u = m * rhs / total  # start: the mean of the known neighbours
+    r = rhs - apply(u)
+    p, rr = r.clone(), (r * r).sum((1, 2, 3), keepdim=True)
+    for _ in range(iterations or 4 * max(h, wd)):
+        ap = apply(p)
+        alpha = rr / (p * ap).sum((1, 2, 3), keepdim=True).clamp_min(1e-300)
+        u, r = u + alpha * p, r - alpha * ap
+        rr_new = (r * r).sum((1, 2, 3), keepdim=True)
+        if float(rr_new.max()) < 1e-20:
+            break
+        p, rr = r + rr_new / rr.clamp_min(1e-300) * p, rr_new
+    return (flat * (1 - m) + m * u).reshape(b, c, h, wd).to(x.dtype)
+
+
+@torch.no_grad()
+def road_curves(model, x, target, attributions, generator, percentages=ROAD_PERCENTAGES, noise=ROAD_NOISE):
+    """ROAD (Rong et al., 2022): per image and share of pixels imputed (most relevant first, MoRF,
+    and least relevant first, LeRF), whether the model still predicts the explained class.
+    Returns {"road_morf": (B, P), "road_lerf": (B, P)} of 0/1, as Quantus's ROAD scores them."""
+    b, _, h, w = x.shape
+    ranking = attributions.sum(1).flatten(1).argsort(dim=1, descending=True, stable=True)  # channel-summed
+    out = {}
+    for name, order in (("road_morf", ranking), ("road_lerf", ranking.flip(1))):
+        curve = []
+        for p in percentages:
+            missing = torch.zeros(b, h * w, dtype=torch.bool)
+            missing.scatter_(1, order[:, :int(h * w * p / 100)], True)
+            missing = missing.view(b, h, w)
+            filled = linear_imputation(x, missing)
+            jitter = torch.randn(x.shape, generator=generator).to(x.device) * noise
+            filled = filled + missing[:, None].to(x.device) * jitter
+            curve.append((model(filled).argmax(1) == target).float().cpu())
+        out[name] = torch.stack(curve, 1)
+    return out
+
+
+def quantus_scores(metric, model, x, target, attributions, attribute):
+    """Per-image scores of a Quantus metric (EfficientMPRT, RandomLogit) on channel-summed maps, with
+    `attribute` as its explanation function: the tests as their authors' library computes them."""
+    def explain(model, inputs, targets, **kwargs):
+        inputs = torch.as_tensor(inputs, device=x.device, dtype=x.dtype)
+        maps = attribute(model, inputs, torch.as_tensor(targets, device=x.device).long())
+        return maps.sum(1, keepdim=True).cpu().numpy()
+    scores = metric(model=model, x_batch=x.cpu().numpy(), y_batch=target.cpu().numpy(),
+                    a_batch=attributions.sum(1, keepdim=True).cpu().numpy(), explain_func=explain, device=str(x.device))
+    return torch.tensor(np.asarray(scores, dtype=np.float64)).float()
+
+
+def published_tests(model, x, target, attributions, attribute, fully_randomized, n_classes, generator):
+    """sMPRT, eMPRT, RandomLogit and ROAD of `attributions` (B, C, H, W): per image, as tensors.
+    `fully_randomized` is the model with every layer re-initialised (bottom-up's last stage)."""
+    import quantus  # seconds to import: only where quality is measured
+    smooth = rank_correlation(smoothed_maps(attribute, model, x, target, generator),
+                              smoothed_maps(attribute, fully_randomized, x, target, generator))
+    empirical = quantus_scores(quantus.EfficientMPRT(layer_order="bottom_up", seed=QUANTUS_SEED,
+                                                     complexity_func_kwargs={"n_bins": ENTROPY_BINS},
+                                                     disable_warnings=True),
+                               model, x, target, attributions, attribute)
+    other = quantus_scores(quantus.RandomLogit(num_classes=n_classes, seed=QUANTUS_SEED, disable_warnings=True),
+                           model, x, target, attributions, attribute)
+    road = road_curves(model, x, target, attributions, generator)
+    return {"smooth_mprt": smooth, "efficient_mprt": empirical, "random_logit": other,
+            **{k: v.mean(1) for k, v in road.items()}}
+
+
 # ----------------------------------------------------------------------------- controls
 
 def control_maps():
@@ -156,10 +256,11 @@ def control_maps():
         return (x - attr.make_baseline(x, baseline, model_lib.input_mean(model))).abs()
 
     def edges(model, x, target):
-        grey = x.mean(1, keepdim=True)
+        # the border is replicated, not zero-padded: a frame of edges around every image is not in it
+        grey = torch.nn.functional.pad(x.mean(1, keepdim=True), (1, 1, 1, 1), mode="replicate")
         kx = torch.tensor([[-1., 0., 1.], [-2., 0., 2.], [-1., 0., 1.]], device=x.device).view(1, 1, 3, 3)
-        gx = torch.nn.functional.conv2d(grey, kx, padding=1)
-        gy = torch.nn.functional.conv2d(grey, kx.transpose(2, 3), padding=1)
+        gx = torch.nn.functional.conv2d(grey, kx)
+        gy = torch.nn.functional.conv2d(grey, kx.transpose(2, 3))
         return ((gx ** 2 + gy ** 2).sqrt() / x.shape[1]).expand_as(x).contiguous()
     return {"control:random": random_map, "control:input": input_only, "control:edge": edges}
 
@@ -174,8 +275,7 @@ def quality_measures(model, x, target, attributions, settings, attribute, stages
     image, every mode's {layer: {"spearman", "signed", "ssim"}}.
     """
     stages = stages if isinstance(stages, dict) else {"top_down": stages}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # random orders and metric noise: the same on every rerun
+    with attr.seeded(seed):  # random orders and metric noise: the same on every rerun
         gen = torch.Generator().manual_seed(seed)
         base = attr.make_baseline(x, settings["baseline"], model_lib.input_mean(model))
         order, random_order = pixel_order(attributions), pixel_order(attributions, gen)
@@ -195,13 +295,15 @@ def quality_measures(model, x, target, attributions, settings, attribute, stages
                                n_perturb_samples=4)
         randomized = {mode: [(name, attribute(m, x, target).cpu()) for name, m in models]
                       for mode, models in stages.items()}
+        published = (published_tests(model, x, target, attributions, attribute, stages["bottom_up"][-1][1],
+                                     model.config["n_classes"], gen) if "bottom_up" in stages else {})
     per_mode = {mode: {name: {"spearman": rank_correlation(attributions, a),
                               "signed": rank_correlation(attributions, a, absolute=False),
                               "ssim": ssim(attributions, a)} for name, a in maps}
                 for mode, maps in randomized.items()}
     top_down = randomized["top_down"]
     by_stage = torch.stack([per_mode["top_down"][name]["spearman"] for name, _ in top_down], 1)
-    out = {**curves, "infidelity": infid.cpu(), "sensitivity_max": sens.cpu(),
+    out = {**curves, **published, "infidelity": infid.cpu(), "sensitivity_max": sens.cpu(),
            "randomization_stages": by_stage, "randomization_spearman": by_stage[:, -1],
            "randomization_spearman_signed": per_mode["top_down"][top_down[-1][0]]["signed"],
            # IG multiplies by (x - baseline), so maps from any weights share this much ranking with it
@@ -221,14 +323,15 @@ def quality_measures(model, x, target, attributions, settings, attribute, stages
 QUALITY_BATCH = 50  # images per quality transaction (sensitivity_max expands each 4x)
 SUMMARY_KEYS = ("deletion_auc", "deletion_auc_random", "insertion_auc", "insertion_auc_random",
                 "infidelity", "sensitivity_max", "randomization_spearman",
-                "randomization_spearman_signed", "randomization_input_spearman", "mask_mass", "mask_area")
+                "randomization_spearman_signed", "randomization_input_spearman", "mask_mass", "mask_area",
+                "smooth_mprt", "efficient_mprt", "random_logit", "road_morf", "road_lerf")
 
 
-def scored_maps(settings, smooth=0, smooth_sd=0.1, names=("ig",), controls=True):
+def scored_maps(settings, smooth=0, smooth_sd=0.1, names=("ig",), controls=True, references=None):
     """{name: attribution function} of everything the quality pass scores: each attribution method
-    of `names` (attribution.METHODS), SmoothGrad over IG with `smooth` samples, and the three
-    controls (control_maps)."""
-    out = {name: attr.method_fn(name, settings) for name in names}
+    of `names` (attribution.METHODS; `references`, training images, for expected_gradients),
+    SmoothGrad over IG with `smooth` samples, and the three controls (control_maps)."""
+    out = {name: attr.method_fn(name, settings, references) for name in names}
     if smooth:
         out[f"smoothgrad_ig:n={smooth},sd={smooth_sd}"] = attr.smoothgrad_ig_fn(settings, smooth, smooth_sd)
     if controls:
@@ -238,11 +341,12 @@ def scored_maps(settings, smooth=0, smooth_sd=0.1, names=("ig",), controls=True)
     return out
 
 
-def quality_into_db(fused, stages, split, indices, settings, attribute_by_method, conn, run_id, device):
+def quality_into_db(fused, stages, split, indices, settings, attribute_by_method, conn, run_id, device,
+                    references=None):
     """Quality measures for the stored explanations of `indices` that have none yet, per method,
     a batch per transaction. `fused` is the BN-folded model, `stages` from all_randomized_models.
     A method with maps stored for the run (evaluate.py --methods) is scored on those maps; others
-    (SmoothGrad over IG, the controls) are computed here."""
+    (SmoothGrad over IG, the controls) are computed here. `references` are expected_gradients'."""
     stored_methods = set(db.explanation_methods(conn, run_id))
     for method, attribute in attribute_by_method.items():
         done = db.done_quality(conn, run_id, "test", method)
@@ -260,12 +364,11 @@ def quality_into_db(fused, stages, split, indices, settings, attribute_by_method
                 maps = db.find(conn, run_id, "test", image_indices=idx.tolist(), with_arrays=True, method=method)
                 attributions = attr.stored_attributions(maps)
             else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(todo[start])  # the random-map control: the same on every rerun and shard
+                with attr.seeded(todo[start]):  # the random-map control: the same on every rerun and shard
                     attributions = attribute(fused, x, target).cpu()
             q = quality_measures(fused, x, target, attributions, settings, attribute, stages,
                                  masks=None if split.masks is None else split.masks[idx])
-            gap = torch.tensor([r["score"] - r["baseline_score"] for r in rows])
+            gap = completeness_gap(method, fused, x, target, settings, rows, references)
             q["relative_error"] = attr.relative_completeness_error(attributions.sum((1, 2, 3)) - gap, gap)
             by_stage, detail = q.pop("randomization_stages"), q.pop("randomization")
             stage_names = [name for name, _ in stages["top_down"]]
@@ -277,6 +380,18 @@ def quality_into_db(fused, stages, split, indices, settings, attribute_by_method
                                      for j, i in enumerate(idx.tolist())])
             bar.update(len(rows))
         bar.close()
+
+
+def completeness_gap(method, model, x, target, settings, rows, references=None):
+    """f(x) - f(reference), what a complete method's map adds up to: the method's own output and
+    reference for IG and its variants (expected gradients: the mean over its references); for the
+    others, which are not complete, stored IG's (their relative_error is not reported)."""
+    if method not in attr.COMPLETE_METHODS:
+        return torch.tensor([r["score"] - r["baseline_score"] for r in rows])
+    forward = attr.forward_for(model, attr.method_settings(method, settings)["attribute"])
+    with torch.no_grad():
+        score = forward(x)[torch.arange(len(x), device=x.device), target]
+    return (score - attr.reference_score(method, model, x, target, settings, references)).cpu()
 
 
 def completeness_summary(conn, run_id, split, tolerance):
@@ -292,133 +407,49 @@ def completeness_summary(conn, run_id, split, tolerance):
             "share_within_tolerance": float((rel <= tolerance).mean())}
 
 
-def quality_summary(conn, run_id, method, settings, control_spearman=1.0):
-    """Means over every stored quality row of the run for `method`, with the check verdicts;
-    `control_spearman` is the input-only control's fully randomised |map| Spearman (see
-    randomization_verdict)."""
+def quality_summary(conn, run_id, method, settings):
+    """Means over every stored quality row of the run for `method`; randomisation stages named as
+    the figures name them (model.layer_label). Completeness only for complete methods (IG, its
+    variants, expected gradients), with the IG settings' tolerance."""
     rows = db.quality_rows(conn, run_id, "test", method)
     if not rows:
         return {"images": 0}
 
     def mean(key):
-        return float(np.mean([r[key] for r in rows])) if rows[0][key] is not None else None
+        values = [r[key] for r in rows if r[key] is not None]
+        return float(np.mean(values)) if values else None
     stages = rows[0]["randomization_stages"]
     summary = {"images": len(rows), **{k: mean(k) for k in SUMMARY_KEYS},
-               "completeness_share": float(np.mean([r["relative_error"] <= settings["tolerance"] for r in rows])),
-               "mean_relative_error": mean("relative_error"),
-               "randomization_by_stage": {name: float(np.mean([r["randomization_stages"][name] for r in rows]))
+               "randomization_by_stage": {model_lib.layer_label(name): float(np.mean([r["randomization_stages"][name]
+                                                                                     for r in rows]))
                                           for name in stages}}
+    if method in attr.COMPLETE_METHODS:
+        summary["completeness_share"] = float(np.mean([r["relative_error"] <= settings["tolerance"] for r in rows]))
+        summary["mean_relative_error"] = mean("relative_error")
     detailed = [r["randomization"] for r in rows if r["randomization"]]
     if len(detailed) == len(rows):  # every mode, every measure: means per stage
-        modes = {mode: {stage: {k: float(np.mean([d[mode][stage][k] for d in detailed])) for k in measures}
+        modes = {mode: {model_lib.layer_label(stage): {k: float(np.mean([d[mode][stage][k] for d in detailed]))
+                                                       for k in measures}
                         for stage, measures in by_stage.items()}
                  for mode, by_stage in detailed[0].items()}
         summary["randomization_modes"] = modes
-        last = lambda mode: list(modes[mode].values())[-1]  # noqa: E731
-        summary["randomization_ssim"] = last("top_down")["ssim"]
+        summary["randomization_ssim"] = list(modes["top_down"].values())[-1]["ssim"]
         if "bottom_up" in modes:
-            summary["randomization_bottom_up_spearman"] = last("bottom_up")["spearman"]
+            summary["randomization_bottom_up_spearman"] = list(modes["bottom_up"].values())[-1]["spearman"]
         if "single" in modes:
             summary["randomization_single_min_spearman"] = min(v["spearman"] for v in modes["single"].values())
-    summary["randomization_check"] = randomization_verdict(summary["randomization_spearman"], control_spearman)
-    summary["randomization_control_spearman"] = control_spearman
     return summary
 
 
-def quality_warnings(summary, method, settings):
-    """Lines that tell the user which check went wrong and what to do."""
-    lines = []
-    if method == "ig" and summary["completeness_share"] < 0.95:
-        better = 2 * settings["max_steps"]
-        lines.append(f"warning: only {summary['completeness_share']:.0%} of images have a completeness "
-                     f"error within {settings['tolerance']:.0%}; rerun with --max-steps {better} "
-                     f"(and --n-steps {min(better, 2 * settings['n_steps'])} to start higher).")
-    if summary["deletion_auc"] >= summary["deletion_auc_random"]:
-        lines.append(f"warning: {method}: deleting pixels in attribution order lowers the class "
-                     f"probability no faster than a random order; the maps are not faithful here.")
-    if summary["insertion_auc"] <= summary["insertion_auc_random"]:
-        lines.append(f"warning: {method}: inserting pixels in attribution order raises the class "
-                     f"probability no faster than a random order; the maps are not faithful here.")
-    if summary["randomization_check"] == "failed":
-        lines.append(f"FAILED sanity check ({method}): with every weight randomised the maps keep a rank "
-                     f"correlation of {summary['randomization_spearman']:.2f} with the trained maps; a "
-                     f"map that ignores the model keeps {summary['randomization_control_spearman']:.2f}, "
-                     f"and a method must stay {RANDOMIZATION_MARGIN} below that. Its maps depend too "
-                     f"little on what the model learned"
-                     + ("; for IG that is its (x - baseline) factor: read it beside ig_local or saliency."
-                        if method == "ig" else "."))
-    return lines
-
-
-QUALITY_TABLE = (("images", "images", "{:d}"), ("complete", "completeness_share", "{:.0%}"),
-                 ("deletion", "deletion_auc", "{:.3f}"), ("(random)", "deletion_auc_random", "{:.3f}"),
-                 ("insertion", "insertion_auc", "{:.3f}"), ("(random)", "insertion_auc_random", "{:.3f}"),
-                 ("infid.", "infidelity", "{:.3g}"), ("sens.", "sensitivity_max", "{:.3g}"),
-                 ("in mask", "mask_mass", "{:.0%}"),
-                 ("rand. top-down", "randomization_spearman", "{:.2f}"),
-                 ("bottom-up", "randomization_bottom_up_spearman", "{:.2f}"),
-                 ("1 layer min", "randomization_single_min_spearman", "{:.2f}"),
-                 ("SSIM", "randomization_ssim", "{:.2f}"), ("check", "randomization_check", "{}"))
-
-
-def quality_table(summaries):
-    """One line per method (controls last) and one column per measure, as text."""
-    widths = [max(len(head), 8) for head, _, _ in QUALITY_TABLE]
-    columns = list(zip(QUALITY_TABLE, widths, strict=True))
-    lines = [f"  {'method':16s} " + " ".join(f"{head:>{w}s}" for (head, _, _), w in columns)]
-    for method, q in summaries.items():
-        cells = []
-        for (_, key, fmt), w in columns:
-            value = q.get(key)
-            if key == "completeness_share" and not method.startswith(("ig", "smoothgrad_ig")) or value is None:
-                cells.append(f"{'—':>{w}s}")  # completeness holds for IG only
-            else:
-                cells.append(f"{fmt.format(value):>{w}s}")
-        lines.append(f"  {method:16s} " + " ".join(cells))
-    return "\n".join(lines)
-
-
-def print_quality(summaries):
-    print("\nExplanation quality: means over the quality images (deletion: lower is better, insertion: "
-          "higher; random = a random pixel order).\nRandomisation: Spearman of |map| between the trained "
-          f"and the fully randomised model (top-down and bottom-up), the lowest after one layer alone, and SSIM; "
-          f"a method passes at least {RANDOMIZATION_MARGIN} below the input-only control.")
-    print(quality_table(summaries))
-    ig = summaries.get("ig")
-    if ig and ig["images"]:
-        stages = "  ".join(f"{k} {v:.2f}" for k, v in ig["randomization_by_stage"].items())
-        print(f"  ig, top-down stage by stage: {stages} (signed {ig['randomization_spearman_signed']:.2f}; "
-              f"|x - baseline| shares {ig['randomization_input_spearman']:.2f} with the trained maps)")
-        if ig["mask_mass"] is not None:
-            print(f"  localisation (ig): {ig['mask_mass']:.1%} of |map| inside the evidence masks, which "
-                  f"cover {ig['mask_area']:.1%} of the image")
-
-
-def report_quality(conn, run_id, settings):
-    """Print the summaries and warnings of every method stored for the run (controls included);
-    return them for metrics.json: IG's keys at the top level, every method under "methods"."""
-    names = db.quality_methods(conn, run_id)
-    control = quality_summary(conn, run_id, "control:input", settings) if "control:input" in names else {}
-    control_spearman = control.get("randomization_spearman", 1.0) if control.get("images") else 1.0
-    order = sorted(names, key=lambda m: (m.startswith("control:"), m != "ig", m))
-    summaries = {m: quality_summary(conn, run_id, m, settings, control_spearman) for m in order}
-    print_quality(summaries)
-    for method, q in summaries.items():
-        if not method.startswith("control:"):
-            for line in quality_warnings(q, method, settings):
-                print(line)
-    ig = dict(summaries.get("ig", {"images": 0}))
-    return {**ig, "quality_images": ig.pop("images"), "methods": summaries}
-
-
 def quality_figures(conn, run_id, attribute_by_method, indices, stages, split, images_dir, tag, fused, settings,
-                    summaries=None):
+                    table=None, first=None):
     """images/faithfulness.png (mean curves per method over `indices`; controls left out) and
     images/sanity_randomization.png (the first of them: every method's map, and the input-only
-    control's, through each top-down randomisation stage; with `summaries` (report_quality's
-    "methods"), each row names its method's verdict over all the quality images)."""
+    control's, as the layers are re-initialised first layer first, MPRT's order; with `table`, the
+    trust table, each row says its method's MPRT verdict). `first` (the recommended method) leads."""
+    names = sorted(attribute_by_method, key=lambda m: m != first)
     curves = {}
-    for method in (m for m in attribute_by_method if not m.startswith("control:")):
+    for method in (m for m in names if not m.startswith("control:")):
         rows = db.quality_rows(conn, run_id, "test", method, indices)
         curves[method] = {c: np.stack([r[c] for r in rows]) for c in db.QUALITY_CURVES}
         for c in db.QUALITY_CURVES:
@@ -432,20 +463,21 @@ def quality_figures(conn, run_id, attribute_by_method, indices, stages, split, i
     target = torch.tensor([row["target"]], device=x.device)
     stored = set(db.explanation_methods(conn, run_id))
     figure_rows = []
-    for method, attribute in attribute_by_method.items():
+    for method in names:
         if method.startswith("control:") and method != "control:input":
             continue
+        attribute = attribute_by_method[method]
         trained = (attr.stored_attributions(db.find(conn, run_id, "test", image_indices=[row["image_index"]],
-                                                       with_arrays=True, method=method))[0]
+                                                    with_arrays=True, method=method))[0]
                    if method in stored else attribute(fused, x, target)[0].cpu())
-        maps = [("trained |map|", trained)] + [(f"randomised down to\n{model_lib.layer_label(name)}",
-                                                 attribute(m, x, target)[0].cpu()) for name, m in stages["top_down"]]
+        maps = [("trained |map|", trained)] + [(f"randomised up to\n{model_lib.layer_label(name)}",
+                                                 attribute(m, x, target)[0].cpu()) for name, m in stages["bottom_up"]]
         rho = [float(rank_correlation(trained[None], m[None])) for _, m in maps[1:]]
-        q = (summaries or {}).get(method, {})
-        verdict = (f": {q['randomization_check']} (mean {q['randomization_spearman']:.2f} over "
-                   f"{q['images']} images)" if q.get("images") else "")
+        test = (table or {}).get(method, {}).get("mprt")
+        verdict = (f": MPRT {'passed' if test['pass'] else 'failed'} ({test['value']:.2f}, threshold "
+                   f"{test['threshold']:.2f})" if test else "")
         figure_rows.append((method + verdict, maps, rho))
     plots.plot_randomization_rows(x[0].cpu(), figure_rows, Path(images_dir) / "sanity_randomization.png",
-                                  f"Cascading randomisation (top layer first), test image {row['image_index']} "
-                                  f"of {tag}. Spearman: rank correlation of |map| with the trained map; a method "
-                                  f"passes {RANDOMIZATION_MARGIN} below the input-only control (last row)")
+                                  f"Model randomisation, first layer first (MPRT), test image {row['image_index']} "
+                                  f"of {tag}. Spearman: rank correlation of |map| with the trained map; the "
+                                  f"verdict is over every quality image (docs/DESIGN.md, explanation quality)")

@@ -5,8 +5,8 @@
     python real.py --seeds 0 1 2 3 4 --out runs/real5  # more seeds
 
 For each architecture (tissuecnn, resnet18) and seed: `train.py` with the repository's defaults (only
---flag, --arch, --seed and the paths given), then `evaluate.py` with every attribution method, each
-in its own process, exactly as a user would run them. Then one summary, printed and written to
+--flag, --arch, --seed and the paths given), then `evaluate.py` (its default attribution methods, or
+--methods), each in its own process, exactly as a user would run them. Then one summary, printed and written to
 <out>/summary.md: per architecture the mean ± sd over the seeds of ACC and AUC as MedMNIST computes
 them, each run's 95% bootstrap intervals, and every method's explanation quality, beside MedMNIST
 v2's published numbers for the dataset. A run whose metrics.json exists is kept (--force redoes it),
@@ -22,6 +22,7 @@ from pathlib import Path
 import cli
 import datasets
 import realdata
+import trust
 from files import write_text
 
 ARCHS = ("tissuecnn", "resnet18")
@@ -45,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS, help="architectures to compare")
     p.add_argument("--explain", default="all", type=cli.image_count, help="test images to explain (evaluate.py)")
+    p.add_argument("--methods", help="evaluate.py --methods (default: evaluate.py's own)")
     p.add_argument("--quality", default="200", type=cli.image_count, help="of them, images to score (evaluate.py)")
     p.add_argument("--epochs", type=cli.positive_int, help="train.py --epochs (default: train.py's own)")
     p.add_argument("--force", action="store_true", help="train and evaluate again runs that are done")
@@ -78,8 +80,9 @@ def train(args, data_dir, arch, seed, folder):
     epochs = ["--epochs", str(args.epochs)] if args.epochs else []
     commands = [["train.py", "--flag", args.flag, "--arch", arch, "--seed", str(seed), "--data-dir", str(data_dir),
                  "--out", str(folder), *epochs, *threads],
-                ["evaluate.py", "--checkpoint", str(folder / "best.pt"), "--data-dir", str(data_dir), "--methods",
-                 "all", "--explain", args.explain, "--quality", args.quality, *threads]]
+                ["evaluate.py", "--checkpoint", str(folder / "best.pt"), "--data-dir", str(data_dir), "--explain",
+                 args.explain, "--quality", args.quality, *(["--methods", args.methods] if args.methods else []),
+                 *threads]]
     for command in commands:
         print(f"[real] {arch} seed {seed}: python {' '.join(command)}", flush=True)
         log = folder / f"{Path(command[0]).stem}.log"
@@ -115,22 +118,22 @@ def summary(flag, results):
                      f"{auc[0]:.3f} ± {auc[1]:.3f} | {each} |")
     for name, (acc, auc) in PUBLISHED.get(flag, {}).items():
         lines.append(f"| {name}, published (MedMNIST v2, Table 3) | {acc:.3f} | {auc:.3f} | — |")
-    lines += ["", "Explanation quality, mean over the seeds (deletion: lower is better; insertion: higher; "
-              "randomised Spearman: lower means the maps depend more on the weights):", "",
-              "| model | method | deletion AUC (random) | insertion AUC (random) | randomised Spearman | check |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "Explanation quality: each published test's value, the mean over the seeds, and in how many "
+              "seeds it passed (trust.py; thresholds set per run by its controls):", ""]
     for arch, runs in results.items():
-        for method in runs[0].get("methods", {}):
-            q = [m["methods"][method] for m in runs if m.get("methods", {}).get(method, {}).get("images")]
-            if not q:
-                continue
-            avg = {k: statistics.fmean(r[k] for r in q) for k in ("deletion_auc", "deletion_auc_random",
-                                                                   "insertion_auc", "insertion_auc_random",
-                                                                   "randomization_spearman")}
-            checks = sorted({r["randomization_check"] for r in q})
-            lines.append(f"| {arch} | {method} | {avg['deletion_auc']:.3f} ({avg['deletion_auc_random']:.3f}) | "
-                         f"{avg['insertion_auc']:.3f} ({avg['insertion_auc_random']:.3f}) | "
-                         f"{avg['randomization_spearman']:.2f} | {'/'.join(checks)} |")
+        tables = [m.get("trust") or {} for m in runs]
+        tests = [t for t in trust.TESTS if any(t.name in row for table in tables for row in table.values())]
+        if not tests:
+            continue
+        lines += [f"| {arch}: method | " + " | ".join(t.title for t in tests) + " |", "|---" * (len(tests) + 1) + "|"]
+        for method in tables[0]:
+            cells = []
+            for t in tests:
+                found = [table[method][t.name] for table in tables if t.name in table.get(method, {})]
+                cells.append(f"{statistics.fmean(f['value'] for f in found):.3f} ({sum(f['pass'] for f in found)}/"
+                             f"{len(found)})" if found else "—")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines += ["", f"Recommended, seed by seed: {', '.join(str(m.get('recommended')) for m in runs)}", ""]
     return "\n".join(lines) + "\n"
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import cli
 import datasets
 import model as model_lib
+import shift
+import trust
 from files import write_text
 
 SECTIONS = ("Provenance", "Training", "Results", "Explanations", "How to reproduce")
@@ -32,16 +34,8 @@ FIGURES = {  # section -> [(file under <run>/images, caption)]
                       "and wrong test images."),
                      ("methods.png", "Every stored attribution method on the same examples."),
                      ("faithfulness.png", "Deletion and insertion curves against a random pixel order."),
-                     ("sanity_randomization.png", "Each method's map as the weights are re-initialised "
-                      "from the top layer down.")],
-}
-MEASURES = {  # quality table column -> what it means, one line each
-    "deletion AUC": "probability of the explained class as the top-ranked pixels are set to the "
-                    "baseline; lower than the random order is faithful",
-    "insertion AUC": "the same as pixels are restored into the baseline; higher than random is faithful",
-    "in mask": "synthetic data: share of |map| inside the known evidence rectangle",
-    "randomised Spearman": "rank correlation of |map| between the trained and the fully randomised "
-                           "model; a method passes 0.5 below a map that ignores the model",
+                     ("sanity_randomization.png", "Each method's map as the weights are re-initialised, "
+                      "first layer first (MPRT's order).")],
 }
 CSS = """body{font-family:system-ui,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
 padding:0 1em;color:#111;line-height:1.45}h1{font-size:1.6em}h2{border-bottom:2px solid #ccc;padding-top:.6em}
@@ -128,31 +122,40 @@ def banners(provenance):
     return out
 
 
-def quality_rows(metrics):
-    methods = metrics.get("methods") or {}
-    rows = []
-    for name, q in methods.items():
-        if not q.get("images"):
-            continue
-        mask = f"{q['mask_mass']:.0%}" if q.get("mask_mass") is not None else "—"
-        rows.append([name, q["images"], f"{q['deletion_auc']:.3f} ({q['deletion_auc_random']:.3f})",
-                     f"{q['insertion_auc']:.3f} ({q['insertion_auc_random']:.3f})", mask,
-                     f"{q['randomization_spearman']:.2f}", q["randomization_check"]])
-    return rows
+def trust_rows(metrics):
+    """(header, rows) of the trust table: per method (the recommended one first, controls last) each
+    test's value with ✓ or ✗, "—" where it does not apply, and the thresholds' row."""
+    table, rec = metrics.get("trust") or {}, metrics.get("recommended")
+    tests = [t for t in trust.TESTS if any(t.name in row for row in table.values())]
+    order = sorted(table, key=lambda m: (m in trust.CONTROLS, m != rec, m != "ig", m))
+    rows = [[m + (" (recommended)" if m == rec else ""),
+             *[f"{table[m][t.name]['value']:.3f} {'✓' if table[m][t.name]['pass'] else '✗'}" if t.name in table[m]
+               else "—" for t in tests]] for m in order]
+    limits = ["threshold", *[f"{next(r[t.name]['threshold'] for r in table.values() if t.name in r):.3f}"
+                             for t in tests]]
+    return ["method", *[t.title for t in tests]], rows + [limits], tests
 
 
-def reproduce_commands(metrics, meta):
-    p, s = datasets.with_defaults(meta["provenance"]), meta.get("settings", {})
-    flags = [f"--flag {p['flag']}", f"--size {p['size']}", f"--seed {s.get('seed', 0)}",
-             f"--epochs {s.get('epochs', 25)}"] + (["--synthetic"] if p["synthetic"] else []) + (
-        ["--trust-file"] if not p["verified"] else [])
-    ig = metrics.get("ig", {}).get("settings", {})
-    requested = metrics.get("requested", {})
-    return [f"python train.py {' '.join(flags)} --out RUN",
-            f"python evaluate.py --checkpoint RUN/best.pt --explain {requested.get('explain', 500)} "
-            f"--quality {requested.get('quality', 200)} --n-steps {ig.get('n_steps', 8)} "
-            f"--baseline {ig.get('baseline', 'mean')}" + (" --tta" if metrics.get("tta") else ""),
-            "python report.py RUN"]
+def trust_lines(metrics):
+    """The sentences that go with the trust table: which method leads and why, IG's verdict and its
+    reasons, all from the run's own numbers."""
+    table, rec = metrics.get("trust") or {}, metrics.get("recommended")
+    lines = [f"Recommended: {rec}, the method that passes every test that applies to it with the largest "
+             f"ROAD gap; the figures lead with it." if rec else
+             "No method passes every test that applies to it on this run: read the maps beside the table."]
+    if "ig" in table:
+        failures = trust.explain_failures("ig", table["ig"])
+        lines += failures or ["Integrated Gradients (ig) passes every test that applies to it."]
+    return lines
+
+
+def reproduce_commands(metrics):
+    """The exact train.py and evaluate.py command lines evaluate.py recorded for this run."""
+    commands = metrics.get("commands")
+    if not commands:
+        return ["(not recorded: this run was evaluated before evaluate.py recorded its commands; evaluate it "
+                "again to get them)"]
+    return [commands["train"], commands["evaluate"], f"python report.py {Path(metrics['checkpoint']).parent}"]
 
 
 def render(run_dir, metrics, meta):
@@ -185,12 +188,13 @@ def render(run_dir, metrics, meta):
         ["why it stopped", stop_reason(meta)]], kind="text"))
     parts += [figure(images / f, c) for f, c in FIGURES["Training"]]
     val = metrics.get("val") or {}
-    parts.append("<h2>Results</h2>" + table(["split", "ACC (MedMNIST)", "AUC (MedMNIST)", "ECE", "images"], [
-        ["test", interval(metrics, "acc"), interval(metrics, "auc"), f"{metrics['ece']:.4f}", metrics["n"]],
-        *([["validation", f"{val['acc']:.4f}", f"{val['auc']:.4f}", f"{val['ece']:.4f}", val["n"]]] if val else [])]))
-    if val:
-        parts.append(f"<p>Validation minus test ACC: {val['acc'] - metrics['acc']:+.4f}. For PathMNIST the test "
-                     f"split comes from another clinical centre, so this gap is the stain shift's cost.</p>")
+    parts.append("<h2>Results</h2>" + table(
+        ["split", "ACC (MedMNIST)", "balanced ACC", "macro-F1", "AUC (MedMNIST)", "ECE", "images"], [
+            ["test", interval(metrics, "acc"), number(metrics.get("balanced_acc")), number(metrics.get("macro_f1")),
+             interval(metrics, "auc"), interval(metrics, "ece"), metrics["n"]],
+            *([["validation", f"{val['acc']:.4f}", "", "", f"{val['auc']:.4f}", f"{val['ece']:.4f}", val["n"]]]
+              if val else [])]))
+    parts += shift_parts(metrics, p)
     parts.append(f"<p>TTA (mean over the 8 flips/rotations): {'on' if metrics.get('tta') else 'off'} for "
                  f"the numbers above.</p>")
     if metrics.get("tta_comparison"):
@@ -201,20 +205,69 @@ def render(run_dir, metrics, meta):
                         for c in metrics["per_class"]]))
     parts += [figure(images / f, c) for f, c in FIGURES["Results"]]
     parts.append("<h2>Explanations</h2>")
-    ig = metrics.get("ig", {})
+    if metrics.get("trust"):
+        header, rows, tests = trust_rows(metrics)
+        parts.append("".join(f"<p>{esc(line)}</p>" for line in trust_lines(metrics)))
+        parts.append('<div class="trust">' + table(header, rows) + "</div>")
+        parts.append("<ul>" + "".join(f"<li><b>{esc(t.title)}</b> ({esc(t.criterion)}): {esc(t.catches)}</li>"
+                                      for t in tests) + "</ul>")
+    ig = (metrics.get("explanations") or {}).get("ig", {}).get("completeness", {})
     if ig.get("explained"):
         parts.append(f"<p>Integrated Gradients for {ig['explained']} test images; mean relative completeness "
                      f"error {ig['mean_relative_completeness_error']:.2%}, {ig['share_within_tolerance']:.0%} within "
                      f"{ig['tolerance']:.0%}.</p>")
-    rows = quality_rows(metrics)
-    if rows:
-        parts.append(table(["method", "images", "deletion AUC (random)", "insertion AUC (random)", "in mask",
-                            "randomised Spearman", "randomisation check"], rows))
-        parts.append("<ul>" + "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in MEASURES.items()) + "</ul>")
     parts += [figure(images / f, c) for f, c in FIGURES["Explanations"]]
-    parts.append("<h2>How to reproduce</h2><pre>" + esc("\n".join(reproduce_commands(metrics, meta))) + "</pre>")
+    parts.append("<h2>How to reproduce</h2><pre>" + esc("\n".join(reproduce_commands(metrics))) + "</pre>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def number(v):
+    return "—" if v is None else f"{v:.4f}"
+
+
+def split_origin(p):
+    """One computed sentence on where the test split comes from: shift.OTHER_CENTRE's, with its source,
+    for the datasets it names; none for the others (nothing is known) or for synthetic data."""
+    other = None if p["synthetic"] else shift.OTHER_CENTRE.get(p["flag"])
+    return f"{other[0]} ({other[1]})." if other else None
+
+
+def shift_parts(metrics, p):
+    """The Results section's account of the validation-test gap: the gap, where the splits come from,
+    per-class recall on both, the input check's flagged share, and how far colour alone goes."""
+    val, s = metrics.get("val"), metrics.get("shift")
+    if not val:
+        return []
+    origin = split_origin(p)
+    parts = [f"<p>Validation minus test ACC: {val['acc'] - metrics['acc']:+.4f}." + (
+        f" {esc(origin)} So the gap mixes the stain shift with other patients and class balances, and "
+        f"validation is optimistic." if origin else "") + "</p>"]
+    if not s:
+        return parts
+    parts.append(table(["class", "recall, validation", "recall, test"],
+                       [[r["class"], number(r["val"]), number(r["test"])] for r in s["recall"]]))
+    f = s.get("flagged")
+    if f:
+        parts.append(f"<p>The input check (colour statistics against the training split) flags {f['share']:.1%} of "
+                     f"test images ({f['n']}) as unlike the training data; ACC on them {number(f['acc_flagged'])}, "
+                     f"on the rest {number(f['acc_unflagged'])}.</p>")
+    c = s["colour_only"]
+    parts.append(f"<p>Colour alone (a logistic regression on each image's per-channel mean and s.d., fitted on "
+                 f"the training split): ACC {c['val']:.4f} on validation, {c['test']:.4f} on test.</p>")
+    return parts
+
+
+def shift_lines(metrics):
+    """The card's centre-shift lines, from the same numbers as the report's."""
+    s = metrics.get("shift")
+    if not s:
+        return []
+    c, f = s["colour_only"], s.get("flagged")
+    return ([f"- Flagged by the input check as unlike the training data: {f['share']:.1%} of test images (ACC "
+             f"{number(f['acc_flagged'])} on them, {number(f['acc_unflagged'])} on the rest)."] if f else []) + [
+        f"- Colour alone (per-channel mean and s.d., logistic regression): ACC {c['val']:.4f} validation, "
+        f"{c['test']:.4f} test."]
 
 
 def model_card(metrics, meta):
@@ -226,32 +279,30 @@ def model_card(metrics, meta):
     if cm:
         pairs = [(cm[i][j], names[i], names[j]) for i in range(len(cm)) for j in range(len(cm)) if i != j]
         confusions = [f"- {t} read as {q}: {n} test images" for n, t, q in sorted(pairs, reverse=True)[:3] if n]
-    rows = quality_rows(metrics)
+    trust_md = []
+    if metrics.get("trust"):
+        header, rows, _ = trust_rows(metrics)
+        trust_md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                    *["| " + " | ".join(r) + " |" for r in rows], "", *trust_lines(metrics)]
     lines = [f"# Model card: {datasets.describe(p)}", "",
              "**Intended use**: research on small medical images and their explanations. Not a diagnostic "
              "device; not validated for clinical use.", "",
              "## Data", f"- {p['dataset']} ({p['flag']}), {p['size']}×{p['size']} px, file {p['file']}, MD5 {p['md5']}"
              + ("" if p["verified"] else " (unverified: --trust-file)") + ".",
              "- " + ("SYNTHETIC stand-in: these numbers say nothing about the real dataset." if p["synthetic"] else
-                     "PathMNIST's test split (CRC-VAL-HE-7K) comes from another clinical centre than its training "
-                     "data (NCT-CRC-HE-100K): expect a stain/colour shift." if p["flag"] == "pathmnist" else
-                     "MedMNIST's official splits."), "",
+                     split_origin(p) or "MedMNIST's official splits."), "",
              "## Metrics (test split)",
              f"- ACC {interval(metrics, 'acc')}, AUC {interval(metrics, 'auc')} (MedMNIST's getACC/getAUC), "
-             f"ECE {metrics['ece']:.4f}, {metrics['n']} images.",
+             f"balanced ACC {number(metrics.get('balanced_acc'))}, macro-F1 {number(metrics.get('macro_f1'))}, "
+             f"ECE {interval(metrics, 'ece')}, {metrics['n']} images.",
+             *shift_lines(metrics),
              *([f"- Validation ACC {metrics['val']['acc']:.4f}, AUC {metrics['val']['auc']:.4f}."]
                if metrics.get("val") else []),
              "", "## Known failure modes",
              *[f"- lowest recall: {c['class']} ({c['recall']:.3f})" for c in per_class[:3]], *confusions, "",
-             "## Explanation quality",
-             *(["| method | deletion (random) | insertion (random) | in mask | randomised Spearman | check |",
-                "|---|---|---|---|---|---|"]
-               + [f"| {r[0]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {r[6]} |" for r in rows]
-               if rows else ["Not measured for this run."]), "",
+             "## Explanation quality", *(trust_md or ["Not measured for this run."]), "",
              "## Limitations",
-             "- One seed unless stated; single-seed PathMNIST numbers move by a point or more.",
-             "- Explanations: IG fails the model-randomisation check on the demo model (its (x - baseline) "
-             "factor); read it beside gradient-only methods.", ""]
+             "- One seed: its spread over seeds is not measured here (`make seeds` measures it).", ""]
     return "\n".join(lines)
 
 

@@ -1,12 +1,14 @@
-"""schema.py: the explanation store's tables, as they are now (version 6) and how older files migrate.
+"""schema.py: the explanation store's tables, as they are now (version 7) and how older files migrate.
 
 Version 1 had the first two tables; version 2 added `quality`; version 3 stores each randomisation
 stage's name with its correlation; version 4 serves every MedMNIST 2D dataset (runs.flag, runs.task,
 runs.data_verified; explanations.true_labels and explanations.correct for multi-label data); version
 5 keys explanations by attribution method too and stores every randomisation mode
 (quality.randomization); version 6 names IG's settings by what they are ("rule" for the integration
-rule, "attribute" for the explained output). db.connect migrates an older file in place, each step in
-one transaction, keeping every row. SCHEMA_V1 and each migration are history: they stay as they were.
+rule, "attribute" for the explained output); version 7 adds the published tests' per-image values
+to `quality` (NULL in rows stored before, which the next quality pass completes). db.connect
+migrates an older file in place, each step in one transaction, keeping every row. SCHEMA_V1 and
+each migration are history: they stay as they were.
 
 runs: one row per (checkpoint, IG settings); rerunning evaluate.py with both unchanged reuses it.
     run_id             INTEGER PRIMARY KEY
@@ -57,12 +59,17 @@ quality (v2): explanation quality per image and method, keyed by (run_id, split,
     randomization_stages TEXT  JSON object {layer: |map| correlation after re-initialising it and
                                every layer above}, in cascading order, top layer first (v2: a list)
     mask_mass, mask_area REAL   synthetic data only: share of |map| inside the evidence mask, the mask's area
+    smooth_mprt        REAL     (v7) |map| Spearman, trained vs fully randomised, of maps smoothed over noisy inputs
+    efficient_mprt     REAL     (v7) relative rise of the map's histogram entropy under full randomisation
+    random_logit       REAL     (v7) SSIM of the map with the map of a random other class (Quantus's RandomLogit)
+    road_morf, road_lerf REAL   (v7) ROAD: share of 10..90% imputation levels at which the explained class is
+                                still predicted, most relevant pixels first (MoRF) and least relevant first (LeRF)
     randomization      TEXT     (v5) JSON {"top_down" | "bottom_up" | "single": {layer: {"spearman",
                                 "signed", "ssim"}}}: every randomisation mode, per stage
 """
 import json
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 SCHEMA_V1 = """
 CREATE TABLE runs (
     run_id INTEGER PRIMARY KEY,
@@ -103,9 +110,14 @@ CREATE INDEX explanations_by_true ON explanations (run_id, split, true_label);
 CREATE INDEX explanations_by_pred ON explanations (run_id, split, pred_label);
 """
 QUALITY_CURVES = ("deletion_curve", "deletion_curve_random", "insertion_curve", "insertion_curve_random")
-QUALITY_VALUES = ("relative_error", "deletion_auc", "deletion_auc_random", "insertion_auc",
-                  "insertion_auc_random", "infidelity", "sensitivity_max", "randomization_spearman",
-                  "randomization_spearman_signed", "randomization_input_spearman", "mask_mass", "mask_area")
+QUALITY_VALUES_V2 = ("relative_error", "deletion_auc", "deletion_auc_random", "insertion_auc",
+                     "insertion_auc_random", "infidelity", "sensitivity_max", "randomization_spearman",
+                     "randomization_spearman_signed", "randomization_input_spearman", "mask_mass", "mask_area")
+# Version 7: sMPRT, eMPRT, RandomLogit and ROAD's MoRF/LeRF accuracy (quality.published_tests).
+TRUST_VALUES = ("smooth_mprt", "efficient_mprt", "random_logit", "road_morf", "road_lerf")
+QUALITY_VALUES = QUALITY_VALUES_V2 + TRUST_VALUES
+
+
 def name_v2_randomization_stages(conn):
     """v2 -> v3: a v2 row's stage list becomes {layer: correlation}. The v2 code always ran the
     same six stages (classifier, then features.4 down to features.0), so the names are known."""
@@ -135,7 +147,7 @@ CREATE TABLE quality (
     split TEXT NOT NULL,
     image_index INTEGER NOT NULL,
     method TEXT NOT NULL,
-""" + "".join(f"    {c} REAL{' NOT NULL' if not c.startswith('mask') else ''},\n" for c in QUALITY_VALUES)
+""" + "".join(f"    {c} REAL{' NOT NULL' if not c.startswith('mask') else ''},\n" for c in QUALITY_VALUES_V2)
     + "".join(f"    {c} BLOB NOT NULL,\n" for c in QUALITY_CURVES) + """\
     randomization_stages TEXT NOT NULL,
     PRIMARY KEY (run_id, split, image_index, method)
@@ -178,7 +190,8 @@ ALTER TABLE explanations_v5 RENAME TO explanations;
 CREATE INDEX explanations_by_true ON explanations (run_id, split, method, true_label);
 CREATE INDEX explanations_by_pred ON explanations (run_id, split, method, pred_label);
 ALTER TABLE quality ADD COLUMN randomization TEXT;
-""", 5: rename_ig_setting_keys}
+""", 5: rename_ig_setting_keys,
+    6: "".join(f"ALTER TABLE quality ADD COLUMN {c} REAL;\n" for c in TRUST_VALUES)}
 EXPLANATION_REALS = ("confidence", "delta", "score", "baseline_score")
 EXPLANATION_COLUMNS = ("run_id", "split", "image_index", "method", "true_label", "pred_label", "target",
                        "confidence", "probs", "attribution", "attr_dtype", "attr_shape", "delta",

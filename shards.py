@@ -20,7 +20,8 @@ import quality
 MERGE_IMAGES = 32  # images' rows a rank sends to rank 0 per merge round
 
 
-def sharded_explanations(ctx, fused, stages, ds, indices, quality_idx, settings, methods, db_path, run, args):
+def sharded_explanations(ctx, fused, stages, ds, indices, quality_idx, settings, methods, db_path, run, args,
+                         references=None):
     """explain_all under torchrun, in two sharded passes: the maps (in blocks of --ig-batch), then
     the quality rows (in blocks of quality.QUALITY_BATCH), so every batch holds the images it would
     in a single process and seeded measures come out the same. `run` is run_id_for's arguments
@@ -36,7 +37,7 @@ def sharded_explanations(ctx, fused, stages, ds, indices, quality_idx, settings,
     shard_path = Path(args.shard_dir) / f"{tag}-rank{ctx.rank}.db"
 
     def maps(shard, shard_run, mine):
-        explanations.explain_methods(fused, ds.test, mine, settings, shard, shard_run, args, ctx.device)
+        explanations.explain_methods(fused, ds.test, mine, settings, shard, shard_run, args, ctx.device, methods)
     sharded(ctx, conn, run_id, pending, args.ig_batch, shard_path, run, settings, maps)
 
     if ctx.main:
@@ -44,7 +45,8 @@ def sharded_explanations(ctx, fused, stages, ds, indices, quality_idx, settings,
         print(f"Quality for {len(pending)} of {len(quality_idx)} images")
 
     def scores(shard, shard_run, mine):
-        quality.quality_into_db(fused, stages, ds.test, mine, settings, methods, shard, shard_run, ctx.device)
+        quality.quality_into_db(fused, stages, ds.test, mine, settings, methods, shard, shard_run, ctx.device,
+                                references)
     sharded(ctx, conn, run_id, pending, quality.QUALITY_BATCH, shard_path, run, settings, scores)
     if ctx.main:
         db.close(conn)

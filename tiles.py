@@ -28,6 +28,7 @@ class ImageError(cli.UserError):
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 TILE_PX = 224  # PathMNIST's source tiles: 224 x 224 px at 0.5 um/px
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's decompression-bomb warning limit (89 Mpx): a slide, not a tile
 
 
 def read_image(path, size, channels=3):
@@ -35,9 +36,13 @@ def read_image(path, size, channels=3):
     8-bit RGB on white (converted to greyscale, ITU-R 601 luma, for a 1-channel model),
     centre-cropped square, resized."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # reads the header only: the size is known before any decoding
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageError(too_large(path, img.size))
             img.seek(0)
             rgb = to_rgb8(img)
+    except Image.DecompressionBombError as e:  # PIL refuses these at open, before the size can be read
+        raise ImageError(too_large(path, None, e)) from e
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ImageError(f"{path} could not be read as an image ({e}). Give a PNG, JPEG or TIFF "
                            f"file of an image like the model's training data.") from e
@@ -48,6 +53,14 @@ def read_image(path, size, channels=3):
     rgb = rgb.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)
     pixels = np.asarray(rgb).copy().reshape(size, size, -1)
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), original
+
+
+def too_large(path, size, error=None):
+    """The paragraph for an image too large to be a tile (a whole slide or its export)."""
+    what = f"is {size[0]:,} x {size[1]:,} px" if size else f"is too large for PIL to open ({error})"
+    return (f"{path} {what}: a whole slide or its export, not a tile. explain.py classifies tiles like "
+            f"the training data's ({TILE_PX} x {TILE_PX} px at 0.5 um/px for PathMNIST) and reads images of "
+            f"at most {MAX_PIXELS / 1e6:.0f} megapixels; cut the slide into tiles first and pass those.")
 
 
 def input_warnings(image, original, size, colour_reference):

@@ -18,6 +18,7 @@ finished, with exit code 130. Under torchrun rank 0 alone writes the run files, 
 """
 import argparse
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -104,6 +105,20 @@ def parse_args(argv=None):
     args.flips, args.stain_jitter, args.colour_jitter, args.shift = aug.flips, aug.stain, aug.colour, aug.shift
     args.augment = aug
     return args
+
+
+def command(settings, data_dir, out):
+    """The train.py command line that trains this run again: every setting that differs from the
+    dataset's defaults, the real data folder and run folder; under torchrun when it was."""
+    base = ["--flag", settings["flag"]] + (["--synthetic"] if settings["synthetic"] else [])
+    defaults = vars(parse_args(base))
+    words = (["python", "train.py"] if settings.get("world_size", 1) == 1 else
+             ["torchrun", "--nproc_per_node", str(settings["world_size"]), "train.py"])
+    words += [shlex.quote(w) for w in base]
+    for key, value in settings.items():
+        if key in defaults and key not in ("flag", "synthetic") and value != defaults[key]:
+            words += cli.flag_words(key, ("on" if value else "off") if key == "flips" else value)
+    return " ".join(words + cli.flag_words("data_dir", data_dir) + cli.flag_words("out", out))
 
 
 def main(argv=None):

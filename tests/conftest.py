@@ -19,6 +19,7 @@ import synthetic
 import train
 
 SMALL = {"train": 1500, "val": 300, "test": 300}
+TRAINED_EPOCHS = 10  # the synthetic motifs take about 10 small-batch epochs to learn (val ACC ~0.96)
 
 
 @pytest.fixture(autouse=True)
@@ -102,9 +103,9 @@ def train_argv():
 
 @pytest.fixture(scope="session")
 def trained_run(syn_dir, tmp_path_factory):
-    """Run folder of a 4-epoch training run on the small synthetic set."""
+    """Run folder of a TRAINED_EPOCHS-epoch training run (batch 32) on the small synthetic set."""
     out = tmp_path_factory.mktemp("run")
-    train.main(train_args(syn_dir, out, "--epochs", "4"))
+    train.main(train_args(syn_dir, out, "--epochs", str(TRAINED_EPOCHS), "--batch-size", "32"))
     return out
 
 

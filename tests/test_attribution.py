@@ -8,6 +8,7 @@ import colour
 import data
 import datasets
 import model as model_lib
+import trust
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +30,11 @@ def test_delta_is_the_completeness_gap_against_independent_forward_passes(net_an
 
 
 def test_default_settings_keep_completeness_error_under_5_percent(net_and_test):
+    # as trust.py judges completeness: a share of images, since one image whose output barely moves from
+    # the baseline's has a tiny denominator and would dominate a mean
     net, test = net_and_test
     _, _, r = attr.explain_batch(net, test.images[:64], test.labels[:64], attr.DEFAULT_IG)
-    assert r.relative_error().mean() < 0.05
+    assert (r.relative_error() <= attr.DEFAULT_IG["tolerance"]).float().mean() >= trust.COMPLETENESS_SHARE
 
 
 def test_more_steps_shrink_the_completeness_error(net_and_test):

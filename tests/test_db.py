@@ -165,7 +165,7 @@ def v1_database(path):
 def test_a_version_1_database_is_migrated_keeping_its_rows(tmp_path):
     v1_database(tmp_path / "v1.db").close()
     migrated = db.connect(tmp_path / "v1.db")
-    assert migrated.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION == 6
+    assert migrated.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION == 7
     assert migrated.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1
     assert "quality" in db.table_names(migrated)
 
@@ -204,6 +204,9 @@ def test_version_3_rows_gain_a_correct_flag_and_pathmnist_run_columns(tmp_path):
     assert (run["flag"], run["task"], run["provenance"]["verified"]) == ("pathmnist", "multi-class", True)
 
 
+UNDO_V7 = "".join(f"ALTER TABLE quality DROP COLUMN {c};" for c in db.TRUST_VALUES)  # back to a v6 quality table
+
+
 def test_version_5_ig_settings_are_renamed_and_the_run_is_found_again(tmp_path):
     new = {"attribute": "logit", "baseline": "mean", "n_steps": 8, "rule": "gausslegendre"}
     conn = db.connect(tmp_path / "v5.db")
@@ -212,7 +215,7 @@ def test_version_5_ig_settings_are_renamed_and_the_run_is_found_again(tmp_path):
                      sort_keys=True)  # as version 5 stored them
     with conn:
         conn.execute("UPDATE runs SET ig_settings = ?", (old,))
-        conn.execute("PRAGMA user_version = 5")
+    conn.executescript(UNDO_V7 + "PRAGMA user_version = 5;")
     conn.close()
     migrated = db.connect(tmp_path / "v5.db")
     assert db.get_run(migrated, run)["ig_settings"] == new
@@ -231,7 +234,7 @@ def test_version_4_rows_become_ig_rows_keyed_by_method_with_every_value_kept(tmp
             probs, attribution, attr_dtype, attr_shape, delta, score, baseline_score, n_steps, true_labels,
             correct FROM explanations;
         DROP TABLE explanations; ALTER TABLE e4 RENAME TO explanations;
-        ALTER TABLE quality DROP COLUMN randomization; PRAGMA user_version = 4; COMMIT;""")
+        ALTER TABLE quality DROP COLUMN randomization; """ + UNDO_V7 + """ PRAGMA user_version = 4; COMMIT;""")
     old.close()
     migrated = db.connect(tmp_path / "v4.db")
     after = [tuple(r) for r in migrated.execute("SELECT * FROM explanations ORDER BY image_index")]
@@ -339,6 +342,24 @@ def test_quality_rows_round_trip(tmp_path):
     assert back["deletion_auc"] == pytest.approx(0.1) and back["mask_mass"] is None  # the 2nd value
     assert back["randomization_stages"] == {"classifier": 0.5, "features.0": 0.25}
     assert back["insertion_curve"].tolist() == pytest.approx(np.linspace(0, 1, 29).tolist())
+
+
+def test_quality_rows_stored_before_the_published_tests_are_completed_and_complete_ones_kept(tmp_path):
+    conn = db.connect(tmp_path / "e.db")
+    run = new_run(conn)
+    old = fake_quality_rows(run, range(3))
+    for row in old[:2]:  # as schema v6 stored them: no published tests
+        row.update(dict.fromkeys(db.TRUST_VALUES))
+    db.insert_quality(conn, old)
+    assert db.done_quality(conn, run, "test", "ig") == {2}  # the incomplete ones are to do
+    again = fake_quality_rows(run, range(3))
+    for row in again:
+        row["deletion_auc"] = 0.9
+    assert db.insert_quality(conn, again) == 2
+    back = {r["image_index"]: r for r in db.quality_rows(conn, run, "test", "ig")}
+    assert [back[i]["deletion_auc"] for i in range(3)] == pytest.approx([0.9, 0.9, 0.1])  # image 2 kept as it was
+    assert all(back[i]["road_morf"] is not None for i in range(3))
+    assert db.done_quality(conn, run, "test", "ig") == {0, 1, 2}
 
 
 def fake_quality_rows(run_id, indices):

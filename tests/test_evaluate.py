@@ -18,11 +18,19 @@ import data
 import datasets
 import db
 import evaluate
+import explanations
 import model as model_lib
 import quality
 import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_METHODS = attr.methods_arg(attr.DEFAULT_METHODS)  # what evaluated_run stores, for each image
+
+
+def explained(metrics):
+    """Images explained by evaluated_run: its 60, and the model's errors among the rest (--explain-errors)."""
+    assert metrics["effective"]["explain"] > 60 and metrics["effective"]["quality"] == 60  # errors: not scored
+    return metrics["effective"]["explain"]
 
 
 def assert_a_drawn_picture(path):
@@ -45,27 +53,55 @@ def test_evaluate_writes_metrics_plots_and_one_row_per_explained_image(evaluated
     for name in ("confusion_matrix.png", "ig_examples.png"):
         assert_a_drawn_picture(run_dir / "images" / name)
     conn = db.connect(run_dir / "explanations.db", create=False)
-    assert conn.execute("SELECT COUNT(*) FROM explanations").fetchone()[0] == 60
-    assert saved["ig"]["explained"] == 60 and saved["ig"]["mean_relative_completeness_error"] < 0.05
+    assert conn.execute("SELECT COUNT(*) FROM explanations").fetchone()[0] == explained(metrics) * len(DEFAULT_METHODS)
+    ig = saved["explanations"]["ig"]["completeness"]
+    assert ig["explained"] == explained(saved) and ig["mean_relative_completeness_error"] < 0.05
+
+
+def test_every_misclassified_test_image_is_explained_beside_the_first_60(evaluated_run, syn_dir):
+    run_dir, metrics = evaluated_run
+    probs = np.loadtxt(run_dir / "predictions_test.csv", delimiter=",")[:, 1:]  # the run's own predictions
+    labels = data.load(syn_dir, 28, synthetic=True).test.labels.numpy().reshape(-1)
+    wrong = set(np.flatnonzero(probs.argmax(1) != labels).tolist())
+    conn = db.connect(run_dir / "explanations.db", create=False)
+    stored = set(db.done_indices(conn, metrics["store"]["run_id"], "test"))
+    first = set(explanations.explanation_indices(len(labels), "60"))
+    assert wrong - first and wrong <= stored and stored == first | wrong
 
 
 def test_evaluate_reports_quality_keys_and_draws_both_quality_figures(evaluated_run):
     run_dir, metrics = evaluated_run
     saved = json.loads((run_dir / "metrics.json").read_text())
+    ig = saved["explanations"]["ig"]["quality"]
     for key in ("deletion_auc", "deletion_auc_random", "insertion_auc", "insertion_auc_random",
-                "randomization_spearman", "mask_mass", "mask_area", "completeness_share"):
-        assert np.isfinite(saved[key]), key
-    assert saved["quality_images"] == 60 and saved["randomization_check"] in ("passed", "failed")
-    assert list(saved["randomization_by_stage"]) == ["classifier", "features.4", "features.3",
-                                                     "features.2", "features.1", "features.0"]
+                "randomization_spearman", "mask_mass", "mask_area", "completeness_share", "smooth_mprt",
+                "efficient_mprt", "random_logit", "road_morf", "road_lerf"):
+        assert np.isfinite(ig[key]), key
+    assert ig["images"] == 60 and set(saved["trust"]["ig"]) >= {"mprt", "smooth_mprt", "road", "completeness"}
+    assert saved["recommended"] is None or saved["recommended"] in saved["explanations"]
+    assert list(ig["randomization_by_stage"]) == ["classifier", "conv block 5", "conv block 4",
+                                                  "conv block 3", "conv block 2", "conv block 1"]  # as the figures
     for name in ("faithfulness.png", "sanity_randomization.png"):
         assert_a_drawn_picture(run_dir / "images" / name)
+
+
+def test_every_published_test_of_a_run_fails_at_least_one_of_its_controls(evaluated_run):
+    _, metrics = evaluated_run
+    table = metrics["trust"]
+    for test in {t for row in table.values() for t in row} - {"completeness"}:
+        assert any(not table[c][test]["pass"] for c in metrics["controls"]), test
+    for control in ("control:input", "control:edge"):  # maps that ignore the model
+        assert not table[control]["mprt"]["pass"] and not table[control]["random_logit"]["pass"]
+    rec = metrics["recommended"]
+    assert rec is None or all(t["pass"] for t in table[rec].values())
+    assert "completeness" not in metrics["controls"]["control:input"] and "completeness_share" not in \
+        metrics["controls"]["control:input"]
 
 
 def test_stored_rows_agree_with_an_independent_forward_pass(evaluated_run, syn_dir):
     run_dir, metrics = evaluated_run
     conn = db.connect(run_dir / "explanations.db", create=False)
-    rows = db.find(conn, metrics["ig"]["run_id"], with_arrays=True)
+    rows = db.find(conn, metrics["store"]["run_id"], with_arrays=True)
     net, _ = model_lib.load_checkpoint(run_dir / "best.pt")
     images = np.load(syn_dir / "pathmnist_synthetic.npz")["test_images"][[r["image_index"] for r in rows]]
     with torch.no_grad():
@@ -95,14 +131,16 @@ def test_identical_rerun_computes_no_explanation_and_no_quality(evaluated_run, s
     again = evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(syn_dir),
                            "--explain", "60", "--images", str(run_dir / "images")])
     assert ig_calls == [] and quality_calls == []
-    assert again["ig"]["run_id"] == metrics["ig"]["run_id"] and again["quality_images"] == 60
+    assert again["store"]["run_id"] == metrics["store"]["run_id"]
+    assert again["explanations"]["ig"]["quality"]["images"] == 60
     conn = db.connect(run_dir / "explanations.db", create=False)
-    assert conn.execute("SELECT COUNT(*) FROM explanations").fetchone()[0] == 60
+    assert conn.execute("SELECT COUNT(*) FROM explanations").fetchone()[0] == explained(metrics) * len(DEFAULT_METHODS)
 
 
 def test_tta_is_recorded_in_the_metrics(trained_run, syn_dir, tmp_path):
     m = evaluate.main(["--checkpoint", str(trained_run / "best.pt"), "--data-dir", str(syn_dir),
-                       "--tta", "--explain", "0", "--images", str(tmp_path), "--db", str(tmp_path / "e.db")])
+                       "--tta", "--explain", "0", "--methods", "ig", "--images", str(tmp_path),
+                       "--db", str(tmp_path / "e.db")])
     assert m["tta"] is True and m["acc"] > 0.8
 
 
@@ -117,7 +155,7 @@ def test_killed_writer_leaves_a_consistent_db_and_resume_completes(trained_run, 
     dbp = tmp_path / "e.db"
     cmd = [sys.executable, "evaluate.py", "--checkpoint", str(trained_run / "best.pt"),
            "--data-dir", str(syn_dir), "--explain", "all", "--db", str(dbp), "--ig-batch", "4",
-           "--n-steps", "64", "--quality", "0", "--images", str(tmp_path), "--threads", "1"]
+           "--n-steps", "64", "--quality", "0", "--methods", "ig", "--images", str(tmp_path), "--threads", "1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stored = 0
     try:
@@ -176,10 +214,10 @@ def test_a_finished_store_is_one_file_that_reading_leaves_as_it_is(evaluated_run
 
 
 def test_db_cli_summarises_a_store(evaluated_run):
-    run_dir, _ = evaluated_run
+    run_dir, metrics = evaluated_run
     result = subprocess.run([sys.executable, "db.py", str(run_dir / "explanations.db")], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and "60 explanations" in result.stdout
+    assert result.returncode == 0 and f"{explained(metrics)} explanations" in result.stdout
     assert "quality ig: 60 images" in result.stdout
 
 
@@ -206,7 +244,8 @@ def untrained_run(syn_dir, tmp_path_factory):
 
 def explained_rows(checkpoint, syn_dir, tmp_path, *flags):
     evaluate.main(["--checkpoint", str(checkpoint), "--data-dir", str(syn_dir), "--explain", "40",
-                   "--quality", "0", "--db", str(tmp_path / "e.db"), "--images", str(tmp_path), *flags])
+                   "--quality", "0", "--methods", "ig", "--db", str(tmp_path / "e.db"), "--images", str(tmp_path),
+                   *flags])
     conn = db.connect(tmp_path / "e.db", create=False)
     return db.find(conn, db.get_run(conn)["run_id"])
 
@@ -241,7 +280,8 @@ def test_printed_count_is_the_count_the_store_added(trained_run, syn_dir, tmp_pa
     real = db.insert_explanations
     monkeypatch.setattr(db, "insert_explanations", lambda conn, rows: real(conn, rows[1:]))  # one row per batch lost
     evaluate.main(["--checkpoint", str(trained_run / "best.pt"), "--data-dir", str(syn_dir), "--explain", "8",
-                   "--ig-batch", "4", "--quality", "0", "--db", str(tmp_path / "e.db"), "--images", str(tmp_path)])
+                   "--ig-batch", "4", "--quality", "0", "--methods", "ig", "--db", str(tmp_path / "e.db"),
+                   "--images", str(tmp_path), "--explain-errors", "0"])
     assert "Stored 6 explanations" in capsys.readouterr().out
 
 
@@ -252,12 +292,14 @@ def test_metrics_json_describes_everything_stored_after_a_smaller_rerun(trained_
 
     def run(n):
         evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(syn_dir), "--explain", n,
-                       "--quality", n])
+                       "--quality", n, "--methods", "ig", "--explain-errors", "0"])
         return json.loads((run_dir / "metrics.json").read_text())
     run("12")
     saved = run("4")
-    assert saved["ig"]["explained"] == 12 and saved["quality_images"] == 12
-    assert saved["requested"] == {"explain": "4", "quality": "4"}
+    assert saved["explanations"]["ig"]["completeness"]["explained"] == 12
+    assert saved["explanations"]["ig"]["quality"]["images"] == 12
+    assert saved["requested"] == {"explain": "4", "explain_errors": 0, "quality": "4"}
+    assert saved["effective"] == {"explain": 4, "quality": 4}
     assert (run_dir / "images" / "ig_examples.png").is_file()  # the run's figures stay in its folder
 
 
@@ -270,18 +312,21 @@ def test_tta_is_refused_for_a_model_trained_without_flips(syn_dir, tmp_path, tra
 
 def test_methods_all_stores_scores_and_draws_every_method_beside_the_controls(trained_run, syn_dir, tmp_path, capsys):
     m = evaluate.main(["--checkpoint", str(trained_run / "best.pt"), "--data-dir", str(syn_dir),
-                       "--explain", "24", "--quality", "12", "--methods", "all", "--db", str(tmp_path / "e.db"),
+                       "--explain", "24", "--quality", "12", "--methods", "all", "--explain-errors", "0",
+                       "--db", str(tmp_path / "e.db"),
                        "--images", str(tmp_path)])
     conn = db.connect(tmp_path / "e.db", create=False)
-    run = m["ig"]["run_id"]
-    assert db.explanation_methods(conn, run) == ["ig", "gradcam", "ig_local", "occlusion", "saliency", "smoothgrad_sq"]
+    run = m["store"]["run_id"]
+    assert db.explanation_methods(conn, run) == ["ig", *sorted(attr.ATTRIBUTION_METHODS[1:])]
     assert all(len(db.done_indices(conn, run, "test", method)) == 24 for method in attr.ATTRIBUTION_METHODS)
-    controls = ["control:edge", "control:input", "control:random"]
-    assert sorted(m["methods"]) == sorted([*attr.ATTRIBUTION_METHODS, *controls])
+    assert sorted(m["explanations"]) == sorted(attr.ATTRIBUTION_METHODS)
+    assert sorted(m["controls"]) == ["control:edge", "control:input", "control:random"]
+    scored = [e["quality"] for e in m["explanations"].values()] + list(m["controls"].values())
     assert all(q["images"] == 12 and set(q["randomization_modes"]) == {"top_down", "bottom_up", "single"}
-               for q in m["methods"].values())
+               for q in scored)
+    assert sorted(m["trust"]) == sorted([*attr.ATTRIBUTION_METHODS, *m["controls"]])
     table = capsys.readouterr().out
-    assert all(f"  {name} " in table for name in m["methods"])  # one table of methods x measures
+    assert all(f"  {name} " in table for name in m["trust"])  # one table of methods x measures
     assert (tmp_path / "methods.png").stat().st_size > 20_000 and (tmp_path / "sanity_randomization.png").exists()
 
 
@@ -298,7 +343,8 @@ def test_medmnists_resnet18_trains_and_is_explained_through_the_same_scripts(tmp
     synthetic.write_synthetic(small / "pathmnist_synthetic.npz", 28, counts={"train": 64, "val": 16, "test": 16})
     train.main(train_argv(small, tmp_path / "r18", "--epochs", "1", "--arch", "resnet18", "--batch-size", "32"))
     m = evaluate.main(["--checkpoint", str(tmp_path / "r18" / "best.pt"), "--data-dir", str(small), "--explain", "4",
-                       "--quality", "2", "--methods", "ig,gradcam", "--threads", "2"])
-    assert m["params"] == 11_689_512 - 9_408 - 513_000 + 1_728 + 4_617 and m["ig"]["explained"] == 4  # see test_bench
-    assert set(m["methods"]) == {"ig", "gradcam", "control:input", "control:edge", "control:random"}
-    assert list(m["methods"]["ig"]["randomization_by_stage"])[:2] == ["net.fc", "net.layer4"]
+                       "--quality", "2", "--methods", "ig,gradcam", "--threads", "2", "--explain-errors", "0"])
+    assert m["params"] == 11_689_512 - 9_408 - 513_000 + 1_728 + 4_617  # see test_bench
+    assert m["explanations"]["ig"]["completeness"]["explained"] == 4
+    assert set(m["explanations"]) == {"ig", "gradcam"} and len(m["controls"]) == 3
+    assert list(m["explanations"]["ig"]["quality"]["randomization_by_stage"])[:2] == ["classifier", "layer4"]

@@ -10,6 +10,7 @@ from PIL import Image
 
 import data
 import datasets
+import explain
 import synthetic
 import tiles
 
@@ -50,7 +51,7 @@ def test_cli_rerenders_a_stored_explanation(tmp_path, evaluated_run, syn_dir):
     run_dir, metrics = evaluated_run
     import db
     conn = db.connect(run_dir / "explanations.db", create=False)
-    index = db.find(conn, metrics["ig"]["run_id"], limit=1)[0]["image_index"]
+    index = db.find(conn, metrics["store"]["run_id"], limit=1)[0]["image_index"]
     result = run_cli("--db", str(run_dir / "explanations.db"), "--index", str(index),
                      "--data-dir", str(syn_dir), "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
@@ -111,16 +112,13 @@ def synthetic_class_names(syn_dir):
     return data.load(syn_dir, 28, synthetic=True).class_names
 
 
-def test_figures_of_explained_files_are_not_tracked_by_git():
-    import shutil
-    if shutil.which("git") is None or not (ROOT / ".git").exists():
-        pytest.skip("needs the git checkout")
-    result = subprocess.run(["git", "check-ignore", "images/explain/tile_ig.png",
-                             "images/explain/predictions.csv"], cwd=ROOT, capture_output=True, text=True)
-    assert result.stdout.split() == ["images/explain/tile_ig.png", "images/explain/predictions.csv"]
+def test_each_models_figures_go_to_its_own_run_folder_by_default():
+    for argv, folder in ((["tile.png", "--checkpoint", "runs/a_28/best.pt"], "runs/a_28/explain"),
+                         (["tile.png", "--checkpoint", "runs/b_28/best.pt"], "runs/b_28/explain"),
+                         (["--db", "runs/c_28/explanations.db", "--index", "3"], "runs/c_28/explain"),
+                         (["tile.png", "--out", "figs"], "figs")):
+        assert explain.parse_args(argv).out == folder
 
-
-# ----------------------------------------------------------------------------- real H&E tiles (shared folder)
 
 def test_cli_explains_real_nct_tiff_and_crc_png_tiles_read_down_to_the_models_size(tmp_path, trained_run, realdata):
     tiff, png = realdata / "nct-crc-he-100k" / "TUM-AACHEHDV.tif", realdata / "crc-val-he-7k" / "STR-TCGA-HGDYLEWM.png"

@@ -113,7 +113,7 @@ def test_a_rank_killed_mid_explanation_is_completed_by_the_rerun(run_copy, syn_d
 def test_two_evaluate_runs_on_one_store_both_finish_without_duplicates(run_copy, syn_dir):
     run, checkpoint = run_copy
     cmd = [sys.executable, *eval_cmd(checkpoint, syn_dir, "--explain", "150", "--ig-batch", "8", "--quality", "10",
-                                     "--methods", "ig,saliency")]
+                                     "--methods", "ig,saliency", "--explain-errors", "0")]
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     errors = [p.communicate(timeout=300)[1] for p in procs]
@@ -140,7 +140,8 @@ def test_a_full_disk_mid_explanation_keeps_committed_batches_and_the_rerun_compl
         conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0] + 40}")
         return conn
     monkeypatch.setattr(db, "connect", small_disk)
-    argv = eval_cmd(checkpoint, syn_dir, "--explain", "100", "--ig-batch", "8", "--quality", "0")[1:]
+    argv = eval_cmd(checkpoint, syn_dir, "--explain", "100", "--ig-batch", "8", "--quality", "0",
+                    "--methods", "ig", "--explain-errors", "0")[1:]
     with pytest.raises(db.DBError, match="disk is full") as failure:
         evaluate.main(argv)
     assert str(store) in str(failure.value) and "MB free" in str(failure.value)

@@ -111,9 +111,18 @@ def draw_all(names, channels):
     plots.plot_methods([(image, titles[i]) for i in range(3)],
                        {m: [torch.randn(channels, 28, 28) for _ in range(3)] for m in ("ig", "ig_local", "gradcam")},
                        "m.png", "Attribution methods side by side, test split of tissuemnist 28x28")
+    demo_row = "true synthetic-8\npred synthetic-3 (78%)\nWRONG"  # the demo's figure: 10 such rows, a title that wraps
+    plots.plot_methods([(image, demo_row) for i in range(10)],
+                       {m: [torch.randn(channels, 28, 28) for _ in range(10)] for m in
+                        ("expected_gradients", "ig", "saliency", "gradcam")}, "m2.png",
+                       "Attribution methods side by side, test split of pathmnist-synthetic 28x28 (SYNTHETIC data, "
+                       "not PathMNIST)")
     probs = rng.dirichlet(np.ones(k), 300)
     plots.plot_reliability(probs, rng.integers(0, k, 300), False, "rel.png",
                            "Reliability, test split of dermamnist 28x28 (SYNTHETIC data, not DermaMNIST) (ECE 0.031)")
+    confident = np.eye(k)[rng.integers(0, k, 7180)] * 0.9 + 0.1 / k  # PathMNIST-sized: thousands in one bin
+    plots.plot_reliability(confident, confident.argmax(1), False, "rel2.png",
+                           "Reliability, test split of pathmnist 28x28 (ECE 0.004)")
 
 
 @pytest.mark.parametrize("flag", datasets.FLAGS)

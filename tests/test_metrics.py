@@ -43,6 +43,21 @@ def test_per_class_precision_recall_f1_match_numbers_worked_by_hand():
     assert m["confusion_matrix"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
 
 
+def test_balanced_accuracy_and_macro_f1_weight_every_class_alike():
+    labels = np.array([0, 0, 0, 1, 1, 2])  # the same predictions as above: recall 2/3, 1/2, 1; F1 0.8, 0.5, 2/3
+    pred = np.array([0, 0, 1, 1, 2, 2])
+    m = metrics.classification_metrics(labels, np.eye(3)[pred] * 0.7 + 0.1, ["a", "b", "c"])
+    assert m["balanced_acc"] == pytest.approx((2 / 3 + 1 / 2 + 1) / 3) and m["acc"] == pytest.approx(4 / 6)
+    assert m["macro_f1"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+
+
+def test_the_ece_interval_holds_the_ece_and_comes_from_resampling():
+    labels, probs = random_scores(n=300)
+    m = metrics.classification_metrics(labels, probs, [str(i) for i in range(9)])
+    low, high = metrics.bootstrap_intervals(labels, probs, "multi-class", n=200)["ece_ci95"]
+    assert low < m["ece"] < high and high - low > 0.01  # 300 images: an interval of a few points
+
+
 def test_multi_label_metrics_are_per_label_at_probability_one_half():
     labels = np.array([[1, 0], [1, 1], [0, 0], [0, 1]])
     probs = np.array([[.9, .2], [.6, .4], [.7, .1], [.3, .8]])

@@ -235,3 +235,13 @@ def test_the_resnets_randomisation_stages_and_gradcam_layer_are_its_own_modules(
 def test_a_checkpoint_without_an_architecture_is_this_repos_cnn():
     config = {k: v for k, v in model_lib.build().config.items() if k != "arch"}  # as written before --arch
     assert isinstance(model_lib.build(config), model_lib.TissueCNN)
+
+
+def test_a_missing_checkpoint_points_to_the_runs_that_exist_beside_it(tmp_path):
+    (tmp_path / "runs" / "pathmnist-synthetic_28").mkdir(parents=True)
+    (tmp_path / "runs" / "pathmnist-synthetic_28" / "best.pt").write_bytes(b"")
+    guess = r"Did you mean --checkpoint .*pathmnist-synthetic_28/best\.pt\?"
+    with pytest.raises(model_lib.CheckpointError, match=guess):
+        model_lib.read_checkpoint(tmp_path / "runs" / "pathmnist_28" / "best.pt")
+    with pytest.raises(model_lib.CheckpointError, match=r"No checkpoint at .*none\.pt\. Train one first"):
+        model_lib.read_checkpoint(tmp_path / "empty" / "none.pt")  # no run folder beside it: no guess

@@ -40,6 +40,15 @@ def test_gallery_draws_two_explanations_per_row(tmp_path):
     assert count_colour(six, TISSUE) > 2.5 * count_colour(two, TISSUE)
 
 
+def test_empty_slots_keep_one_class_a_row(tmp_path):
+    panel = (flat_image(), torch.randn(3, 28, 28), "a")
+    plots.explanation_figure([panel, panel, panel], tmp_path / "full.png", "t", per_row=3)
+    plots.explanation_figure([panel, None, None, panel, panel, None], tmp_path / "gaps.png", "t", per_row=3)
+    full, gaps = pixels(tmp_path / "full.png"), pixels(tmp_path / "gaps.png")
+    assert full.shape[1] == gaps.shape[1] and gaps.shape[0] > 1.5 * full.shape[0]  # two rows of three slots
+    assert count_colour(gaps, TISSUE) == pytest.approx(count_colour(full, TISSUE), rel=0.05)  # three drawn
+
+
 def test_zero_attribution_still_draws_the_image(tmp_path):
     plots.explanation_figure([(flat_image(), torch.zeros(3, 28, 28), "a")], tmp_path / "z.png", "t")
     assert count_colour(pixels(tmp_path / "z.png"), TISSUE) > 1000

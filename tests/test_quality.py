@@ -52,14 +52,6 @@ def test_maps_that_ignore_the_model_fail_the_randomisation_check(trained_run, sy
     q = quality_lib.quality_measures(net, x, test.labels[:8], blind(net, x, None), attr.DEFAULT_IG,
                                      blind, quality_lib.randomized_models(net))
     assert float(q["randomization_spearman"].mean()) == pytest.approx(1.0)
-    assert quality_lib.randomization_verdict(float(q["randomization_spearman"].mean())) == "failed"
-
-
-def test_randomization_verdict_asks_for_half_a_rank_correlation_below_the_input_only_control():
-    assert quality_lib.randomization_verdict(0.3) == "passed"
-    assert quality_lib.randomization_verdict(0.5) == "passed"
-    assert quality_lib.randomization_verdict(0.59) == "failed"  # the demo's IG
-    assert quality_lib.randomization_verdict(0.45, control_spearman=0.9) == "failed"
 
 
 def test_cascading_randomization_reinitialises_one_more_layer_each_stage(trained_run):
@@ -85,24 +77,18 @@ def test_curves_start_at_the_image_and_end_at_the_baseline():
     assert torch.allclose(insertion[:, 0], p_b, atol=1e-6) and torch.allclose(insertion[:, -1], p_x, atol=1e-6)
 
 
-def test_completeness_warning_names_more_steps():
-    summary = {"completeness_share": 0.6, "deletion_auc": 0.1, "deletion_auc_random": 0.5,
-               "insertion_auc": 0.9, "insertion_auc_random": 0.5, "randomization_check": "passed"}
-    lines = quality_lib.quality_warnings(summary, "ig", {**attr.DEFAULT_IG, "n_steps": 8, "max_steps": 8})
-    assert len(lines) == 1 and "--max-steps 16" in lines[0]
-
-
 # ----------------------------------------------------------------------------- the stored pass
 
 def test_quality_rows_are_stored_once_per_image_and_method(evaluated_run, syn_dir):
     run_dir, metrics = evaluated_run
     conn = db.connect(run_dir / "explanations.db", create=False)
     count = lambda: conn.execute("SELECT COUNT(*) FROM quality").fetchone()[0]  # noqa: E731
-    assert count() == 60 * 4  # IG and the three controls
+    rows_per_image = len(attr.methods_arg(attr.DEFAULT_METHODS)) + 3  # the default methods and three controls
+    assert count() == 60 * rows_per_image
     evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(syn_dir), "--explain", "60",
                    "--images", str(run_dir / "images")])
-    assert count() == 60 * 4
-    run = metrics["ig"]["run_id"]
+    assert count() == 60 * rows_per_image
+    run = metrics["store"]["run_id"]
     first = db.find(conn, run, limit=1)[0]["image_index"]
     row = db.quality_rows(conn, run, "test", "ig", [first])[0]
     assert row["deletion_curve"].shape == (quality_lib.CURVE_POINTS,)
@@ -114,10 +100,10 @@ def test_smoothgrad_is_compared_on_the_same_measures(trained_run, syn_dir, tmp_p
     m = evaluate.main(["--checkpoint", str(trained_run / "best.pt"), "--data-dir", str(syn_dir),
                        "--explain", "8", "--quality", "8", "--smooth", "2", "--db", str(tmp_path / "e.db"),
                        "--images", str(tmp_path)])
-    smooth = m["methods"]["smoothgrad_ig:n=2,sd=0.1"]
+    smooth = m["explanations"]["smoothgrad_ig:n=2,sd=0.1"]["quality"]
     for key in quality_lib.SUMMARY_KEYS:
-        assert key in smooth and key in m
-    assert smooth["images"] == 8
+        assert key in smooth and key in m["explanations"]["ig"]["quality"]
+    assert smooth["images"] == 8 and "smoothgrad_ig:n=2,sd=0.1" in m["trust"]
 
 
 # ----------------------------------------------------------------------------- several methods, controls, modes
@@ -132,7 +118,9 @@ def per_method(trained_run, syn_dir):
     x, labels = colour.to_unit(test.images[:60]), test.labels[:60]
     stages = {"top_down": quality_lib.randomized_models(net)[-1:]}
     out = {}
-    for name, attribute in quality_lib.scored_maps(attr.DEFAULT_IG, names=attr.ATTRIBUTION_METHODS).items():
+    references = attr.reference_sample(data.load_matching(meta["provenance"], syn_dir).train.images)
+    scored = quality_lib.scored_maps(attr.DEFAULT_IG, names=attr.ATTRIBUTION_METHODS, references=references)
+    for name, attribute in scored.items():
         maps = attribute(fused, x, labels)
         q = quality_lib.quality_measures(fused, x, labels, maps, attr.DEFAULT_IG, attribute, stages,
                                          masks=test.masks[:60])
@@ -158,17 +146,9 @@ def test_ig_and_gradcam_put_more_mass_in_the_evidence_mask_than_its_area(per_met
     assert per_method[method]["mask_mass"] > per_method[method]["mask_area"] + 0.1
 
 
-def test_gradient_maps_decorrelate_under_randomisation_clearly_more_than_ig(per_method):
-    # Measured on the demo model: 0.32 (saliency), 0.32 (ig_local) against 0.58 (ig).
-    ig = float(per_method["ig"]["randomization_spearman"])
-    for method in ("saliency", "ig_local"):
-        assert float(per_method[method]["randomization_spearman"]) < ig - 0.15, method
-
-
 def test_maps_that_ignore_the_model_do_not_change_under_randomisation(per_method):
     for control in ("control:input", "control:edge"):
         assert float(per_method[control]["randomization_spearman"]) == pytest.approx(1.0)
-        assert quality_lib.randomization_verdict(float(per_method[control]["randomization_spearman"])) == "failed"
     assert abs(float(per_method["control:random"]["randomization_spearman"])) < 0.1  # why passing is not enough
 
 
@@ -250,6 +230,78 @@ def test_full_randomisation_correlation_agrees_with_quantus_mprt(quantus_case):
         device="cpu", explain_func=explain_func)
     ours = quality_lib.rank_correlation(a, ig(quality_lib.randomized_models(net)[-1][1], x, y))
     assert abs(float(torch.tensor(theirs).mean()) - float(ours.mean())) < 0.1
+
+
+def test_linear_imputation_solves_quantus_noisy_linear_imputation_system():
+    from quantus.functions.perturb_func import noisy_linear_imputation
+    x = torch.rand(3, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    rng = np.random.default_rng(0)
+    for share in (0.1, 0.5, 0.9):
+        picked = [np.sort(rng.choice(784, int(784 * share), replace=False)) for _ in range(3)]
+        missing = torch.zeros(3, 784, dtype=torch.bool)
+        for i, p in enumerate(picked):
+            missing[i, p] = True
+        ours = quality_lib.linear_imputation(x, missing.view(3, 28, 28))
+        theirs = np.stack([noisy_linear_imputation(x[i].numpy(), p, noise=0.0) for i, p in enumerate(picked)])
+        assert np.abs(ours.numpy() - theirs).max() < 1e-5, share
+
+
+def test_road_curves_equal_quantus_road_on_the_same_maps():
+    # Quantus's ROAD orders pixels over channels x height x width, so it needs one-channel images
+    # when the maps have one channel (with three it indexes past the pixels); noise off on both sides.
+    import quantus
+    torch.manual_seed(0)
+    net = model_lib.fused_for_inference(model_lib.build(in_channels=1).eval())
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    target = net(x).argmax(1)
+    maps = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    ours = quality_lib.road_curves(net, x, target, maps, torch.Generator(), percentages=(10, 30, 50, 70, 90),
+                                   noise=0.0)["road_morf"].mean(0)
+    theirs = quantus.ROAD(percentages=[10, 30, 50, 70, 90], noise=0.0, disable_warnings=True)(
+        model=net, x_batch=x.numpy(), y_batch=target.numpy(), a_batch=maps.numpy(), device="cpu")
+    assert torch.allclose(ours, torch.tensor(list(theirs.values()), dtype=torch.float32))
+
+
+def test_smooth_mprt_agrees_with_quantus_smooth_mprt_on_gradient_maps(quantus_case):
+    # Quantus 0.6's SmoothMPRT smooths with its own Gradient explainer (the signed input gradient
+    # summed over channels) whatever explain_func it is given, so it can check ours only on such
+    # maps. Given the same fully randomised model (Quantus's own, seed 42), only the noise draws
+    # differ. Measured: 0.107-0.114 (Quantus, 3 runs) against 0.111-0.128 (ours, 3 seeds); with one
+    # noise-free sample both give 0.12332.
+    import quantus
+    from captum.attr import Saliency
+    from quantus.helpers.model.pytorch_model import PyTorchModel
+    _, fused, x, y, _, _, _ = quantus_case
+
+    def gradient(model, inputs, targets):
+        grads = Saliency(model).attribute(inputs.detach().requires_grad_(), target=targets, abs=False)
+        return grads.detach().sum(1, keepdim=True)
+
+    def explain_func(model, inputs, targets, **kwargs):  # required, though its smoothing does not call it
+        return gradient(model, torch.as_tensor(inputs).float(), torch.as_tensor(targets).long()).numpy()
+    *_, (_, randomised) = PyTorchModel(fused).get_random_layer_generator(order="bottom_up", seed=42)
+    for samples, tolerance in ((1, 1e-4), (quality_lib.SMOOTH_MPRT_SAMPLES, 0.05)):
+        ours = quality_lib.rank_correlation(
+            quality_lib.smoothed_maps(gradient, fused, x, y, torch.Generator().manual_seed(0), samples),
+            quality_lib.smoothed_maps(gradient, randomised, x, y, torch.Generator().manual_seed(1), samples))
+        theirs = quantus.SmoothMPRT(nr_samples=samples, skip_layers=True, return_last_correlation=True,
+                                    disable_warnings=True)(
+            model=fused, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=explain_func(fused, x, y), device="cpu",
+            explain_func=explain_func)
+        assert abs(float(np.mean(theirs)) - float(ours.mean())) < tolerance, samples
+
+
+def test_model_free_maps_score_what_the_tests_say_they_must(quantus_case):
+    # Through Quantus's EfficientMPRT and RandomLogit: a map that ignores the model stays as complex
+    # once the model is random (rise 0) and is the same for every class (SSIM 1); sMPRT stays high.
+    net, fused, x, y, _, _, _ = quantus_case
+    edges = quality_lib.control_maps()["control:edge"]
+    out = quality_lib.published_tests(fused, x[:8], y[:8], edges(fused, x[:8], y[:8]), edges,
+                                      quality_lib.randomized_models(net, mode="bottom_up")[-1][1], 9,
+                                      torch.Generator().manual_seed(0))
+    assert torch.allclose(out["efficient_mprt"], torch.zeros(8)) and torch.allclose(out["random_logit"], torch.ones(8))
+    # sMPRT's noise is drawn afresh for the randomised model, which moves edges a little (measured 0.94-0.96)
+    assert (out["smooth_mprt"] > 0.9).all()
 
 
 def test_completeness_summary_covers_every_stored_ig_row_at_the_settings_tolerance(tmp_path):

@@ -41,7 +41,7 @@ def test_make_demo_writes_what_the_readme_says(demo):
                        r"images/\{(.*?)\}\.png`", readme(), re.S)
     files = [f.strip() for f in listed.group(1).replace("\n", "").split(",")]
     figures = [f.strip() for f in listed.group(2).replace("\n", "").split(",")]
-    assert len(files) == 9 and len(figures) == 6
+    assert len(files) == 9 and len(figures) == 7
     for name in files:
         assert (repo / DEMO_RUN / name).is_file(), name
     for name in figures:
@@ -54,6 +54,19 @@ def test_make_demo_marks_everything_synthetic_and_ends_with_the_reports_path(dem
     last = [line for line in out.strip().splitlines() if not line.startswith("make[")][-1]  # a sub-make's -w lines
     assert last.startswith("report: runs/pathmnist-synthetic_28/report.html")
     assert (repo / "runs/pathmnist-synthetic_28/report.html").is_file()
+
+
+def test_the_demo_learns_leads_with_a_method_that_passes_and_its_model_free_maps_find_no_evidence(demo):
+    import json
+    repo, _ = demo
+    m = json.loads((repo / DEMO_RUN / "metrics.json").read_text())
+    assert m["acc"] >= 0.95  # the structure-only evidence is learnt in 8 epochs
+    rec = m["recommended"]
+    assert rec and all(t["pass"] for t in m["trust"][rec].values())
+    for control in ("control:input", "control:edge"):
+        q = m["controls"][control]
+        assert abs(q["mask_mass"] - q["mask_area"]) < 0.05, control
+        assert not m["trust"][control]["mprt"]["pass"] and not m["trust"][control]["smooth_mprt"]["pass"]
 
 
 def test_the_sql_snippet_reads_an_attribution_from_the_demo_store(demo):

@@ -3,14 +3,22 @@ MedMNIST-format predictions and the summary of several runs."""
 import html
 import json
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import cli
+import evaluate
 import report
+from files import sha256_of
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
@@ -33,6 +41,66 @@ def test_the_reports_numbers_are_metrics_json(evaluated_run):
     assert f"{metrics['acc']:.4f} (95% CI {lo:.4f}–{hi:.4f})" in page
     assert f"{metrics['val']['acc']:.4f}" in page and f"{metrics['ece']:.4f}" in page
     assert lo <= metrics["acc"] <= hi
+
+
+@pytest.mark.trains
+def test_the_printed_train_command_trains_the_same_best_pt_again(evaluated_run, tmp_path):
+    run_dir, metrics = evaluated_run
+    command = metrics["commands"]["train"]
+    assert html.escape(command) in (run_dir / "report.html").read_text()
+    words = shlex.split(command)
+    words[words.index("--out") + 1] = str(tmp_path / "again")  # a fresh folder
+    assert words[:2] == ["python", "train.py"]
+    subprocess.run([sys.executable, *words[1:]], cwd=ROOT, check=True, capture_output=True, timeout=600)
+    assert sha256_of(tmp_path / "again" / "best.pt") == metrics["checkpoint_sha256"]
+
+
+def test_the_printed_evaluate_command_parses_back_to_the_same_settings():
+    argv = ["--checkpoint", "runs/x y/best.pt", "--data-dir", "data", "--n-steps", "16", "--methods", "ig,saliency",
+            "--tta", "--baseline", "black", "--quality", "all", "--attr-dtype", "float32"]
+    args = evaluate.parse_args(argv)
+    line = cli.command_line("evaluate.py", evaluate.parse_args, args, ("checkpoint", "data_dir"))
+    assert line.startswith("python evaluate.py --checkpoint 'runs/x y/best.pt' --data-dir data ")
+    assert vars(evaluate.parse_args(shlex.split(line)[2:])) == vars(args)
+    assert "--ig-batch" not in line and "--device" not in line  # defaults are left out
+
+
+HARD_CODED = ("move by a point or more", "IG fails the model-randomisation check on the demo model",
+              "this gap is the stain shift's cost")
+
+
+def rendered(metrics, meta):
+    """(report.html text, MODEL_CARD.md text) for these metrics, without the figures."""
+    return report.render("/nonexistent", metrics, meta), report.model_card(metrics, meta)
+
+
+def test_no_sentence_of_the_card_or_report_is_written_whatever_the_run_measured(evaluated_run):
+    run_dir, metrics = evaluated_run
+    _, meta = report.load_run(run_dir)
+    for flag, synthetic in (("retinamnist", False), ("pathmnist", True), ("pathmnist", False)):
+        m = json.loads(json.dumps(metrics))
+        m_meta = {**meta, "provenance": {**meta["provenance"], "flag": flag, "synthetic": synthetic}}
+        m["trust"]["ig"]["mprt"]["pass"] = not metrics["trust"]["ig"]["mprt"]["pass"]  # the opposite verdict
+        page, card = rendered(m, m_meta)
+        for sentence in HARD_CODED:
+            assert sentence not in page and sentence not in card
+        other_centre = flag == "pathmnist" and not synthetic  # shift.OTHER_CENTRE, with its source
+        assert ("CRC-VAL-HE-7K" in page) == other_centre and ("Kather et al." in card) == other_centre
+        ig_passes = all(t["pass"] for t in m["trust"]["ig"].values())
+        assert ("Integrated Gradients (ig) passes every test" in card) == ig_passes
+        assert ("ig fails MPRT" in card) == (not m["trust"]["ig"]["mprt"]["pass"])
+
+
+def test_the_centre_shift_numbers_are_in_the_report_and_card(evaluated_run):
+    run_dir, metrics = evaluated_run
+    s = metrics["shift"]
+    page, card = (run_dir / "report.html").read_text(), (run_dir / "MODEL_CARD.md").read_text()
+    assert [r["class"] for r in s["recall"]] == [c["class"] for c in metrics["per_class"]]
+    assert all(r["test"] == pytest.approx(c["recall"]) for r, c in zip(s["recall"], metrics["per_class"], strict=True))
+    colour = f"{s['colour_only']['test']:.4f} test"
+    assert colour in card and f"{s['colour_only']['test']:.4f} on test" in page
+    assert f"{s['flagged']['share']:.1%} of test images" in page
+    assert f"balanced ACC {metrics['balanced_acc']:.4f}" in card
 
 
 def test_predictions_csv_reads_back_in_medmnists_way_to_the_same_acc(evaluated_run, syn_dir):
@@ -90,6 +158,7 @@ window.addEventListener('load', () => {
     out.images.push({width: img.naturalWidth, colours: colours.size});
   }
   out.resources = performance.getEntriesByType('resource').map(e => e.name);
+  out.trust = [...document.querySelectorAll('.trust table tr')].map(r => [...r.cells].map(c => c.textContent));
   out.text = document.body.innerText;
   const pre = document.createElement('pre'); pre.id = 'probe'; pre.textContent = JSON.stringify(out);
   document.body.appendChild(pre);
@@ -113,6 +182,12 @@ def test_chromium_renders_every_section_and_decodes_every_figure(evaluated_run, 
     assert len(result["images"]) >= 5 and all(i["width"] > 100 and i["colours"] > 20 for i in result["images"])
     assert all(r.startswith("data:") for r in result["resources"])
     assert f"{metrics['acc']:.4f}" in result["text"] and f"{metrics['auc']:.4f}" in result["text"]
+    # The trust table leads the explanations: a row per method and control, ✓ or ✗ per test.
+    header, *rows = result["trust"]
+    assert header[0] == "method" and "MPRT (bottom-up)" in header and "ROAD LeRF − MoRF" in header
+    assert {r[0].split(" ")[0] for r in rows} >= {*metrics["trust"]} and rows[-1][0] == "threshold"
+    ig = next(r for r in rows if r[0].startswith("ig"))
+    assert all(cell.endswith(("✓", "✗")) or cell == "—" for cell in ig[1:])
     shot = tmp_path / "report_top.png"
     subprocess.run([chromium, *flags, "--window-size=1200,1600", f"--screenshot={shot}",
                     (run_dir / "report.html").as_uri()], capture_output=True, timeout=120)

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+import colour
 import data
 import datasets
 import synthetic
@@ -27,17 +28,34 @@ def test_synthetic_masks_cover_a_minority_of_each_image(tmp_path):
     assert masks.min() >= 0.1 and masks.max() <= 0.4
 
 
-def test_synthetic_evidence_lies_inside_the_mask(tmp_path):
-    # Outside the mask, class means are alike; inside, they differ: the class lives in the mask.
+def test_synthetic_evidence_is_a_pattern_that_repeats_inside_the_mask_and_nowhere_else(tmp_path):
+    # Each class's motif repeats every 4 pixels; the coin flips around it never repeat: the
+    # correlation of each pixel with the one 4 pixels across is high inside the mask, about 0 outside
+    # (measured: 0.94 and 0.05; pairs straddling the mask's edge count as outside).
+    path = tmp_path / "syn.npz"
+    synthetic.write_synthetic(path, 28, counts={"train": 300, "val": 5, "test": 5})
+    s = data.read_npz(path, 28, 9)["train"]
+    g = s.images.float().mean(1)
+    g = g - g.mean((1, 2), keepdim=True)
+    pairs, m = g[:, :, :-4] * g[:, :, 4:], (s.masks[:, :, :-4] & s.masks[:, :, 4:]).float()
+    inside = (pairs * m).sum() / m.sum() / g.var()
+    outside = (pairs * (1 - m)).sum() / (1 - m).sum() / g.var()
+    assert inside > 0.5 and abs(outside) < 0.1, (inside, outside)
+
+
+def test_no_class_can_be_told_by_its_mean_colour_inside_its_mask(tmp_path):
+    # The classes differ in structure only: their mean colours inside the mask spread no more than
+    # outside it (measured: 0.90 against 0.96 grey levels).
     path = tmp_path / "syn.npz"
     synthetic.write_synthetic(path, 28, counts={"train": 900, "val": 5, "test": 5})
     s = data.read_npz(path, 28, 9)["train"]
     x, m = s.images.float(), s.masks[:, None].float()
     inside = (x * m).sum((2, 3)) / m.sum((2, 3))
     outside = (x * (1 - m)).sum((2, 3)) / (1 - m).sum((2, 3))
+
     def spread(v):
         return torch.stack([v[s.labels == c].mean(0) for c in range(9)]).std(0).mean()
-    assert spread(inside) > 5 * spread(outside)
+    assert spread(inside) < 1.5 * spread(outside)
 
 
 def test_synthetic_size_64_is_written_at_that_size(tmp_path):
@@ -75,3 +93,36 @@ def test_multi_label_synthetic_evidence_sits_where_the_labels_say(tmp_path):
     # No finding, no evidence; a second finding is painted in the right half.
     assert masks[labels.sum(1) == 0].sum() == 0 and masks[labels.sum(1) > 0].sum(axis=(1, 2)).min() > 0
     assert masks[labels.sum(1) == 2][:, :, 14:].sum(axis=(1, 2)).min() > 0
+
+
+def test_the_class_motifs_are_balanced_and_none_is_another_turned_flipped_shifted_or_inverted():
+    import numpy as np
+    motifs = synthetic.MOTIFS
+    assert motifs.shape == (synthetic.N_MOTIFS, 4, 4) and (motifs.sum((1, 2)) == 8).all()
+    for m in motifs:  # half of the neighbours differ across and down, as in coin flips
+        assert (m != np.roll(m, 1, 1)).mean() == 0.5 and (m != np.roll(m, 1, 0)).mean() == 0.5
+    seen = set()
+    for m in motifs:
+        turned = synthetic.symmetries(m) + synthetic.symmetries(1 - m)
+        variants = {np.roll(v, (dy, dx), (0, 1)).tobytes() for v in turned for dy in range(4) for dx in range(4)}
+        assert not variants & seen
+        seen |= variants
+
+
+@pytest.mark.parametrize("flag", ["pathmnist", "chestmnist"])
+def test_maps_that_ignore_the_model_find_no_more_of_the_evidence_than_its_share_of_the_image(flag):
+    # The benchmark's point: the evidence differs only in structure, so |x - mean| and Sobel edges
+    # put within 5 points of the mask's area inside it (measured: pathmnist 22.9 and 24.2 against
+    # 23.0; the colour-and-texture benchmark before gave 42% against 23%).
+    import numpy as np
+
+    import quality
+    images, _, masks = synthetic.synthetic_split(np.random.default_rng(0), 1000, 28, flag=flag)
+    x = colour.to_unit(torch.from_numpy(images.reshape(1000, 28, 28, -1)).permute(0, 3, 1, 2))
+    m = torch.from_numpy(masks.astype(bool))
+    edges = quality.control_maps()["control:edge"](None, x, None)  # needs no model
+    input_only = (x - x.mean((0, 2, 3), keepdim=True)).abs()  # |x - baseline| with the mean colour as baseline
+    for name, maps in (("input", input_only), ("edge", edges)):
+        share, area = quality.mask_share(maps, m)
+        present = area > 0
+        assert abs(float(share[present].mean() - area[present].mean())) < 0.05, (flag, name)

@@ -53,6 +53,15 @@ def test_non_image_file_is_an_explain_error(tmp_path):
         tiles.read_image(tmp_path / "x.png", 28)
 
 
+@pytest.mark.parametrize("side", [12, 20])  # 144 px: past PIL's warning limit (100); 400 px: past its error limit (200)
+def test_an_image_too_large_to_be_a_tile_is_refused_with_a_paragraph_before_decoding(tmp_path, monkeypatch, side):
+    Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(tmp_path / "slide.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(tiles, "MAX_PIXELS", 100)
+    with pytest.raises(tiles.ImageError, match="a whole slide or its export, not a tile.*cut the slide into tiles"):
+        tiles.read_image(tmp_path / "slide.png", 28)
+
+
 # ----------------------------------------------------------------------------- inputs the model was not made for
 
 @pytest.fixture(scope="module")
