@@ -133,15 +133,21 @@ def flag_words(key, value):
     return [flag, shlex.quote(str(value))]
 
 
-def command_line(script, parse, args, always=()):
-    """`python script` with the settings in `always` (the real paths) and every other flag whose value
-    differs from its default (parse([])'s): the command that does this run again."""
-    defaults = vars(parse([]))
-    words = ["python", script]
-    for key, value in vars(args).items():
+def changed_flags(values, defaults, always=()):
+    """Command-line words for the settings in `values` (name -> value) that `defaults` has and that
+    differ from it, or are in `always` (the real paths); switches that are off and unset values are
+    left out."""
+    words = []
+    for key, value in values.items():
         if key in defaults and (key in always or value != defaults[key]) and value not in (None, False):
             words += flag_words(key, value)
-    return " ".join(words)
+    return words
+
+
+def command_line(script, parse, args, always=()):
+    """`python script` with the settings in `always` and every other flag whose value differs from
+    its default (parse([])'s): the command that does this run again."""
+    return " ".join(["python", script, *changed_flags(vars(args), vars(parse([])), always)])
 
 
 # ----------------------------------------------------------------------------- shared flags

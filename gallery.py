@@ -30,17 +30,17 @@ def gallery_examples(conn, run_id, ds, with_arrays=False, correct=GALLERY_CORREC
         picked = sorted(random.Random(GALLERY_SEED * 1009 + label).sample(right, min(correct, len(right))),
                         key=lambda r: r["image_index"])
         wrong = db.find(conn, run_id, "test", misclassified=True, order="-confidence", limit=1, **{by: label})
-        chosen = [(r["image_index"], []) for r in picked] + [(r["image_index"], ["WRONG"]) for r in wrong]
-        if with_arrays and chosen:
-            full = {r["image_index"]: r for r in db.find(conn, run_id, "test", image_indices=[i for i, _ in chosen],
-                                                           with_arrays=True)}
-        else:
-            full = {r["image_index"]: r for r in picked + wrong}
-        row = [(full[i], plots.panel_title(ds.class_names, db.true_classes(full[i]), full[i]["pred_label"],
-                                           full[i]["confidence"], note)) for i, note in chosen]
-        row = row[:len(picked)] + [None] * (correct - len(picked)) + (row[len(picked):] or [None])
-        if any(row):
-            rows.append(row)
+        if not picked + wrong:
+            continue
+        if with_arrays:  # the maps of the chosen rows only
+            full = {r["image_index"]: r for r in db.find(conn, run_id, "test", with_arrays=True,
+                                                           image_indices=[r["image_index"] for r in picked + wrong])}
+            picked, wrong = ([full[r["image_index"]] for r in chosen] for chosen in (picked, wrong))
+
+        def slot(r, note):
+            return r, plots.panel_title(ds.class_names, db.true_classes(r), r["pred_label"], r["confidence"], note)
+        rows.append([slot(r, []) for r in picked] + [None] * (correct - len(picked))
+                    + [slot(wrong[0], ["WRONG"]) if wrong else None])
     return rows
 
 

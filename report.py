@@ -123,17 +123,9 @@ def banners(provenance):
 
 
 def trust_rows(metrics):
-    """(header, rows) of the trust table: per method (the recommended one first, controls last) each
-    test's value with ✓ or ✗, "—" where it does not apply, and the thresholds' row."""
-    table, rec = metrics.get("trust") or {}, metrics.get("recommended")
-    tests = [t for t in trust.TESTS if any(t.name in row for row in table.values())]
-    order = sorted(table, key=lambda m: (m in trust.CONTROLS, m != rec, m != "ig", m))
-    rows = [[m + (" (recommended)" if m == rec else ""),
-             *[f"{table[m][t.name]['value']:.3f} {'✓' if table[m][t.name]['pass'] else '✗'}" if t.name in table[m]
-               else "—" for t in tests]] for m in order]
-    limits = ["threshold", *[f"{next(r[t.name]['threshold'] for r in table.values() if t.name in r):.3f}"
-                             for t in tests]]
-    return ["method", *[t.title for t in tests]], rows + [limits], tests
+    """(header, rows, tests) of the trust table (trust.table_cells), the thresholds' row last."""
+    tests, rows, limits = trust.table_cells(metrics.get("trust") or {}, metrics.get("recommended"))
+    return ["method", *[t.title for t in tests]], rows + [["threshold", *limits]], tests
 
 
 def trust_lines(metrics):

@@ -111,14 +111,15 @@ def command(settings, data_dir, out):
     """The train.py command line that trains this run again: every setting that differs from the
     dataset's defaults, the real data folder and run folder; under torchrun when it was."""
     base = ["--flag", settings["flag"]] + (["--synthetic"] if settings["synthetic"] else [])
-    defaults = vars(parse_args(base))
-    words = (["python", "train.py"] if settings.get("world_size", 1) == 1 else
-             ["torchrun", "--nproc_per_node", str(settings["world_size"]), "train.py"])
-    words += [shlex.quote(w) for w in base]
-    for key, value in settings.items():
-        if key in defaults and key not in ("flag", "synthetic") and value != defaults[key]:
-            words += cli.flag_words(key, ("on" if value else "off") if key == "flips" else value)
-    return " ".join(words + cli.flag_words("data_dir", data_dir) + cli.flag_words("out", out))
+
+    def spelled(values):  # --flips takes on/off, not a switch
+        return {**values, "flips": "on" if values["flips"] else "off"}
+    values = {k: v for k, v in spelled(settings).items() if k not in ("flag", "synthetic")}
+    launcher = (["python"] if settings.get("world_size", 1) == 1 else
+                ["torchrun", "--nproc_per_node", str(settings["world_size"])])
+    return " ".join([*launcher, "train.py", *map(shlex.quote, base),
+                     *cli.changed_flags({**values, "data_dir": data_dir, "out": out}, spelled(vars(parse_args(base))),
+                                        always=("data_dir", "out"))])
 
 
 def main(argv=None):

@@ -138,20 +138,26 @@ def failed(row):
     return [test for test, t in row.items() if not t["pass"]]
 
 
-def format_table(table, rec=None):
-    """The trust table as text: a row per method (controls last), a column per test: value and
-    pass (✓) or fail (✗)."""
+def table_cells(table, rec=None):
+    """The trust table as the console, the report and the card show it: (tests, rows, thresholds), a
+    row per method (the recommended one first, then IG, controls last): its name, then per test the
+    value with pass (✓) or fail (✗), "—" where it does not apply."""
     tests = [t for t in TESTS if any(t.name in row for row in table.values())]
+    order = sorted(table, key=lambda m: (m in CONTROLS, m != rec, m != "ig", m))
+    rows = [[m + (" (recommended)" if m == rec else ""),
+             *[f"{table[m][t.name]['value']:.3f} {'✓' if table[m][t.name]['pass'] else '✗'}" if t.name in table[m]
+               else "—" for t in tests]] for m in order]
+    limits = [f"{next(r[t.name]['threshold'] for r in table.values() if t.name in r):.3f}" for t in tests]
+    return tests, rows, limits
+
+
+def format_table(table, rec=None):
+    """The trust table as text (table_cells), in columns."""
+    tests, rows, limits = table_cells(table, rec)
     widths = [max(len(t.title), 9) for t in tests]
     lines = ["  " + f"{'method':20s} " + " ".join(f"{t.title:>{w}s}" for t, w in zip(tests, widths, strict=True))]
-    for method, row in sorted(table.items(), key=lambda kv: (kv[0] in CONTROLS, kv[0] != rec, kv[0])):
-        cells = [(f"{row[t.name]['value']:.3f} {'✓' if row[t.name]['pass'] else '✗'}" if t.name in row else "—")
-                 for t in tests]
-        mark = " (recommended)" if method == rec else ""
-        lines.append(f"  {method + mark:20s} " + " ".join(f"{c:>{w}s}" for c, w in zip(cells, widths, strict=True)))
-    lines.append("  threshold            " + " ".join(
-        f"{next(row[t.name]['threshold'] for row in table.values() if t.name in row):>{w}.3f}"
-        for t, w in zip(tests, widths, strict=True)))
+    for name, *cells in rows + [["threshold", *limits]]:
+        lines.append(f"  {name:20s} " + " ".join(f"{c:>{w}s}" for c, w in zip(cells, widths, strict=True)))
     return "\n".join(lines)
 
 
