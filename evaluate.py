@@ -118,8 +118,9 @@ def evaluate(args, ctx):
     indices = explanations.explanation_indices(len(ds.test), args.explain)
     quality_idx = indices[:len(indices) if args.quality == "all" else int(args.quality)]
     fused = model_lib.fused_for_inference(net)
+    test_probs = model_lib.predict_probabilities(net, ds.test.images, args.batch_size, device)  # without TTA
     if indices:  # the model's errors too, so the gallery shows them (not scored: quality_idx is as asked)
-        indices += explanations.error_indices(fused, ds.test, indices, args.explain_errors, args.batch_size, device)
+        indices += explanations.error_indices(ds.test, test_probs, indices, args.explain_errors)
     references = attr.reference_sample(ds.train.images).to(device) if "expected_gradients" in args.methods else None
     scored = quality.scored_maps(settings, args.smooth, args.smooth_sd, names=args.methods, references=references)
     stages = quality.all_randomized_models(net) if quality_idx else {}
@@ -130,7 +131,7 @@ def evaluate(args, ctx):
         if not ctx.main:
             return None
 
-    metrics = test_metrics(net, ds, meta, checkpoint_sha256, args, device)
+    metrics = test_metrics(net, ds, meta, checkpoint_sha256, args, device, test_probs)
     metrics_lib.print_metrics(metrics, f"Test split of {tag}")
     print(f"  95% bootstrap intervals ({metrics_lib.BOOTSTRAP} resamples): ACC {metrics['acc_ci95']}, "
           f"AUC {metrics['auc_ci95']}; validation ACC {metrics['val']['acc']:.4f} AUC {metrics['val']['auc']:.4f}")
@@ -190,12 +191,14 @@ def explanation_metrics(conn, run_id, settings, db_path, args, indices, quality_
             "trust": table, "recommended": rec}
 
 
-def test_metrics(net, ds, meta, checkpoint_sha256, args, device):
+def test_metrics(net, ds, meta, checkpoint_sha256, args, device, test_probs):
     """metrics.json's classification part: test metrics with bootstrap intervals, validation's, TTA
     on and off (for a model trained with flips), the model's cost and provenance; writes the
-    predictions CSVs (and medmnist's own result files for real data). "probs" holds the test
-    probabilities for the caller's figures."""
+    predictions CSVs (and medmnist's own result files for real data). `test_probs` are the test
+    split's probabilities without TTA; "probs" holds those the metrics use, for the caller's figures."""
     def probabilities(split, tta):
+        if split is ds.test and not tta:
+            return test_probs
         return model_lib.predict_probabilities(net, split.images, args.batch_size, device, tta=tta)
     labels = ds.test.labels.numpy()
     probs, val_probs = probabilities(ds.test, args.tta), probabilities(ds.val, args.tta)

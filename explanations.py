@@ -30,14 +30,12 @@ def explanation_indices(n_images, how_many):
     return order[:count].tolist()
 
 
-def error_indices(net, split, exclude, cap, batch_size=512, device="cpu"):
-    """Up to `cap` misclassified images of the split that `exclude` lacks, in the explanation order
-    (db.correct_predictions' rule, without TTA: what the stored rows will record)."""
+def error_indices(split, probs, exclude, cap):
+    """Up to `cap` images of the split misclassified by `probs` (its predictions without TTA, as the
+    stored rows record them; db.correct_predictions' rule) that `exclude` lacks, in the explanation order."""
     if cap <= 0:
         return []
-    import model as model_lib  # the model module, only where predictions are needed
-    wrong = ~db.correct_predictions(split.labels.numpy(), model_lib.predict_probabilities(net, split.images,
-                                                                                         batch_size, device))
+    wrong = ~db.correct_predictions(split.labels.numpy(), probs)
     taken = set(exclude)
     return [i for i in explanation_indices(len(split), "all") if wrong[i] and i not in taken][:cap]
 
