@@ -4,6 +4,8 @@
 # make test-fast - the tests that train nothing (under 2 minutes), for quick loops
 # make lint  - ruff with the repository's config (ruff.toml)
 # make bench - speed and storage against the original approach, side by side (a few minutes)
+# make bench-memory - peak memory of whole train.py and evaluate.py runs per phase, 28 to 224 px (hours on
+#              2 CPU cores; ARGS go to bench_memory.py, e.g. ARGS="--sizes 28 64")
 # make real  - this repo's model against MedMNIST's ResNet-18 on the real RetinaMNIST file of the
 #              shared real-data folder, 3 seeds each (real.py; about an hour on 2 CPU cores)
 # make gpu-check - on a machine with an NVIDIA GPU: every GPU code path once, numbers and checks into
@@ -19,7 +21,7 @@ PY := $(VENV)/bin/python
 SEEDS ?= 0 1 2
 ARGS ?=
 
-.PHONY: setup run demo test test-fast lint bench real gpu-check seeds
+.PHONY: setup run demo test test-fast lint bench bench-memory real gpu-check seeds
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -48,6 +50,9 @@ lint: setup
 
 bench: setup
 	$(PY) bench.py
+
+bench-memory: setup
+	$(PY) bench_memory.py $(ARGS)
 
 real: setup
 	$(PY) real.py

@@ -32,6 +32,7 @@ from captum.attr import (
     Saliency,
 )
 
+import budget
 import cli
 import model as model_lib
 from colour import to_unit
@@ -65,10 +66,16 @@ def relative_completeness_error(delta, gap):
     return abs(delta) / abs(gap).clip(min=TINY)
 
 
-def chunk_size(x, copies=1):
-    """Captum's internal_batch_size for x: CPU_CHUNK on CPU (never below the number of examples,
-    which Captum refuses), everything at once on a GPU."""
-    return max(CPU_CHUNK, len(x) * copies) if x.device.type == "cpu" else None
+def chunk_size(model, x, copies=1):
+    """Captum's internal_batch_size for x: CPU_CHUNK rows on CPU where they fit budget.WORK_BYTES,
+    else as many as fit (never below the number of examples, which Captum refuses); everything at
+    once on a GPU."""
+    if budget.on_gpu(x.device):
+        return None
+    rows = max(CPU_CHUNK, len(x) * copies)
+    if rows * budget.grad_row_bytes(model, x.shape[1:]) <= budget.WORK_BYTES:
+        return rows
+    return budget.grad_rows(model, x, at_least=len(x) * copies)
 
 
 @dataclass
@@ -220,14 +227,14 @@ def smoothgrad_ig(model, x, target, settings, samples, stdev):
             x, nt_type="smoothgrad", nt_samples=samples, stdevs=stdev,
             baselines=make_baseline(x, settings["baseline"], model_lib.input_mean(model)),
             target=target, n_steps=settings["n_steps"], method=settings["rule"],
-            internal_batch_size=chunk_size(x, samples)).detach()
+            internal_batch_size=chunk_size(model, x, samples)).detach()
 
 
 # ----------------------------------------------------------------------------- every method
 
 def ig(model, x, target, settings):
     """IG at the settings' fixed step count (evaluate.py stores the refined IG instead)."""
-    return fixed_ig(model, x, target, settings, internal_batch_size=chunk_size(x)).attributions
+    return fixed_ig(model, x, target, settings, internal_batch_size=chunk_size(model, x)).attributions
 
 
 def ig_local(model, x, target, settings):
@@ -236,7 +243,7 @@ def ig_local(model, x, target, settings):
     base = make_baseline(x, settings["baseline"], model_lib.input_mean(model))
     return IntegratedGradients(forward_for(model, settings["attribute"]), multiply_by_inputs=False).attribute(
         x, baselines=base, target=target, n_steps=settings["n_steps"], method=settings["rule"],
-        internal_batch_size=chunk_size(x))
+        internal_batch_size=chunk_size(model, x))
 
 
 def saliency(model, x, target, settings):
@@ -292,7 +299,7 @@ IG_VARIANTS = {"ig_black": {"baseline": "black"}, "ig_blur": {"baseline": "blur"
 def ig_variant(changes):
     def variant(model, x, target, settings):
         return refined_integrated_gradients(model, x, target, {**settings, **changes},
-                                            internal_batch_size=chunk_size(x)).attributions
+                                            internal_batch_size=chunk_size(model, x)).attributions
     return variant
 
 
@@ -431,5 +438,5 @@ def explain_batch(model, images_u8, labels, settings, device="cpu"):
     targets = target_indices(settings["target"], logits,
                              None if labels is None else labels.to(device))
     result = refined_integrated_gradients(model, x, targets, settings, logits=logits,
-                                          internal_batch_size=chunk_size(x))
+                                          internal_batch_size=chunk_size(model, x))
     return model_lib.probabilities(model, logits).cpu(), targets.cpu(), result.cpu()

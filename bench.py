@@ -20,12 +20,13 @@ paths, so only the model differs.
 An inference table (bench_inference.py) gives batch-1 latency, batch-256 throughput and bytes shipped
 for both models run four ways: PyTorch eager, PyTorch with BatchNorm folded, ONNX float32 and int8.
 
-A last table is memory: PathMNIST-sized npz files of random pixels (89,996 / 10,004 / 7,180 images)
-at 28, 64 and 128 px, each loaded by the in-memory loader (--memory ram, the only loader before
-memory maps) and by the memory-mapped one (--memory map), then trained for some steps with batches
-drawn across the whole split. Each measurement runs in its own process, which samples its anonymous
-resident memory (RssAnon in /proc/self/status: the process's own memory, not the page cache) every
-few milliseconds and reports the peak. A fit of peak = a + b * size^2 projects both to 224 px.
+A last table compares the two loaders: PathMNIST-sized npz files of random pixels (89,996 / 10,004 /
+7,180 images) at 28, 64 and 128 px, each loaded by the in-memory loader (--memory ram, the only
+loader before memory maps) and by the memory-mapped one (--memory map), then trained for some steps
+with batches drawn across the whole split. Each measurement runs in its own process, which samples
+its anonymous resident memory (RssAnon in /proc/self/status: the process's own memory, not the page
+cache) every few milliseconds and reports the peak. This is a probe of loading and training steps,
+not of a whole program: bench_memory.py measures whole train.py and evaluate.py runs, phase by phase.
 """
 import argparse
 import json
@@ -53,7 +54,7 @@ import engine
 import model as model_lib
 import original
 import synthetic
-from files import atomic_path
+from files import atomic_path, write_json
 
 OUR_BATCH = 128
 FULL = {"train_images": 20000, "train_steps": 60, "ig_images_original": 40, "ig_images_ours": 480,
@@ -390,14 +391,6 @@ def memory_bench(cfg, folder, device="cpu"):
     return rows
 
 
-def projected_peak(rows, key, size=224):
-    """Peak RssAnon at `size` from a least-squares fit of peak = a + b * size^2 over the rows."""
-    x = np.array([r["size"] ** 2 for r in rows], float)
-    y = np.array([r[key]["peak_anon"] for r in rows], float)
-    b, a = np.polyfit(x, y, 1)
-    return a + b * size ** 2
-
-
 def format_memory(rows):
     gb = 1e9
     lines = [f"{'size':>5s} {'pixels':>7s} | {'in memory (ram)':^30s} | {'memory-mapped (map)':^42s} | "
@@ -412,11 +405,6 @@ def format_memory(rows):
                      f"{m['peak_anon'] / gb:7.2f} {m['train_img_s']:5.0f} {m['epoch_s']:7.0f} | "
                      f"{alone['peak_anon'] / gb:11.2f} | {m['peak_anon'] / ram['peak_anon']:6.2f}x "
                      f"{(m['peak_anon'] - alone['peak_anon']) / gb:9.2f}")
-    if len(rows) >= 2:
-        pixels = sum(PATHMNIST_COUNTS.values()) * 224 * 224 * 3
-        lines.append(f"{224:5d} {pixels / gb:7.2f} | {'':7s} {projected_peak(rows, 'ram') / gb:7.2f} {'':5s} {'':7s} | "
-                     f"{'':10s} {'':6s} {projected_peak(rows, 'map') / gb:7.2f} {'':5s} {'':7s} | "
-                     f"{projected_peak(rows, 'model_and_batch') / gb:11.2f} | (projected: a + b * size^2)")
     return "\n".join(lines)
 
 
@@ -575,14 +563,13 @@ def main(argv=None):
         print(bench_inference.format_rows(name, inference_rows, batch))
     if memory_rows:
         counts = (QUICK_MEMORY if args.quick else FULL_MEMORY)["counts"]
-        print(f"\nMemory: npz files of random pixels with {sum(counts.values()):,} images "
+        print(f"\nLoaders: npz files of random pixels with {sum(counts.values()):,} images "
               f"({'PathMNIST-sized' if counts == PATHMNIST_COUNTS else 'QUICK: not PathMNIST-sized'}); peak "
               f"RssAnon over loading and {(QUICK_MEMORY if args.quick else FULL_MEMORY)['steps']} training "
-              f"steps; epoch s = train split / img/s")
+              f"steps (a probe, not a whole program: python bench_memory.py); epoch s = train split / img/s")
         print(format_memory(memory_rows))
     if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
     return results
 
 

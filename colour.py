@@ -10,13 +10,7 @@ sets, on the validation split, how far an input may lie from them before explain
 """
 import torch
 
-WORK_BYTES = 256 << 20  # working memory of one chunk of a pass over a split, at any image size
-
-
-def chunk_images(images, bytes_per_value):
-    """Images per chunk so that a chunk's float working copies (`bytes_per_value` per pixel value)
-    stay within WORK_BYTES: 8,192 images at 28 px is 0.4 GB in float64, at 224 px 25 GB."""
-    return max(1, WORK_BYTES // (bytes_per_value * max(1, images[0].numel()))) if len(images) else 1
+from budget import chunk_images
 
 
 def to_unit(images):
@@ -26,7 +20,7 @@ def to_unit(images):
 
 def channel_stats(images, chunk=None):
     """Per-channel mean and std of uint8 (N, C, H, W) images on the [0, 1] scale, in chunks of at most
-    WORK_BYTES (float32, float64 and its square: 20 bytes a value). The sums are float64, so the chunk
+    budget.WORK_BYTES (float32, float64 and its square: 20 bytes a value). The sums are float64, so the chunk
     size moves the result by float64 rounding only."""
     chunk = chunk or chunk_images(images, 20)
     total = torch.zeros(images.shape[1], dtype=torch.float64)
@@ -43,7 +37,7 @@ def channel_stats(images, chunk=None):
 
 def colour_features(images, chunk=None):
     """Per image, the mean and standard deviation of each channel on the [0, 1] scale: (N, 2C), in
-    chunks of at most WORK_BYTES (float32 and std's temporaries: 12 bytes a value). Each image's
+    chunks of at most budget.WORK_BYTES (float32 and std's temporaries: 12 bytes a value). Each image's
     numbers depend on that image alone, so the chunk size changes nothing."""
     chunk = chunk or chunk_images(images, 12)
     out = []

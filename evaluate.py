@@ -77,7 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--smooth-sd", type=float, default=0.1, help="SmoothGrad noise s.d. in [0, 1] pixel units")
     p.add_argument("--attr-dtype", default="float16", choices=("float16", "float32"),
                    help="precision of the stored attributions")
-    p.add_argument("--ig-batch", type=int, default=32, help="images per IG batch (and per DB transaction)")
+    p.add_argument("--ig-batch", type=int, default=32, help="images per IG batch (and per DB transaction); "
+                   "fewer on a CPU where they would not fit the byte budget (budget.py: 128 px and up)")
     p.add_argument("--batch-size", type=int, default=512, help="images per batch for predictions")
     cli.add_device(p)
     cli.add_threads(p)
@@ -172,18 +173,18 @@ def evaluate(args, ctx):
 
 def explanation_metrics(conn, run_id, settings, db_path, args, indices, quality_idx):
     """metrics.json's explanation part, over everything stored for the run (a smaller rerun cannot
-    shrink it): the store's run, requested and effective counts, per method its stored maps, its
-    quality and (IG) completeness, the controls' quality, the trust table and the recommended method."""
+    shrink it): the store's run, requested and effective counts, per method its stored maps and
+    quality (completeness: for IG over all its stored maps), the controls' quality, the trust table
+    and the recommended method."""
     if args.quality != "all" and int(args.quality) > len(quality_idx):
         print(f"Quality for {len(quality_idx)} images: --quality {args.quality} asks for more than the "
               f"{len(quality_idx)} explained (--explain {args.explain}), and only explained images are scored.")
     summaries, table, rec = trust.report(conn, run_id, settings) if db.quality_methods(conn, run_id) else ({}, {}, None)
     scored = [m for m in summaries if m not in trust.CONTROLS]  # SmoothGrad over IG has no stored maps
-    methods = list(dict.fromkeys(db.explanation_methods(conn, run_id) + scored))
-    out = {m: {"maps": len(db.done_indices(conn, run_id, "test", m)), "quality": summaries.get(m, {"images": 0})}
-           for m in methods}
-    out.setdefault("ig", {"maps": 0, "quality": {"images": 0}})["completeness"] = quality.completeness_summary(
-        conn, run_id, "test", settings["tolerance"])
+    methods = db.explanation_methods(conn, run_id) + scored
+    out = {m: {"maps": len(db.done_indices(conn, run_id, "test", m)),
+               "quality": summaries.get(m) or quality.quality_summary(conn, run_id, m, settings)}
+           for m in dict.fromkeys(["ig", *methods])}
     return {"store": {"run_id": run_id, "db": str(db_path), "settings": settings},
             "requested": {"explain": args.explain, "explain_errors": args.explain_errors, "quality": args.quality},
             "effective": {"explain": len(indices), "quality": len(quality_idx)},
@@ -230,7 +231,7 @@ def test_metrics(net, ds, meta, checkpoint_sha256, args, device, test_probs):
 def draw_galleries(conn, run_id, ds, methods, images, tag, metrics):
     """ig_examples.png, and methods.png with several methods (the recommended one first); prints
     IG's completeness."""
-    ig = metrics["explanations"]["ig"]["completeness"]
+    ig = metrics["explanations"]["ig"]["quality"]
     methods = sorted(methods, key=lambda m: m != metrics["recommended"])
     n = gallery.plot_ig_examples(conn, run_id, ds, images / "ig_examples.png",
                                  f"Integrated Gradients on the test split of {tag}")
@@ -238,9 +239,9 @@ def draw_galleries(conn, run_id, ds, methods, images, tag, metrics):
         shown = gallery.plot_method_examples(conn, run_id, ds, methods, images / "methods.png",
                                              f"Attribution methods side by side, test split of {tag}")
         print(f"{shown} examples in {len(methods)} methods -> {images / 'methods.png'}")
-    print(f"IG: {ig['explained']} stored, mean relative completeness error "
-          f"{ig['mean_relative_completeness_error']:.2%}, {ig['share_within_tolerance']:.0%} within "
-          f"{ig['tolerance']:.0%}; {n} examples -> {images / 'ig_examples.png'}")
+    print(f"IG: {ig['completeness_images']} stored, mean relative completeness error {ig['mean_relative_error']:.2%}, "
+          f"{ig['completeness_share']:.0%} within {metrics['store']['settings']['tolerance']:.0%}; "
+          f"{n} examples -> {images / 'ig_examples.png'}")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@
 
 IG (refined to its tolerance, with completeness terms) comes first and fixes each image's prediction
 and explained class; every other --methods map is computed for the same images and classes. Each
-batch of --ig-batch images is one transaction, so Ctrl-C or a kill loses at most the batch in flight,
-and a rerun computes only what the store lacks. Which images: explanation_indices, the first of a
-fixed shuffle of the split (every class shows up early, and reruns pick the same ones), and beside
-them error_indices, the model's misclassified images, so the gallery can show its errors.
+batch (--ig-batch images, fewer where ig_block's byte budget says so) is one transaction, so Ctrl-C
+or a kill loses at most the batch in flight, and a rerun computes only what the store lacks. Which
+images: explanation_indices, the first of a fixed shuffle of the split (every class shows up early,
+and reruns pick the same ones), and beside them error_indices, the model's misclassified images, so
+the gallery can show its errors.
 """
 import time
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 import attribution as attr
+import budget
 import db
 import quality
 from colour import to_unit
@@ -40,6 +42,14 @@ def error_indices(split, probs, exclude, cap):
     return [i for i in explanation_indices(len(split), "all") if wrong[i] and i not in taken][:cap]
 
 
+def ig_block(net, split, args, device):
+    """Images per IG batch (and transaction): --ig-batch, fewer where budget.WORK_BYTES holds fewer
+    rows with gradients (128 px and up on a CPU): Captum takes a batch's steps in chunks of
+    attribution.chunk_size rows, never fewer than the batch's images. A function of the model and
+    the image shape alone, so shards make the batches one process makes."""
+    return budget.grad_images(net, split.images.shape[1:], args.ig_batch, device=device)
+
+
 def explain_into_db(net, split, indices, settings, conn, run_id, args, device):
     """Explain the images not yet stored for this run, one transaction per batch. Returns the count."""
     done = db.done_indices(conn, run_id, "test")
@@ -49,9 +59,9 @@ def explain_into_db(net, split, indices, settings, conn, run_id, args, device):
         return 0
     print(f"Explaining {len(todo)} test images with IG ({len(indices) - len(todo)} already stored)")
     bar = progress(total=len(todo), unit="img", desc="IG")
-    t0, stored = time.perf_counter(), 0
-    for start in range(0, len(todo), args.ig_batch):
-        idx = torch.tensor(todo[start:start + args.ig_batch])
+    t0, stored, block = time.perf_counter(), 0, ig_block(net, split, args, device)
+    for start in range(0, len(todo), block):
+        idx = torch.tensor(todo[start:start + block])
         labels = split.labels[idx]
         probs, targets, result = attr.explain_batch(net, split.images[idx], labels, settings, device)
         stored += db.insert_explanations(conn, db.explanation_rows(
@@ -74,9 +84,9 @@ def methods_into_db(net, split, indices, conn, run_id, args, device, method, att
     if not todo:
         return 0
     bar = progress(total=len(todo), unit="img", desc=method)
-    t0, stored = time.perf_counter(), 0
-    for start in range(0, len(todo), args.ig_batch):
-        rows = db.find(conn, run_id, "test", image_indices=todo[start:start + args.ig_batch], with_arrays=True)
+    t0, stored, block = time.perf_counter(), 0, ig_block(net, split, args, device)
+    for start in range(0, len(todo), block):
+        rows = db.find(conn, run_id, "test", image_indices=todo[start:start + block], with_arrays=True)
         idx = torch.tensor([r["image_index"] for r in rows])
         x = to_unit(split.images[idx].to(device))
         targets = torch.tensor([r["target"] for r in rows], device=device)

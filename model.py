@@ -36,6 +36,7 @@ import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.flop_counter import FlopCounterMode
 
+import budget
 import cli
 from augment import dihedral
 from colour import to_unit
@@ -262,9 +263,12 @@ def layer_costs(model, size=28):
 
 @torch.no_grad()
 def predict_logits(model, images, batch_size=512, device="cpu", tta=False):
-    """Logits for uint8 (N, C, H, W) images, in batches; `tta` averages over the 8 flips/rotations."""
+    """Logits for uint8 (N, C, H, W) images, in batches of at most `batch_size` that fit
+    budget.WORK_BYTES; `tta` averages over the 8 flips/rotations."""
     model.eval()
     out = []
+    if len(images):
+        batch_size = budget.forward_batch(model, images.shape[1:], batch_size, device, copies=2 if tta else 1)
     for i in range(0, len(images), batch_size):
         x = to_unit(images[i:i + batch_size].to(device))
         if tta:

@@ -25,6 +25,7 @@ import torch
 from captum.metrics import infidelity, sensitivity_max
 
 import attribution as attr
+import budget
 import db
 import model as model_lib
 import plots
@@ -272,7 +273,7 @@ def quality_measures(model, x, target, attributions, settings, attribute, stages
     a control) for the randomised models in `stages` ({mode: [(layer, model)]}, see
     all_randomized_models; a plain list is the top-down cascade) and for Captum's sensitivity_max.
     "randomization_stages" is (B, stages) of the top-down |map| Spearman; "randomization" holds, per
-    image, every mode's {layer: {"spearman", "signed", "ssim"}}.
+    image, every mode's {layer: {"spearman", "signed", "ssim"}}, layers named by model.layer_label.
     """
     stages = stages if isinstance(stages, dict) else {"top_down": stages}
     with attr.seeded(seed):  # random orders and metric noise: the same on every rerun
@@ -292,8 +293,9 @@ def quality_measures(model, x, target, attributions, settings, attribute, stages
         def explanation(inputs, target):  # Captum passes and expects 1-tuples
             return (attribute(model, inputs[0] if isinstance(inputs, tuple) else inputs, target),)
         sens = sensitivity_max(explanation, x, target=target, perturb_radius=SENSITIVITY_RADIUS,
-                               n_perturb_samples=4)
-        randomized = {mode: [(name, attribute(m, x, target).cpu()) for name, m in models]
+                               n_perturb_samples=SENSITIVITY_COPIES)
+        # stages named as figures, metrics.json and the store all name them (model.layer_label)
+        randomized = {mode: [(model_lib.layer_label(name), attribute(m, x, target).cpu()) for name, m in models]
                       for mode, models in stages.items()}
         published = (published_tests(model, x, target, attributions, attribute, stages["bottom_up"][-1][1],
                                      model.config["n_classes"], gen) if "bottom_up" in stages else {})
@@ -321,9 +323,10 @@ def quality_measures(model, x, target, attributions, settings, attribute, stages
 # ----------------------------------------------------------------------------- the pass over a run
 
 QUALITY_BATCH = 50  # images per quality transaction (sensitivity_max expands each 4x)
+SENSITIVITY_COPIES = 4  # sensitivity_max's perturbed copies of each image, explained at once
+# Means of stored columns; the randomisation stages' numbers come from randomization_summary instead
 SUMMARY_KEYS = ("deletion_auc", "deletion_auc_random", "insertion_auc", "insertion_auc_random",
-                "infidelity", "sensitivity_max", "randomization_spearman",
-                "randomization_spearman_signed", "randomization_input_spearman", "mask_mass", "mask_area",
+                "infidelity", "sensitivity_max", "randomization_input_spearman", "mask_mass", "mask_area",
                 "smooth_mprt", "efficient_mprt", "random_logit", "road_morf", "road_lerf")
 
 
@@ -341,6 +344,12 @@ def scored_maps(settings, smooth=0, smooth_sd=0.1, names=("ig",), controls=True,
     return out
 
 
+def quality_block(model, split, device):
+    """Images per quality batch: QUALITY_BATCH, fewer where sensitivity_max's copies of that many
+    images, each explained with gradients, would not fit budget.WORK_BYTES (128 px and up on a CPU)."""
+    return budget.grad_images(model, split.images.shape[1:], QUALITY_BATCH, rows=SENSITIVITY_COPIES, device=device)
+
+
 def quality_into_db(fused, stages, split, indices, settings, attribute_by_method, conn, run_id, device,
                     references=None):
     """Quality measures for the stored explanations of `indices` that have none yet, per method,
@@ -353,10 +362,10 @@ def quality_into_db(fused, stages, split, indices, settings, attribute_by_method
         todo = [i for i in indices if i not in done]
         if not todo:
             continue
-        bar = progress(total=len(todo), unit="img", desc=f"quality {method}")
-        for start in range(0, len(todo), QUALITY_BATCH):
-            rows = db.find(conn, run_id, "test", image_indices=todo[start:start + QUALITY_BATCH],
-                           with_arrays=True)
+        bar, block = progress(total=len(todo), unit="img", desc=f"quality {method}"), quality_block(fused, split,
+                                                                                                   device)
+        for start in range(0, len(todo), block):
+            rows = db.find(conn, run_id, "test", image_indices=todo[start:start + block], with_arrays=True)
             idx = torch.tensor([r["image_index"] for r in rows])
             x = to_unit(split.images[idx].to(device))
             target = torch.tensor([r["target"] for r in rows], device=device)
@@ -371,7 +380,7 @@ def quality_into_db(fused, stages, split, indices, settings, attribute_by_method
             gap = completeness_gap(method, fused, x, target, settings, rows, references)
             q["relative_error"] = attr.relative_completeness_error(attributions.sum((1, 2, 3)) - gap, gap)
             by_stage, detail = q.pop("randomization_stages"), q.pop("randomization")
-            stage_names = [name for name, _ in stages["top_down"]]
+            stage_names = [model_lib.layer_label(name) for name, _ in stages["top_down"]]
             db.insert_quality(conn, [{"run_id": run_id, "split": "test", "image_index": int(i),
                                       "method": method, **{k: v[j].tolist() for k, v in q.items()},
                                       "randomization_stages": dict(zip(stage_names, by_stage[j].tolist(),
@@ -395,50 +404,61 @@ def completeness_gap(method, model, x, target, settings, rows, references=None):
 
 
 def completeness_summary(conn, run_id, split, tolerance):
-    """Completeness of every stored IG explanation of the run: count, mean |delta|, mean relative
-    completeness error, and the share within `tolerance` (the IG settings' own)."""
+    """Completeness of every stored IG map of the run (not only the scored ones): how many, their mean
+    |delta|, mean relative completeness error, and the share within `tolerance` (the IG settings')."""
     rows = db.find(conn, run_id, split)
     if not rows:
-        return {"explained": 0}
+        return {}
     delta = np.array([r["delta"] for r in rows])
     rel = attr.relative_completeness_error(delta, np.array([r["score"] - r["baseline_score"] for r in rows]))
-    return {"explained": len(rows), "mean_abs_delta": float(np.abs(delta).mean()),
-            "mean_relative_completeness_error": float(rel.mean()), "tolerance": tolerance,
-            "share_within_tolerance": float((rel <= tolerance).mean())}
+    return {"completeness_images": len(rows), "mean_abs_delta": float(np.abs(delta).mean()),
+            "mean_relative_error": float(rel.mean()), "completeness_share": float((rel <= tolerance).mean())}
 
 
 def quality_summary(conn, run_id, method, settings):
-    """Means over every stored quality row of the run for `method`; randomisation stages named as
-    the figures name them (model.layer_label). Completeness only for complete methods (IG, its
+    """Means over every stored quality row of the run for `method` (randomisation stages by their
+    stored names, model.layer_label's). Completeness only for complete methods (IG, its
     variants, expected gradients), with the IG settings' tolerance."""
     rows = db.quality_rows(conn, run_id, "test", method)
+    # The stored IG's completeness is over all its stored maps (each carries its delta), once
+    complete = completeness_summary(conn, run_id, "test", settings["tolerance"]) if method == "ig" else {}
     if not rows:
-        return {"images": 0}
+        return {"images": 0, **complete}
 
     def mean(key):
         values = [r[key] for r in rows if r[key] is not None]
         return float(np.mean(values)) if values else None
-    stages = rows[0]["randomization_stages"]
-    summary = {"images": len(rows), **{k: mean(k) for k in SUMMARY_KEYS},
-               "randomization_by_stage": {model_lib.layer_label(name): float(np.mean([r["randomization_stages"][name]
-                                                                                     for r in rows]))
-                                          for name in stages}}
-    if method in attr.COMPLETE_METHODS:
-        summary["completeness_share"] = float(np.mean([r["relative_error"] <= settings["tolerance"] for r in rows]))
-        summary["mean_relative_error"] = mean("relative_error")
+    summary = {"images": len(rows), **{k: mean(k) for k in SUMMARY_KEYS}}
+    if method == "ig":
+        summary.update(complete)
+    elif method in attr.COMPLETE_METHODS:  # over the scored images: these maps carry no delta
+        summary.update(completeness_images=len(rows), mean_relative_error=mean("relative_error"),
+                       completeness_share=float(np.mean([r["relative_error"] <= settings["tolerance"]
+                                                         for r in rows])))
+    return {**summary, **randomization_summary(rows)}
+
+
+def randomization_summary(rows):
+    """The randomisation part of a quality summary: per mode and stage the mean of each measure
+    ("randomization_modes"; rows stored before schema v5 have the top-down Spearman only), and the
+    trust table's headline numbers, each the value of one stage there, not a second mean."""
     detailed = [r["randomization"] for r in rows if r["randomization"]]
-    if len(detailed) == len(rows):  # every mode, every measure: means per stage
-        modes = {mode: {model_lib.layer_label(stage): {k: float(np.mean([d[mode][stage][k] for d in detailed]))
-                                                       for k in measures}
+    if len(detailed) == len(rows):  # every mode, every measure
+        modes = {mode: {stage: {k: float(np.mean([d[mode][stage][k] for d in detailed])) for k in measures}
                         for stage, measures in by_stage.items()}
                  for mode, by_stage in detailed[0].items()}
-        summary["randomization_modes"] = modes
-        summary["randomization_ssim"] = list(modes["top_down"].values())[-1]["ssim"]
-        if "bottom_up" in modes:
-            summary["randomization_bottom_up_spearman"] = list(modes["bottom_up"].values())[-1]["spearman"]
-        if "single" in modes:
-            summary["randomization_single_min_spearman"] = min(v["spearman"] for v in modes["single"].values())
-    return summary
+    else:
+        modes = {"top_down": {stage: {"spearman": float(np.mean([r["randomization_stages"][stage] for r in rows]))}
+                              for stage in rows[0]["randomization_stages"]}}
+    fully = list(modes["top_down"].values())[-1]
+    out = {"randomization_modes": modes, "randomization_spearman": fully["spearman"]}
+    if "ssim" in fully:
+        out["randomization_ssim"] = fully["ssim"]
+    if "bottom_up" in modes:
+        out["randomization_bottom_up_spearman"] = list(modes["bottom_up"].values())[-1]["spearman"]
+    if "single" in modes:
+        out["randomization_single_min_spearman"] = min(v["spearman"] for v in modes["single"].values())
+    return out
 
 
 def quality_figures(conn, run_id, attribute_by_method, indices, stages, split, images_dir, tag, fused, settings,

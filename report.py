@@ -150,6 +150,17 @@ def reproduce_commands(metrics):
     return [commands["train"], commands["evaluate"], f"python report.py {Path(metrics['checkpoint']).parent}"]
 
 
+def igs_completeness(metrics):
+    """IG's completeness from metrics.json: explanations.ig.quality, or the separate block that files
+    written before it held (explanations.ig.completeness, other key names)."""
+    ig = (metrics.get("explanations") or {}).get("ig", {})
+    old = ig.get("completeness") or {}
+    if old.get("explained") and "completeness_images" not in ig.get("quality", {}):
+        return {"completeness_images": old["explained"], "completeness_share": old["share_within_tolerance"],
+                "mean_relative_error": old["mean_relative_completeness_error"]}
+    return ig.get("quality", {})
+
+
 def render(run_dir, metrics, meta):
     """The report page of one run, as HTML text."""
     run_dir = Path(run_dir)
@@ -203,11 +214,11 @@ def render(run_dir, metrics, meta):
         parts.append('<div class="trust">' + table(header, rows) + "</div>")
         parts.append("<ul>" + "".join(f"<li><b>{esc(t.title)}</b> ({esc(t.criterion)}): {esc(t.catches)}</li>"
                                       for t in tests) + "</ul>")
-    ig = (metrics.get("explanations") or {}).get("ig", {}).get("completeness", {})
-    if ig.get("explained"):
-        parts.append(f"<p>Integrated Gradients for {ig['explained']} test images; mean relative completeness "
-                     f"error {ig['mean_relative_completeness_error']:.2%}, {ig['share_within_tolerance']:.0%} within "
-                     f"{ig['tolerance']:.0%}.</p>")
+    ig = igs_completeness(metrics)
+    if ig.get("completeness_images"):
+        parts.append(f"<p>Integrated Gradients for {ig['completeness_images']} test images; mean relative "
+                     f"completeness error {ig['mean_relative_error']:.2%}, {ig['completeness_share']:.0%} within "
+                     f"{metrics['store']['settings']['tolerance']:.0%}.</p>")
     parts += [figure(images / f, c) for f, c in FIGURES["Explanations"]]
     parts.append("<h2>How to reproduce</h2><pre>" + esc("\n".join(reproduce_commands(metrics))) + "</pre>")
     parts.append("</body></html>")

@@ -1,4 +1,4 @@
-"""schema.py: the explanation store's tables, as they are now (version 7) and how older files migrate.
+"""schema.py: the explanation store's tables, as they are now (version 8) and how older files migrate.
 
 Version 1 had the first two tables; version 2 added `quality`; version 3 stores each randomisation
 stage's name with its correlation; version 4 serves every MedMNIST 2D dataset (runs.flag, runs.task,
@@ -6,7 +6,9 @@ runs.data_verified; explanations.true_labels and explanations.correct for multi-
 5 keys explanations by attribution method too and stores every randomisation mode
 (quality.randomization); version 6 names IG's settings by what they are ("rule" for the integration
 rule, "attribute" for the explained output); version 7 adds the published tests' per-image values
-to `quality` (NULL in rows stored before, which the next quality pass completes). db.connect
+to `quality` (NULL in rows stored before, which the next quality pass completes); version 8 names
+the randomisation stages in both JSON columns as metrics.json and the figures do ("conv block 5",
+not the module name "features.4"; model.layer_label). db.connect
 migrates an older file in place, each step in one transaction, keeping every row. SCHEMA_V1 and
 each migration are history: they stay as they were.
 
@@ -57,7 +59,8 @@ quality (v2): explanation quality per image and method, keyed by (run_id, split,
     randomization_spearman_signed REAL  the same without absolute values
     randomization_input_spearman  REAL  |map| rank correlation with |x - baseline| (input-only reference)
     randomization_stages TEXT  JSON object {layer: |map| correlation after re-initialising it and
-                               every layer above}, in cascading order, top layer first (v2: a list)
+                               every layer above}, in cascading order, top layer first (v2: a list);
+                               layers named by model.layer_label, e.g. "conv block 5" (v8; before: "features.4")
     mask_mass, mask_area REAL   synthetic data only: share of |map| inside the evidence mask, the mask's area
     smooth_mprt        REAL     (v7) |map| Spearman, trained vs fully randomised, of maps smoothed over noisy inputs
     efficient_mprt     REAL     (v7) relative rise of the map's histogram entropy under full randomisation
@@ -69,7 +72,7 @@ quality (v2): explanation quality per image and method, keyed by (run_id, split,
 """
 import json
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 SCHEMA_V1 = """
 CREATE TABLE runs (
     run_id INTEGER PRIMARY KEY,
@@ -140,6 +143,21 @@ def rename_ig_setting_keys(conn):
         conn.execute("UPDATE runs SET ig_settings = ? WHERE run_id = ?", (json.dumps(settings, sort_keys=True), run_id))
 
 
+def label_randomization_layers(conn):
+    """v7 -> v8: randomisation stages keyed by module name ("features.4") become the names
+    metrics.json and the figures use ("conv block 5"): model.layer_label, which leaves a name it
+    already gave unchanged."""
+    from model import layer_label  # here: only an old store's migration needs it (and torch)
+
+    def relabel(stages):
+        return {layer_label(name): value for name, value in stages.items()}
+    rows = conn.execute("SELECT rowid, randomization_stages, randomization FROM quality").fetchall()
+    for rowid, stages, modes in rows:
+        modes = json.dumps({m: relabel(s) for m, s in json.loads(modes).items()}) if modes else None
+        conn.execute("UPDATE quality SET randomization_stages = ?, randomization = ? WHERE rowid = ?",
+                     (json.dumps(relabel(json.loads(stages))), modes, rowid))
+
+
 # MIGRATIONS[v] takes a version-v database to version v + 1: SQL, or a function of the connection.
 MIGRATIONS = {1: """
 CREATE TABLE quality (
@@ -191,7 +209,7 @@ CREATE INDEX explanations_by_true ON explanations (run_id, split, method, true_l
 CREATE INDEX explanations_by_pred ON explanations (run_id, split, method, pred_label);
 ALTER TABLE quality ADD COLUMN randomization TEXT;
 """, 5: rename_ig_setting_keys,
-    6: "".join(f"ALTER TABLE quality ADD COLUMN {c} REAL;\n" for c in TRUST_VALUES)}
+    6: "".join(f"ALTER TABLE quality ADD COLUMN {c} REAL;\n" for c in TRUST_VALUES), 7: label_randomization_layers}
 EXPLANATION_REALS = ("confidence", "delta", "score", "baseline_score")
 EXPLANATION_COLUMNS = ("run_id", "split", "image_index", "method", "true_label", "pred_label", "target",
                        "confidence", "probs", "attribution", "attr_dtype", "attr_shape", "delta",

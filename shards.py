@@ -2,8 +2,8 @@
 
     shards.sharded_explanations(ctx, fused, stages, ds, indices, quality_idx, settings, methods, db_path, run, args)
 
-The images still missing a map are dealt to the ranks in blocks of --ig-batch, then those missing
-quality rows in blocks of quality.QUALITY_BATCH (the batches one process makes, so seeded measures
+The images still missing a map are dealt to the ranks in explanations.ig_block's blocks, then those missing
+quality rows in quality.quality_block's blocks (the batches one process makes, so seeded measures
 come out the same); each rank writes its own shard store on local disk (--shard-dir), then rank 0
 merges every shard into the one store (rows keyed as always, so a merge is idempotent) and the shards
 are deleted. Leftovers of a killed run are merged by the rerun.
@@ -22,8 +22,8 @@ MERGE_IMAGES = 32  # images' rows a rank sends to rank 0 per merge round
 
 def sharded_explanations(ctx, fused, stages, ds, indices, quality_idx, settings, methods, db_path, run, args,
                          references=None):
-    """explain_all under torchrun, in two sharded passes: the maps (in blocks of --ig-batch), then
-    the quality rows (in blocks of quality.QUALITY_BATCH), so every batch holds the images it would
+    """explain_all under torchrun, in two sharded passes: the maps (in explanations.ig_block's blocks),
+    then the quality rows (in quality.quality_block's), so every batch holds the images it would
     in a single process and seeded measures come out the same. `run` is run_id_for's arguments
     after the connection, less the settings."""
     conn = run_id = pending = None  # rank 0's: the one store and what it lacks
@@ -38,7 +38,8 @@ def sharded_explanations(ctx, fused, stages, ds, indices, quality_idx, settings,
 
     def maps(shard, shard_run, mine):
         explanations.explain_methods(fused, ds.test, mine, settings, shard, shard_run, args, ctx.device, methods)
-    sharded(ctx, conn, run_id, pending, args.ig_batch, shard_path, run, settings, maps)
+    sharded(ctx, conn, run_id, pending, explanations.ig_block(fused, ds.test, args, ctx.device), shard_path, run,
+            settings, maps)
 
     if ctx.main:
         pending = explanations.lacking(quality_idx, [db.done_quality(conn, run_id, "test", m) for m in methods])
@@ -47,7 +48,8 @@ def sharded_explanations(ctx, fused, stages, ds, indices, quality_idx, settings,
     def scores(shard, shard_run, mine):
         quality.quality_into_db(fused, stages, ds.test, mine, settings, methods, shard, shard_run, ctx.device,
                                 references)
-    sharded(ctx, conn, run_id, pending, quality.QUALITY_BATCH, shard_path, run, settings, scores)
+    sharded(ctx, conn, run_id, pending, quality.quality_block(fused, ds.test, ctx.device), shard_path, run,
+            settings, scores)
     if ctx.main:
         db.close(conn)
 

@@ -2,6 +2,7 @@
 import numpy as np
 import torch
 
+import budget
 import colour
 
 
@@ -16,7 +17,7 @@ def test_channel_stats_match_the_direct_computation():
 def largest_chunk(monkeypatch, work_bytes, compute):
     """Run `compute` with WORK_BYTES set to `work_bytes`; the most images colour.to_unit was handed at once."""
     seen, real = [], colour.to_unit
-    monkeypatch.setattr(colour, "WORK_BYTES", work_bytes)
+    monkeypatch.setattr(budget, "WORK_BYTES", work_bytes)
     monkeypatch.setattr(colour, "to_unit", lambda x: seen.append(len(x)) or real(x))
     result = compute()
     return max(seen), result
@@ -24,11 +25,11 @@ def largest_chunk(monkeypatch, work_bytes, compute):
 
 def test_split_statistics_never_hold_more_than_the_byte_budget_in_float(monkeypatch):
     images = torch.randint(0, 256, (40, 3, 64, 64), dtype=torch.uint8)  # 12,288 values an image
-    budget = 1 << 20
-    rows, _ = largest_chunk(monkeypatch, budget, lambda: colour.channel_stats(images))
-    assert rows * 12_288 * 20 <= budget and rows >= 1  # float32, float64 and its square
-    rows, _ = largest_chunk(monkeypatch, budget, lambda: colour.colour_features(images))
-    assert rows * 12_288 * 12 <= budget
+    limit = 1 << 20
+    rows, _ = largest_chunk(monkeypatch, limit, lambda: colour.channel_stats(images))
+    assert rows * 12_288 * 20 <= limit and rows >= 1  # float32, float64 and its square
+    rows, _ = largest_chunk(monkeypatch, limit, lambda: colour.colour_features(images))
+    assert rows * 12_288 * 12 <= limit
 
 
 def test_byte_chunks_move_the_statistics_by_float64_rounding_only(monkeypatch):

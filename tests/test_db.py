@@ -165,7 +165,7 @@ def v1_database(path):
 def test_a_version_1_database_is_migrated_keeping_its_rows(tmp_path):
     v1_database(tmp_path / "v1.db").close()
     migrated = db.connect(tmp_path / "v1.db")
-    assert migrated.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION == 7
+    assert migrated.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION == 8
     assert migrated.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1
     assert "quality" in db.table_names(migrated)
 
@@ -184,8 +184,8 @@ def test_version_2_randomisation_lists_gain_their_layer_names(tmp_path):
     conn.close()
     migrated = db.connect(tmp_path / "v2.db")
     stored = json.loads(migrated.execute("SELECT randomization_stages FROM quality").fetchone()[0])
-    assert stored == {"classifier": 0.8, "features.4": 0.7, "features.3": 0.6, "features.2": 0.5,
-                      "features.1": 0.4, "features.0": 0.3}
+    assert stored == {"classifier": 0.8, "conv block 5": 0.7, "conv block 4": 0.6, "conv block 3": 0.5,
+                      "conv block 2": 0.4, "conv block 1": 0.3}
 
 
 def test_version_3_rows_gain_a_correct_flag_and_pathmnist_run_columns(tmp_path):
@@ -220,6 +220,22 @@ def test_version_5_ig_settings_are_renamed_and_the_run_is_found_again(tmp_path):
     migrated = db.connect(tmp_path / "v5.db")
     assert db.get_run(migrated, run)["ig_settings"] == new
     assert new_run(migrated, new) == run  # the same run: a rerun computes nothing again
+
+
+def test_version_7_randomisation_stages_take_the_names_metrics_and_figures_use(tmp_path):
+    conn = db.connect(tmp_path / "v7.db")
+    run = new_run(conn)
+    row = fake_quality_rows(run, [0])[0]
+    row["randomization_stages"] = {"classifier": 0.5, "features.0": 0.25}  # as version 7 stored them
+    row["randomization"] = {"top_down": {"classifier": {"ssim": 0.5}, "features.0": {"ssim": 0.25}},
+                            "single": {"net.layer4": {"ssim": 0.75}}}
+    db.insert_quality(conn, [row])
+    conn.execute("PRAGMA user_version = 7")
+    conn.close()
+    back = db.quality_rows(db.connect(tmp_path / "v7.db"), run, "test", "ig")[0]
+    assert back["randomization_stages"] == {"classifier": 0.5, "conv block 1": 0.25}
+    assert back["randomization"] == {"top_down": {"classifier": {"ssim": 0.5}, "conv block 1": {"ssim": 0.25}},
+                                     "single": {"layer4": {"ssim": 0.75}}}
 
 
 def test_version_4_rows_become_ig_rows_keyed_by_method_with_every_value_kept(tmp_path):
@@ -340,7 +356,7 @@ def test_quality_rows_round_trip(tmp_path):
     assert db.insert_quality(conn, fake_quality_rows(run, range(4))) == 4
     back = db.quality_rows(conn, run, "test", "ig", [2])[0]
     assert back["deletion_auc"] == pytest.approx(0.1) and back["mask_mass"] is None  # the 2nd value
-    assert back["randomization_stages"] == {"classifier": 0.5, "features.0": 0.25}
+    assert back["randomization_stages"] == {"classifier": 0.5, "conv block 1": 0.25}
     assert back["insertion_curve"].tolist() == pytest.approx(np.linspace(0, 1, 29).tolist())
 
 
@@ -367,7 +383,7 @@ def fake_quality_rows(run_id, indices):
     values.update(mask_mass=None, mask_area=None)
     return [{"run_id": run_id, "split": "test", "image_index": i, "method": "ig", **values,
              **{c: np.linspace(0, 1, 29) for c in db.QUALITY_CURVES},
-             "randomization_stages": {"classifier": 0.5, "features.0": 0.25}} for i in indices]
+             "randomization_stages": {"classifier": 0.5, "conv block 1": 0.25}} for i in indices]
 
 
 # ----------------------------------------------------------------------------- reading changes nothing

@@ -54,8 +54,21 @@ def test_evaluate_writes_metrics_plots_and_one_row_per_explained_image(evaluated
         assert_a_drawn_picture(run_dir / "images" / name)
     conn = db.connect(run_dir / "explanations.db", create=False)
     assert conn.execute("SELECT COUNT(*) FROM explanations").fetchone()[0] == explained(metrics) * len(DEFAULT_METHODS)
-    ig = saved["explanations"]["ig"]["completeness"]
-    assert ig["explained"] == explained(saved) and ig["mean_relative_completeness_error"] < 0.05
+    ig = saved["explanations"]["ig"]["quality"]
+    assert ig["completeness_images"] == explained(saved) and ig["mean_relative_error"] < 0.05
+
+
+def test_igs_completeness_is_in_metrics_once_over_every_stored_map(evaluated_run):
+    run_dir, _ = evaluated_run
+    saved = json.loads((run_dir / "metrics.json").read_text())
+
+    def keys(value, path=""):
+        if isinstance(value, dict):
+            return [k for key, v in value.items() for k in [f"{path}.{key}", *keys(v, f"{path}.{key}")]]
+        return []
+    ig = [k for k in keys(saved["explanations"]["ig"]) if "complete" in k or "relative_error" in k]
+    assert sorted(ig) == [".quality.completeness_images", ".quality.completeness_share", ".quality.mean_relative_error"]
+    assert saved["explanations"]["ig"]["quality"]["completeness_images"] == explained(saved) > 60  # not the scored 60
 
 
 def test_every_misclassified_test_image_is_explained_beside_the_first_60(evaluated_run, syn_dir):
@@ -79,8 +92,11 @@ def test_evaluate_reports_quality_keys_and_draws_both_quality_figures(evaluated_
         assert np.isfinite(ig[key]), key
     assert ig["images"] == 60 and set(saved["trust"]["ig"]) >= {"mprt", "smooth_mprt", "road", "completeness"}
     assert saved["recommended"] is None or saved["recommended"] in saved["explanations"]
-    assert list(ig["randomization_by_stage"]) == ["classifier", "conv block 5", "conv block 4",
-                                                  "conv block 3", "conv block 2", "conv block 1"]  # as the figures
+    assert list(ig["randomization_modes"]["top_down"]) == ["classifier", "conv block 5", "conv block 4",
+                                                           "conv block 3", "conv block 2", "conv block 1"]  # as figures
+    assert "randomization_by_stage" not in ig  # top-down's Spearman per stage: randomization_modes holds it
+    fully = ig["randomization_modes"]["top_down"]["conv block 1"]  # the headline is that number, not a 2nd mean
+    assert (ig["randomization_spearman"], ig["randomization_ssim"]) == (fully["spearman"], fully["ssim"])
     for name in ("faithfulness.png", "sanity_randomization.png"):
         assert_a_drawn_picture(run_dir / "images" / name)
 
@@ -296,7 +312,7 @@ def test_metrics_json_describes_everything_stored_after_a_smaller_rerun(trained_
         return json.loads((run_dir / "metrics.json").read_text())
     run("12")
     saved = run("4")
-    assert saved["explanations"]["ig"]["completeness"]["explained"] == 12
+    assert saved["explanations"]["ig"]["quality"]["completeness_images"] == 12
     assert saved["explanations"]["ig"]["quality"]["images"] == 12
     assert saved["requested"] == {"explain": "4", "explain_errors": 0, "quality": "4"}
     assert saved["effective"] == {"explain": 4, "quality": 4}
@@ -345,6 +361,6 @@ def test_medmnists_resnet18_trains_and_is_explained_through_the_same_scripts(tmp
     m = evaluate.main(["--checkpoint", str(tmp_path / "r18" / "best.pt"), "--data-dir", str(small), "--explain", "4",
                        "--quality", "2", "--methods", "ig,gradcam", "--threads", "2", "--explain-errors", "0"])
     assert m["params"] == 11_689_512 - 9_408 - 513_000 + 1_728 + 4_617  # see test_bench
-    assert m["explanations"]["ig"]["completeness"]["explained"] == 4
+    assert m["explanations"]["ig"]["quality"]["completeness_images"] == 4
     assert set(m["explanations"]) == {"ig", "gradcam"} and len(m["controls"]) == 3
-    assert list(m["explanations"]["ig"]["quality"]["randomization_by_stage"])[:2] == ["classifier", "layer4"]
+    assert list(m["explanations"]["ig"]["quality"]["randomization_modes"]["top_down"])[:2] == ["classifier", "layer4"]

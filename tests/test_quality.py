@@ -92,8 +92,10 @@ def test_quality_rows_are_stored_once_per_image_and_method(evaluated_run, syn_di
     first = db.find(conn, run, limit=1)[0]["image_index"]
     row = db.quality_rows(conn, run, "test", "ig", [first])[0]
     assert row["deletion_curve"].shape == (quality_lib.CURVE_POINTS,)
-    assert list(row["randomization_stages"]) == ["classifier", "features.4", "features.3", "features.2",
-                                                 "features.1", "features.0"]
+    assert list(row["randomization_stages"]) == ["classifier", "conv block 5", "conv block 4", "conv block 3",
+                                                 "conv block 2", "conv block 1"]  # as metrics.json and figures say
+    assert list(row["randomization"]["bottom_up"]) == ["conv block 1", "conv block 2", "conv block 3",
+                                                       "conv block 4", "conv block 5", "classifier"]
 
 
 def test_smoothgrad_is_compared_on_the_same_measures(trained_run, syn_dir, tmp_path):
@@ -315,8 +317,42 @@ def test_completeness_summary_covers_every_stored_ig_row_at_the_settings_toleran
             run, "test", range(n), [0] * n, probs, [0] * n, np.zeros((n, 1, 2, 2), "float16"), delta, [2.0] * n,
             baseline, [8] * n if method == "ig" else [None] * n, method=method))
     s = quality_lib.completeness_summary(conn, run, "test", tolerance=0.05)  # gap 1.5: errors 0, 0.033, 0.06, 0.13
-    assert s["explained"] == 4 and s["tolerance"] == 0.05
+    assert s["completeness_images"] == 4
     assert s["mean_abs_delta"] == pytest.approx(0.34 / 4)
-    assert s["mean_relative_completeness_error"] == pytest.approx(0.34 / 4 / 1.5)
-    assert s["share_within_tolerance"] == pytest.approx(2 / 4)
-    assert quality_lib.completeness_summary(conn, run, "test", tolerance=0.1)["share_within_tolerance"] == 0.75
+    assert s["mean_relative_error"] == pytest.approx(0.34 / 4 / 1.5)
+    assert s["completeness_share"] == pytest.approx(2 / 4)
+    assert quality_lib.completeness_summary(conn, run, "test", tolerance=0.1)["completeness_share"] == 0.75
+
+
+def stored_quality(tmp_path, detailed):
+    conn = db.connect(tmp_path / "q.db")
+    run = db.run_id_for(conn, "sha", "c.pt", {"n_classes": 2}, ["a", "b"],
+                        {"dataset": "d", "size": 28, "file": "f", "md5": "m", "synthetic": True}, {})
+    rows = []
+    for i, full in enumerate((0.2, 0.4)):
+        rows.append({"run_id": run, "split": "test", "image_index": i, "method": "ig",
+                     **{c: 0.5 for c in db.QUALITY_VALUES}, "mask_mass": None, "mask_area": None,
+                     **{c: np.linspace(0, 1, 29) for c in db.QUALITY_CURVES},
+                     "randomization_stages": {"classifier": 0.9, "conv block 1": full},
+                     "randomization": {"top_down": {"classifier": {"spearman": 0.9, "signed": 0.8, "ssim": 0.7},
+                                                    "conv block 1": {"spearman": full, "signed": 0.1, "ssim": 0.3}},
+                                       "bottom_up": {"conv block 1": {"spearman": 0.6, "signed": 0.5, "ssim": 0.4},
+                                                     "classifier": {"spearman": full / 2, "signed": 0.1, "ssim": 0.2}}}
+                     if detailed else None})
+    db.insert_quality(conn, rows)
+    return quality_lib.quality_summary(conn, run, "ig", {"tolerance": 0.05})
+
+
+def test_each_randomisation_number_is_in_the_summary_once(tmp_path):
+    s = stored_quality(tmp_path, detailed=True)
+    assert s["randomization_modes"]["top_down"]["conv block 1"]["spearman"] == pytest.approx(0.3)
+    assert s["randomization_spearman"] == s["randomization_modes"]["top_down"]["conv block 1"]["spearman"]
+    assert s["randomization_bottom_up_spearman"] == s["randomization_modes"]["bottom_up"]["classifier"]["spearman"]
+    assert "randomization_by_stage" not in s and "randomization_spearman_signed" not in s  # both were copies
+
+
+def test_rows_stored_before_every_mode_was_kept_still_give_the_top_down_stages(tmp_path):
+    s = stored_quality(tmp_path, detailed=False)
+    assert s["randomization_modes"] == {"top_down": {"classifier": {"spearman": pytest.approx(0.9)},
+                                                     "conv block 1": {"spearman": pytest.approx(0.3)}}}
+    assert s["randomization_spearman"] == pytest.approx(0.3) and "randomization_ssim" not in s

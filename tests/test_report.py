@@ -91,6 +91,20 @@ def test_no_sentence_of_the_card_or_report_is_written_whatever_the_run_measured(
         assert ("ig fails MPRT" in card) == (not m["trust"]["ig"]["mprt"]["pass"])
 
 
+def test_igs_completeness_is_in_the_report_once_and_read_from_an_older_metrics_file_too(evaluated_run):
+    run_dir, metrics = evaluated_run
+    _, meta = report.load_run(run_dir)
+    q = metrics["explanations"]["ig"]["quality"]
+    line = f"Integrated Gradients for {q['completeness_images']} test images; mean relative completeness error"
+    assert rendered(metrics, meta)[0].count(line) == 1
+    old = json.loads(json.dumps(metrics))  # as metrics.json was written before: its own block, other keys
+    quality = old["explanations"]["ig"]["quality"]
+    old["explanations"]["ig"]["completeness"] = {
+        "explained": quality.pop("completeness_images"), "share_within_tolerance": quality.pop("completeness_share"),
+        "mean_relative_completeness_error": quality.pop("mean_relative_error")}
+    assert line in rendered(old, meta)[0]
+
+
 def test_the_centre_shift_numbers_are_in_the_report_and_card(evaluated_run):
     run_dir, metrics = evaluated_run
     s = metrics["shift"]
