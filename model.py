@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torch.utils.flop_counter import FlopCounterMode
 
 import budget
 import cli
@@ -235,27 +234,39 @@ def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
+def multiply_adds(module, output):
+    """Multiply-adds of one call of a Conv2d or Linear module for one image (the ops that carry the
+    cost, counted as torch's FlopCounterMode counts them, FLOPs / 2, biases aside); 0 for any other."""
+    per_image = output[0].numel()
+    if isinstance(module, nn.Conv2d):
+        return per_image * module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+    if isinstance(module, nn.Linear):
+        return per_image * module.in_features
+    return 0
+
+
 def layer_costs(model, size=28):
     """[(layer name, output shape, params, MACs)] for one size x size image, plus the totals row.
 
-    MACs come from torch's FlopCounterMode (FLOPs / 2), so they count what actually runs.
+    MACs are counted by forward hooks on what actually runs (multiply_adds). Not by FlopCounterMode:
+    entering it imports torch._dynamo and sympy, 70 MB that evaluate.py would then hold to its end
+    (issue 26); tests/test_model.py checks that the two counts agree.
     """
-    rows, shapes = [], {}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, tuple(o.shape[1:])))
+    rows, seen = [], {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(
+                 n, (tuple(o.shape[1:]), seen.get(n, ((), 0))[1] + multiply_adds(m, o))))
              for n, m in model.named_modules() if n and not list(m.children())]
     was_training = model.training
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad():
         model(torch.zeros(1, input_channels(model), size, size))
     model.train(was_training)
     for h in hooks:
         h.remove()
-    flops = counter.get_flop_counts()
     for name, module in model.named_modules():
-        if name in shapes:
-            macs = sum(flops.get(f"{type(model).__name__}.{name}", {}).values()) // 2
-            rows.append((name, shapes[name], sum(p.numel() for p in module.parameters()), macs))
-    rows.append(("total", shapes[rows[-1][0]], count_params(model), counter.get_total_flops() // 2))
+        if name in seen:
+            rows.append((name, seen[name][0], sum(p.numel() for p in module.parameters()), seen[name][1]))
+    rows.append(("total", rows[-1][1], count_params(model), sum(r[3] for r in rows)))
     return rows
 
 

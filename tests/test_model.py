@@ -1,6 +1,9 @@
 """model.py: shapes at several sizes, cost budget, and the checkpoint format."""
 import argparse
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +30,32 @@ def test_model_costs_at_most_half_the_original():
     assert macs <= ORIGINAL_MACS / 2
     assert params == sum(r[2] for r in rows[:-1])
     assert macs == sum(r[3] for r in rows[:-1])
+
+
+@pytest.mark.parametrize("name", ["tissuecnn", "resnet18", "original"])
+def test_multiply_adds_per_layer_are_what_torchs_flop_counter_counts(name):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import original
+    net = {"tissuecnn": model_lib.build, "resnet18": model_lib.MedMNISTResNet18,
+           "original": original.original_model}[name]().eval()
+    size = 28 if name == "original" else 64  # the original's classifier takes 28x28 only
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(torch.zeros(1, 3, size, size))
+    flops = counter.get_flop_counts()
+    rows = model_lib.layer_costs(net, size)
+    for layer, _, _, macs in rows[:-1]:
+        assert macs == sum(flops.get(f"{type(net).__name__}.{layer}", {}).values()) // 2, layer
+    assert rows[-1][3] == counter.get_total_flops() // 2
+
+
+def test_counting_multiply_adds_keeps_torch_dynamo_out_of_memory():
+    # FlopCounterMode imports torch._dynamo and sympy (70 MB held to the end of evaluate.py)
+    code = ("import sys, model; model.layer_costs(model.build(), 28); "
+            "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.strip() == "[]"
 
 
 def test_model_normalises_with_its_stored_mean_and_std():
