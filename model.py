@@ -252,10 +252,14 @@ def layer_costs(model, size=28):
     entering it imports torch._dynamo and sympy, 70 MB that evaluate.py would then hold to its end
     (issue 26); tests/test_model.py checks that the two counts agree.
     """
-    rows, seen = [], {}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(
-                 n, (tuple(o.shape[1:]), seen.get(n, ((), 0))[1] + multiply_adds(m, o))))
-             for n, m in model.named_modules() if n and not list(m.children())]
+    rows, shapes, macs = [], {}, {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            shapes[name] = tuple(output.shape[1:])
+            macs[name] = macs.get(name, 0) + multiply_adds(module, output)  # a module may run twice
+        return hook
+    hooks = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if n and not list(m.children())]
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -264,8 +268,8 @@ def layer_costs(model, size=28):
     for h in hooks:
         h.remove()
     for name, module in model.named_modules():
-        if name in seen:
-            rows.append((name, seen[name][0], sum(p.numel() for p in module.parameters()), seen[name][1]))
+        if name in shapes:
+            rows.append((name, shapes[name], sum(p.numel() for p in module.parameters()), macs[name]))
     rows.append(("total", rows[-1][1], count_params(model), sum(r[3] for r in rows)))
     return rows
 
