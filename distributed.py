@@ -13,6 +13,7 @@ Ranks other than 0 keep quiet on stdout (their errors still reach stderr), so a 
 single run's.
 """
 import datetime
+import gc
 import os
 import sys
 from dataclasses import dataclass
@@ -74,8 +75,11 @@ def start(device_arg="auto"):
 
 def stop(ctx, finished=True):
     """Leave the process group; after `finished` work, first wait for every rank, so that no rank
-    tears its connections down while another still uses them (gloo aborts on that)."""
+    tears its connections down while another still uses them (gloo aborts on that). A
+    DistributedDataParallel wrapper left in a reference cycle would keep the group's gloo threads
+    alive past destroy_process_group, into the interpreter's exit, so garbage is collected first."""
     if ctx.launched and dist.is_initialized():
+        gc.collect()
         if finished:
             dist.barrier()
         dist.destroy_process_group()

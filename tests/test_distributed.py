@@ -99,20 +99,22 @@ import torch
 sys.path.insert(0, {root!r})
 import augment, data, distributed, engine
 
-ctx = distributed.start("cpu")
-g = torch.Generator().manual_seed(1)
-split = data.Split(torch.randint(0, 256, (45, 3, 8, 8), dtype=torch.uint8, generator=g),
-                   torch.randint(0, 3, (45,), generator=g), None)
-torch.manual_seed(0)
-net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 3))  # no BatchNorm, no dropout
-step = torch.nn.parallel.DistributedDataParallel(net) if ctx.world_size > 1 else net
-opt = torch.optim.SGD(net.parameters(), lr=0.5)
-args = argparse.Namespace(batch_size=7, augment=augment.NONE, amp="off", lr=0.5)
-loss, acc = engine.train_epoch(step, "multi-class", split, opt, torch.Generator().manual_seed(0), args,
-                              ctx.device, 1, torch.amp.GradScaler("cpu", enabled=False), ctx)
-if ctx.main:
-    torch.save({{"weights": net.state_dict(), "loss": loss, "acc": acc}}, sys.argv[1])
-distributed.stop(ctx)
+
+def epoch(args, ctx):  # inside distributed.run, as train.py's work is
+    g = torch.Generator().manual_seed(1)
+    split = data.Split(torch.randint(0, 256, (45, 3, 8, 8), dtype=torch.uint8, generator=g),
+                       torch.randint(0, 3, (45,), generator=g), None)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 3))  # no BatchNorm, no dropout
+    step = torch.nn.parallel.DistributedDataParallel(net) if ctx.world_size > 1 else net
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    loss, acc = engine.train_epoch(step, "multi-class", split, opt, torch.Generator().manual_seed(0), args,
+                                  ctx.device, 1, torch.amp.GradScaler("cpu", enabled=False), ctx)
+    if ctx.main:
+        torch.save({{"weights": net.state_dict(), "loss": loss, "acc": acc}}, sys.argv[1])
+
+
+distributed.run(epoch, argparse.Namespace(batch_size=7, augment=augment.NONE, amp="off", lr=0.5, device="cpu"))
 """
 
 
