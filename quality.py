@@ -36,6 +36,7 @@ CURVE_POINTS = 29  # deletion/insertion curves: 0, 1/28, ..., all of the pixels
 RANDOMIZATION_MODES = ("top_down", "bottom_up", "single")
 SSIM_WINDOW = 7  # pixels; the Gaussian-free (uniform) window of Wang et al.'s SSIM
 INFIDELITY_NOISE, SENSITIVITY_RADIUS = 0.05, 0.02  # in [0, 1] pixel units
+INFIDELITY_SAMPLES = 16  # noisy copies of each image in Captum's infidelity
 # The published tests beside deletion/insertion and MPRT (Hedstrom et al. 2023; Sixt et al. 2020;
 # Rong et al. 2022). sMPRT averages each map over noisy copies of the image (noise s.d. a share of
 # the image's range, as Quantus does; the last copy noise-free); fewer copies than Quantus's default
@@ -266,6 +267,31 @@ def control_maps():
     return {"control:random": random_map, "control:input": input_only, "control:edge": edges}
 
 
+def gaussian_perturbation(inputs):
+    """Captum's perturb_func for infidelity: the noise I and the perturbed inputs x - I."""
+    noise = torch.randn_like(inputs) * INFIDELITY_NOISE
+    return noise, inputs - noise
+
+
+def infidelity_images(model, x):
+    """Images per infidelity call: each forwards INFIDELITY_SAMPLES copies of every image at once, so
+    on the CPU as many as make attribution.CPU_CHUNK rows within budget.WORK_BYTES; on a GPU all."""
+    if budget.on_gpu(x.device):
+        return len(x)
+    return max(1, budget.forward_batch(model, x.shape[1:], attr.CPU_CHUNK) // INFIDELITY_SAMPLES)
+
+
+def infidelity_in_runs(forward, x, attributions, target, images):
+    """Captum's normalised infidelity of x, called on consecutive runs of `images` images.
+
+    The same values as one call over x: Captum repeats each image's copies next to each other and
+    draws their noise in that order, so consecutive runs draw the same noise. Captum's own
+    max_examples_per_batch would split the copies instead, drawing the noise in another order."""
+    return torch.cat([infidelity(forward, gaussian_perturbation, x[i:i + images], attributions[i:i + images],
+                                 target=target[i:i + images], n_perturb_samples=INFIDELITY_SAMPLES, normalize=True)
+                      for i in range(0, len(x), images)])
+
+
 def quality_measures(model, x, target, attributions, settings, attribute, stages, masks=None, seed=0):
     """Faithfulness and sanity measures of `attributions` (B, C, H, W) for images x, per image.
 
@@ -284,12 +310,8 @@ def quality_measures(model, x, target, attributions, settings, attribute, stages
                   for kind in ("deletion", "insertion")
                   for suffix, o in (("", order), ("_random", random_order))}
 
-        def gaussian(inputs):
-            noise = torch.randn_like(inputs) * INFIDELITY_NOISE
-            return noise, inputs - noise
-        forward = attr.forward_for(model, settings["attribute"])
-        infid = infidelity(forward, gaussian, x, attributions.to(x.device), target=target,
-                           n_perturb_samples=16, normalize=True)
+        infid = infidelity_in_runs(attr.forward_for(model, settings["attribute"]), x, attributions.to(x.device),
+                                   target, infidelity_images(model, x))
         def explanation(inputs, target):  # Captum passes and expects 1-tuples
             return (attribute(model, inputs[0] if isinstance(inputs, tuple) else inputs, target),)
         sens = sensitivity_max(explanation, x, target=target, perturb_radius=SENSITIVITY_RADIUS,
