@@ -274,22 +274,26 @@ def gaussian_perturbation(inputs):
 
 
 def infidelity_images(model, x):
-    """Images per infidelity call: each forwards INFIDELITY_SAMPLES copies of every image at once, so
-    on the CPU as many as make attribution.CPU_CHUNK rows within budget.WORK_BYTES; on a GPU all."""
+    """Images per infidelity call: each forwards INFIDELITY_SAMPLES copies of every image at once (with
+    their noise and the noisy inputs alive), so on the CPU as many as make attribution.CPU_CHUNK rows
+    within budget.WORK_BYTES, never below one image; on a GPU all of them."""
     if budget.on_gpu(x.device):
         return len(x)
-    return max(1, budget.forward_batch(model, x.shape[1:], attr.CPU_CHUNK) // INFIDELITY_SAMPLES)
+    return max(1, budget.forward_batch(model, x.shape[1:], attr.CPU_CHUNK, copies=2) // INFIDELITY_SAMPLES)
 
 
-def infidelity_in_runs(forward, x, attributions, target, images):
-    """Captum's normalised infidelity of x, called on consecutive runs of `images` images.
+def infidelity_in_runs(forward, x, attributions, target, per_call):
+    """Captum's normalised infidelity of x, called on consecutive runs of `per_call` images.
 
-    The same values as one call over x: Captum repeats each image's copies next to each other and
-    draws their noise in that order, so consecutive runs draw the same noise. Captum's own
-    max_examples_per_batch would split the copies instead, drawing the noise in another order."""
-    return torch.cat([infidelity(forward, gaussian_perturbation, x[i:i + images], attributions[i:i + images],
-                                 target=target[i:i + images], n_perturb_samples=INFIDELITY_SAMPLES, normalize=True)
-                      for i in range(0, len(x), images)])
+    On the CPU the same values as one call over x: Captum repeats each image's copies next to each
+    other and draws their noise in that order, and torch's CPU randn pairs values only within blocks
+    of 16 (every run holds a multiple of 16 copies), so consecutive runs draw the same noise. On a GPU
+    each call would start its own random offset, so infidelity_images makes it one call there.
+    Captum's own max_examples_per_batch would split the copies instead, drawing another noise order."""
+    return torch.cat([infidelity(forward, gaussian_perturbation, x[i:i + per_call], attributions[i:i + per_call],
+                                 target=target[i:i + per_call], n_perturb_samples=INFIDELITY_SAMPLES,
+                                 normalize=True)
+                      for i in range(0, len(x), per_call)])
 
 
 def quality_measures(model, x, target, attributions, settings, attribute, stages, masks=None, seed=0):

@@ -100,7 +100,9 @@ sys.path.insert(0, {root!r})
 import augment, data, distributed, engine
 
 
-def epoch(args, ctx):  # inside distributed.run, as train.py's work is
+# inside distributed.run, as train.py's work is: the DDP wrapper dies with this frame, before the
+# process group is destroyed (a module-level one outlived it, suspected of rank 1's rare abort at exit)
+def epoch(args, ctx):
     g = torch.Generator().manual_seed(1)
     split = data.Split(torch.randint(0, 256, (45, 3, 8, 8), dtype=torch.uint8, generator=g),
                        torch.randint(0, 3, (45,), generator=g), None)

@@ -84,9 +84,9 @@ def test_infidelity_over_runs_of_images_equals_one_call_over_all_of_them():
     net = model_lib.build().eval()
     x, maps, target = torch.rand(10, 3, 28, 28), torch.randn(10, 3, 28, 28), torch.arange(10) % 9
     with attr.seeded(7):
-        whole = quality_lib.infidelity_in_runs(net, x, maps, target, images=10)
+        whole = quality_lib.infidelity_in_runs(net, x, maps, target, per_call=10)
     with attr.seeded(7):
-        runs = quality_lib.infidelity_in_runs(net, x, maps, target, images=3)  # runs of 3, 3, 3 and 1
+        runs = quality_lib.infidelity_in_runs(net, x, maps, target, per_call=3)  # runs of 3, 3, 3 and 1
     torch.testing.assert_close(runs, whole, rtol=1e-5, atol=0)
 
 
@@ -97,9 +97,8 @@ def test_infidelity_forwards_at_most_a_cpu_chunk_of_noisy_copies_at_once():
         rows.append(len(inputs))
         return net(inputs)
     x = torch.rand(quality_lib.QUALITY_BATCH, 3, 28, 28)
-    with torch.no_grad():
-        quality_lib.infidelity_in_runs(forward, x, torch.randn_like(x), torch.zeros(len(x), dtype=torch.long),
-                                       quality_lib.infidelity_images(net, x))
+    quality_lib.infidelity_in_runs(forward, x, torch.randn_like(x), torch.zeros(len(x), dtype=torch.long),
+                                   quality_lib.infidelity_images(net, x))
     # 50 images x 16 copies would be 800 rows in one call; runs of 16 images make 256
     assert max(rows) == attr.CPU_CHUNK
 
