@@ -1,7 +1,9 @@
-"""attribution.py: the attribution methods (Integrated Gradients and five others, all Captum's).
+"""attribution.py: the attribution methods (Integrated Gradients, its variants and five others, all
+Captum's), each one record that carries its traits.
 
-    probs, targets, result = attribution.explain_batch(model, images_u8, labels, settings)  # refined IG
-    maps = attribution.method_fn("gradcam", settings)(model, x, targets)                    # any method
+    probs, targets, result = attribution.explain_batch(model, images_u8, labels, ig_settings)  # refined IG
+    maps = attribution.explainer("gradcam", ig_settings)(model, x, targets)                   # any method
+    attribution.METHODS["expected_gradients"].needs_references                                # its traits
 
 IG integrates the gradient of the explained class's output along the straight path from a baseline
 to the image. The default baseline is the training split's mean colour, a flat image: for H&E, a
@@ -9,15 +11,18 @@ black baseline gives dark haematoxylin-stained nuclei almost no attribution (the
 and a white one does the same to glass and fat, while the mean stain colour penalises neither and
 carries no structure. The delta (Captum's convergence delta) is the completeness error:
 sum(attributions) - (f(image) - f(baseline)); images whose delta is too large get more steps
-(refined_integrated_gradients). METHODS is the table of every method by name.
+(refined_integrated_gradients).
 
-The settings dict (ig_settings) holds n_steps, max_steps, tolerance, rule (IG's integration rule),
-baseline, attribute (the logit or the probability) and target; it also identifies a run in the store.
+METHODS holds one Method record per method: its function and the traits the other modules read
+(whether its maps add up to f(x) - f(reference), whether it needs training images, which baseline
+and output it explains). Adding a method is one entry there. The IG settings dict (ig_settings)
+holds n_steps, max_steps, tolerance, rule (IG's integration rule), baseline, attribute (what the
+maps explain: the logit or the probability) and target; it also identifies a run in the store.
 How far to trust the maps is quality.py's job; what the model guarantees to explainers is model.py's.
 """
 import argparse
 import contextlib
-import functools
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -165,103 +170,109 @@ def forward_for(model, attribute):
 
 # ----------------------------------------------------------------------------- Integrated Gradients
 
-def integrated_gradients(model, x, target, baseline="mean", n_steps=8, rule="gausslegendre",
-                         attribute="logit", internal_batch_size=None, logits=None):
-    """IG for a batch of [0, 1] images `x` and class indices `target`, with completeness terms.
+def integrated_gradients(model, x, target, ig_settings, n_steps=None, logits=None, internal_batch_size=None):
+    """IG for a batch of [0, 1] images `x` and class indices `target`, with completeness terms, with
+    the settings' baseline, rule and output, at `n_steps` (default: the settings' n_steps).
 
     The delta is the quantity Captum's compute_convergence_delta returns, sum(attr) - (f(x) -
     f(baseline)), computed here so that f(x) comes from `logits` when the caller already has them
     instead of from two more forward passes.
     """
     model.eval()
-    forward = forward_for(model, attribute)
-    base = make_baseline(x, baseline, model_lib.input_mean(model))
+    n_steps = n_steps or ig_settings["n_steps"]
+    forward = forward_for(model, ig_settings["attribute"])
+    base = make_baseline(x, ig_settings["baseline"], model_lib.input_mean(model))
     with input_gradients_only(model):
         attr = IntegratedGradients(forward).attribute(
-            x, baselines=base, target=target, n_steps=n_steps, method=rule,
+            x, baselines=base, target=target, n_steps=n_steps, method=ig_settings["rule"],
             internal_batch_size=internal_batch_size)
     with torch.no_grad():
         rows = torch.arange(len(x), device=x.device)
         at_x = forward(x) if logits is None else (
-            model_lib.probabilities(model, logits) if attribute == "prob" else logits)
+            model_lib.probabilities(model, logits) if ig_settings["attribute"] == "prob" else logits)
         score, baseline_score = at_x[rows, target], forward(base)[rows, target]
         delta = attr.sum(dim=(1, 2, 3), dtype=torch.float64) - (score - baseline_score).double()
     steps = torch.full((len(x),), n_steps, dtype=torch.long)
     return IGResult(attr.detach(), delta.float(), score, baseline_score, steps)
 
 
-def fixed_ig(model, x, target, settings, n_steps=None, logits=None, internal_batch_size=None):
-    """integrated_gradients with the settings' baseline, rule and output, at settings["n_steps"]."""
-    return integrated_gradients(model, x, target, baseline=settings["baseline"],
-                                n_steps=n_steps or settings["n_steps"], rule=settings["rule"],
-                                attribute=settings["attribute"], logits=logits,
-                                internal_batch_size=internal_batch_size)
-
-
-def refined_integrated_gradients(model, x, target, settings, logits=None, internal_batch_size=None):
-    """IG at settings["n_steps"]; images whose relative completeness error exceeds
-    settings["tolerance"] are recomputed with twice the steps, until settings["max_steps"].
+def refined_integrated_gradients(model, x, target, ig_settings, logits=None, internal_batch_size=None):
+    """IG at ig_settings["n_steps"]; images whose relative completeness error exceeds
+    ig_settings["tolerance"] are recomputed with twice the steps, until ig_settings["max_steps"].
 
     Gauss-Legendre nodes are not nested, so a refined image is integrated afresh; few need it.
     """
     def run(rows, n):
-        return fixed_ig(model, x[rows], target[rows], settings, n, None if logits is None else logits[rows],
-                        internal_batch_size)
-    n = settings["n_steps"]
+        return integrated_gradients(model, x[rows], target[rows], ig_settings, n,
+                                    None if logits is None else logits[rows], internal_batch_size)
+    n = ig_settings["n_steps"]
     result = run(torch.arange(len(x), device=x.device), n)
-    while n < settings["max_steps"]:
-        rows = (result.relative_error() > settings["tolerance"]).nonzero().flatten()
+    while n < ig_settings["max_steps"]:
+        rows = (result.relative_error() > ig_settings["tolerance"]).nonzero().flatten()
         if len(rows) == 0:
             break
-        n = min(2 * n, settings["max_steps"])
+        n = min(2 * n, ig_settings["max_steps"])
         redo = run(rows, n)
         result.attributions[rows], result.delta[rows] = redo.attributions, redo.delta
         result.n_steps[rows.cpu()] = n
     return result
 
 
-def smoothgrad_ig(model, x, target, settings, samples, stdev):
-    """SmoothGrad over IG (Captum's NoiseTunnel): the mean IG map of `samples` noisy copies of x."""
-    with input_gradients_only(model):
-        return NoiseTunnel(IntegratedGradients(forward_for(model, settings["attribute"]))).attribute(
+def smoothgrad_ig(samples, stdev):
+    """An explainer (model, x, target, ig_settings, references): SmoothGrad over IG (Captum's
+    NoiseTunnel), the mean IG map of `samples` copies of x with Gaussian noise of s.d. `stdev`."""
+    def explain(model, x, target, ig_settings, references=None):
+        return NoiseTunnel(IntegratedGradients(forward_for(model, ig_settings["attribute"]))).attribute(
             x, nt_type="smoothgrad", nt_samples=samples, stdevs=stdev,
-            baselines=make_baseline(x, settings["baseline"], model_lib.input_mean(model)),
-            target=target, n_steps=settings["n_steps"], method=settings["rule"],
-            internal_batch_size=chunk_size(model, x, samples)).detach()
+            baselines=make_baseline(x, ig_settings["baseline"], model_lib.input_mean(model)),
+            target=target, n_steps=ig_settings["n_steps"], method=ig_settings["rule"],
+            internal_batch_size=chunk_size(model, x, samples))
+    return explain
 
 
 # ----------------------------------------------------------------------------- every method
+# Each is (model, x, target, ig_settings, references) -> a map of x's shape; ig_settings are the
+# method's own (method_settings: an IG variant's baseline or output applied), and references
+# (training images) are used by the methods whose record says needs_references.
 
-def ig(model, x, target, settings):
-    """IG at the settings' fixed step count (evaluate.py stores the refined IG instead)."""
-    return fixed_ig(model, x, target, settings, internal_batch_size=chunk_size(model, x)).attributions
+def fixed_ig(model, x, target, ig_settings, references=None):
+    """IG at the settings' n_steps, unrefined: the "ig" method's maps of other models and inputs
+    (randomised models, noisy copies). The stored IG maps are refined (explain_batch)."""
+    return integrated_gradients(model, x, target, ig_settings, internal_batch_size=chunk_size(model, x)).attributions
 
 
-def ig_local(model, x, target, settings):
+def refined_ig(model, x, target, ig_settings, references=None):
+    """IG refined to the settings' tolerance, up to their max_steps: the IG variants' maps."""
+    return refined_integrated_gradients(model, x, target, ig_settings,
+                                        internal_batch_size=chunk_size(model, x)).attributions
+
+
+def ig_local(model, x, target, ig_settings, references=None):
     """IG without the (x - baseline) factor (Captum's multiply_by_inputs=False): the path average of
     the gradient."""
-    base = make_baseline(x, settings["baseline"], model_lib.input_mean(model))
-    return IntegratedGradients(forward_for(model, settings["attribute"]), multiply_by_inputs=False).attribute(
-        x, baselines=base, target=target, n_steps=settings["n_steps"], method=settings["rule"],
+    base = make_baseline(x, ig_settings["baseline"], model_lib.input_mean(model))
+    return IntegratedGradients(forward_for(model, ig_settings["attribute"]), multiply_by_inputs=False).attribute(
+        x, baselines=base, target=target, n_steps=ig_settings["n_steps"], method=ig_settings["rule"],
         internal_batch_size=chunk_size(model, x))
 
 
-def saliency(model, x, target, settings):
+def saliency(model, x, target, ig_settings, references=None):
     """|input gradient| (Simonyan et al., 2014; Captum's default). An input that requires grad
     spares Captum's warning."""
-    return Saliency(forward_for(model, settings["attribute"])).attribute(x.detach().requires_grad_(), target=target)
+    return Saliency(forward_for(model, ig_settings["attribute"])).attribute(x.detach().requires_grad_(),
+                                                                           target=target)
 
 
-def smoothgrad_sq(model, x, target, settings):
+def smoothgrad_sq(model, x, target, ig_settings, references=None):
     """SmoothGrad-Squared of the gradient (Captum's NoiseTunnel)."""
-    return NoiseTunnel(Saliency(forward_for(model, settings["attribute"]))).attribute(
+    return NoiseTunnel(Saliency(forward_for(model, ig_settings["attribute"]))).attribute(
         x, nt_type="smoothgrad_sq", nt_samples=SMOOTHGRAD_SAMPLES, stdevs=SMOOTHGRAD_SD,
         nt_samples_batch_size=SMOOTHGRAD_SAMPLES, target=target, abs=False)
 
 
-def gradcam(model, x, target, settings):
+def gradcam(model, x, target, ig_settings, references=None):
     """LayerGradCam on model.gradcam_layer, upsampled bilinearly and spread evenly over the channels."""
-    cam = LayerGradCam(forward_for(model, settings["attribute"]), model_lib.gradcam_layer(model)).attribute(
+    cam = LayerGradCam(forward_for(model, ig_settings["attribute"]), model_lib.gradcam_layer(model)).attribute(
         x, target=target)
     cam = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), "bilinear")
     return cam.expand_as(x) / x.shape[1]
@@ -272,113 +283,112 @@ def occlusion_window(size):
     return max(2, round(size / 7)), max(1, round(size / 14))
 
 
-def occlusion(model, x, target, settings):
+def occlusion(model, x, target, ig_settings, references=None):
     """The drop in the output when a window (occlusion_window) is set to the IG baseline."""
-    base = make_baseline(x, settings["baseline"], model_lib.input_mean(model))
+    base = make_baseline(x, ig_settings["baseline"], model_lib.input_mean(model))
     window, stride = occlusion_window(x.shape[-1])
-    return Occlusion(forward_for(model, settings["attribute"])).attribute(
+    return Occlusion(forward_for(model, ig_settings["attribute"])).attribute(
         x, sliding_window_shapes=(x.shape[1], window, window), strides=(x.shape[1], stride, stride),
         baselines=base, target=target, perturbations_per_eval=16)
 
 
-def expected_gradients(model, x, target, settings, references):
+def expected_gradients(model, x, target, ig_settings, references):
     """Expected Gradients (Erion et al., 2021): Captum's GradientShap with `references`, a sample of
     training images, as the distribution of baselines: for each of EG_SAMPLES draws, a random
     reference and a random point on the path to x; complete in expectation, f(x) - E f(reference)."""
-    return GradientShap(forward_for(model, settings["attribute"])).attribute(
+    return GradientShap(forward_for(model, ig_settings["attribute"])).attribute(
         x, baselines=references.to(x.device, x.dtype), n_samples=EG_SAMPLES, stdevs=0.0, target=target)
 
 
-# IG with another reference or output, measured against the same tests as every method (the stored
-# "ig" keeps the training mean colour and the logit): each is IG refined like the stored one (to the
-# settings' tolerance, up to their max_steps), with these settings replaced.
-IG_VARIANTS = {"ig_black": {"baseline": "black"}, "ig_blur": {"baseline": "blur"},
-               "ig_noise": {"baseline": "noise"}, "ig_prob": {"attribute": "prob"}}
+FAMILIES = ("ig", "sampling", "gradient", "cam", "perturbation", "control")
+COMPLETENESS = ("exact", "expected", "none")
 
 
-def ig_variant(changes):
-    def variant(model, x, target, settings):
-        return refined_integrated_gradients(model, x, target, {**settings, **changes},
-                                            internal_batch_size=chunk_size(model, x)).attributions
-    return variant
+@dataclass(frozen=True)
+class Method:
+    """An attribution method and its traits, which quality.py, trust.py and the scripts read from
+    here (pytorch-grad-cam's way: a method carries its own). Every field is required, so an entry
+    cannot leave a trait out."""
+    name: str
+    explain: Callable  # (model, x, target, ig_settings, references) -> map of x's shape
+    family: str  # FAMILIES: "ig" (refined IG; manages its own gradients), "control" (quality.CONTROLS) ...
+    complete: str  # COMPLETENESS: maps add up to f(x) - f(reference) for every image, in expectation, or not
+    needs_references: bool  # draws its baselines from training images (references)
+    baseline: str | None  # the reference it explains against: "run" (the IG settings'), a BASELINES kind, None
+    output: str | None  # what it explains, when not the run's attribute setting: an OUTPUTS value; None: the run's
+
+    def settings(self, ig_settings):
+        """The IG settings this method explains with: its own baseline and output applied."""
+        own = {"baseline": self.baseline} if self.baseline not in (None, "run") else {}
+        return {**ig_settings, **own, **({"attribute": self.output} if self.output else {})}
 
 
 # Every method evaluate.py and explain.py offer (--methods), by name; "ig" first (the stored,
-# completeness-checked IG; the others reuse its predictions). Each is (model, x, target, settings)
-# -> a map of x's shape; expected_gradients also takes references (training images).
-METHODS = {"ig": ig, **{name: ig_variant(changes) for name, changes in IG_VARIANTS.items()},
-           "expected_gradients": expected_gradients, "ig_local": ig_local, "saliency": saliency,
-           "smoothgrad_sq": smoothgrad_sq, "gradcam": gradcam, "occlusion": occlusion}
-ATTRIBUTION_METHODS = tuple(METHODS)
+# completeness-checked IG; the others reuse its predictions). The IG variants are IG with another
+# reference or output, refined like the stored one and measured against the same tests.
+METHODS = {m.name: m for m in (
+    Method("ig", fixed_ig, "ig", "exact", False, "run", None),
+    Method("ig_black", refined_ig, "ig", "exact", False, "black", None),
+    Method("ig_blur", refined_ig, "ig", "exact", False, "blur", None),
+    Method("ig_noise", refined_ig, "ig", "exact", False, "noise", None),
+    Method("ig_prob", refined_ig, "ig", "exact", False, "run", "prob"),
+    Method("expected_gradients", expected_gradients, "sampling", "expected", True, None, None),
+    Method("ig_local", ig_local, "gradient", "none", False, "run", None),
+    Method("saliency", saliency, "gradient", "none", False, None, None),
+    Method("smoothgrad_sq", smoothgrad_sq, "gradient", "none", False, None, None),
+    Method("gradcam", gradcam, "cam", "none", False, None, None),
+    Method("occlusion", occlusion, "perturbation", "none", False, "run", None))}
 # evaluate.py's default: the flagship IG, and a method of each other kind that the tests may find
 # better (docs/DESIGN.md); --methods all adds the IG variants and the rest.
-DEFAULT_METHODS = "ig,expected_gradients,saliency,gradcam"
-# Methods whose maps add up to f(x) - f(reference): their completeness is measured (quality.py). IG
-# and its variants are complete for every image, so completeness is one of their tests (trust.py);
-# expected gradients only in expectation over its sampled references, so its error is reported.
-COMPLETE_METHODS = ("ig", *IG_VARIANTS, "expected_gradients")
-EXACTLY_COMPLETE = ("ig", *IG_VARIANTS)
+DEFAULT_METHODS = ("ig", "expected_gradients", "saliency", "gradcam")
 
 
-def method_settings(name, settings):
-    """The settings a method explains with: an IG variant's changes applied."""
-    return {**settings, **IG_VARIANTS.get(name, {})}
+def explainer(method, ig_settings, references=None):
+    """(model, x, target) -> float32 attributions of x's shape, for a Method (or a METHODS name);
+    `references` (training images) for a method that needs them."""
+    method = METHODS[method] if isinstance(method, str) else method
+    if method.needs_references and references is None:
+        raise ExplainError(f"{method.name} draws its baselines from the training images, and none were "
+                           f"given: run it through evaluate.py, or give explain.py the --data-dir of the "
+                           f"model's dataset.")
+    own = method.settings(ig_settings)
 
-
-def method_fn(name, settings, references=None):
-    """(model, x, target) -> float32 attributions of x's shape, for one of METHODS; `references`
-    (training images) for expected_gradients."""
-    if name not in METHODS:
-        raise ValueError(f"unknown attribution method {name!r}; choose from {ATTRIBUTION_METHODS}")
-    if name == "expected_gradients" and references is None:
-        raise ExplainError("expected_gradients draws its baselines from the training images, and none were "
-                           "given: run it through evaluate.py, or give explain.py the --data-dir of the "
-                           "model's dataset.")
-    method = METHODS[name]
-    if name == "expected_gradients":
-        method = functools.partial(method, references=references)
-
-    def attribute(model, x, target):
-        if name == "ig" or name in IG_VARIANTS:  # IG manages its own gradients
-            return method(model, x, target, settings)
+    def explain(model, x, target):
+        if method.family == "ig":  # IG manages its own gradients
+            return method.explain(model, x, target, own, references)
         with input_gradients_only(model):
-            return method(model, x, target, settings).detach().float().contiguous()
-    return attribute
+            return method.explain(model, x, target, own, references).detach().float().contiguous()
+    return explain
 
 
 def reference_sample(train_images, n=EG_REFERENCES, seed=0):
-    """The training images expected_gradients draws its baselines from: a fixed random sample, as
-    [0, 1] floats."""
+    """The training images a method with needs_references draws its baselines from: a fixed random
+    sample, as [0, 1] floats."""
     order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:n]
     return to_unit(train_images[order.sort().values])
 
 
-def reference_score(name, model, x, target, settings, references=None):
-    """f(reference) for each image, what a complete method's map must add up to with f(x): the IG
-    variant's baseline, or for expected_gradients the mean over the references."""
-    settings = method_settings(name, settings)
-    forward = forward_for(model, settings["attribute"])
+def reference_score(method, model, x, target, ig_settings, references=None):
+    """f(reference) for each image, what a complete method's map must add up to with f(x): its
+    baseline's output, or for a method with needs_references the mean over the references."""
+    own = method.settings(ig_settings)
+    forward = forward_for(model, own["attribute"])
     with torch.no_grad():
-        if name == "expected_gradients":
+        if method.needs_references:
             return forward(references.to(x.device, x.dtype))[:, target].mean(0)
-        base = make_baseline(x, settings["baseline"], model_lib.input_mean(model))
+        base = make_baseline(x, own["baseline"], model_lib.input_mean(model))
         return forward(base)[torch.arange(len(x), device=x.device), target]
-
-
-def smoothgrad_ig_fn(settings, samples, stdev):
-    """(model, x, target) -> SmoothGrad over IG with `samples` copies of noise s.d. `stdev`."""
-    return functools.partial(smoothgrad_ig, settings=settings, samples=samples, stdev=stdev)
 
 
 def methods_arg(text):
     """argparse type for --methods: 'all' or a comma-separated list of METHODS; 'ig' always comes
     first (the other methods reuse its predictions)."""
-    names = list(ATTRIBUTION_METHODS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in ATTRIBUTION_METHODS]
+    names = list(METHODS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"{', '.join(unknown) or repr(text)} is not an attribution "
-                                         f"method; choose from {', '.join(ATTRIBUTION_METHODS)}, or all")
-    return ["ig"] + [m for m in ATTRIBUTION_METHODS[1:] if m in names]
+                                         f"method; choose from {', '.join(METHODS)}, or all")
+    return ["ig"] + [m for m in list(METHODS)[1:] if m in names]
 
 
 def stored_attributions(rows):
@@ -387,6 +397,27 @@ def stored_attributions(rows):
 
 
 # ----------------------------------------------------------------------------- targets and settings
+
+def add_ig_arguments(p):
+    """The Integrated Gradients flags, shared by explain.py and evaluate.py; their names are
+    DEFAULT_IG's keys, so a script passes ig_settings {key: its value}."""
+    p.add_argument("--n-steps", type=int, default=DEFAULT_IG["n_steps"], help="IG integration steps to "
+                   "start with, for every image")
+    p.add_argument("--max-steps", type=int, default=DEFAULT_IG["max_steps"], help="double the steps of images "
+                   "whose completeness error exceeds --tolerance, up to this many (set it to --n-steps "
+                   "for a fixed count)")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_IG["tolerance"], help="allowed |delta| / |f(x) "
+                   "- f(baseline)| before an image is recomputed with more steps")
+    p.add_argument("--ig-rule", dest="rule", default=DEFAULT_IG["rule"], choices=IG_RULES, help="IG's "
+                   "integration rule along the path (the quadrature)")
+    p.add_argument("--baseline", default=DEFAULT_IG["baseline"], choices=BASELINES,
+                   help="IG reference image: training mean colour, black, white, blurred input or noise")
+    p.add_argument("--attribute", default=DEFAULT_IG["attribute"], choices=OUTPUTS,
+                   help="what the maps explain: the class logit or its probability")
+    p.add_argument("--target", default=DEFAULT_IG["target"], help="class to explain: 'pred' (predicted; for "
+                   "multi-label data the highest-scoring label), 'true' (dataset images of single-label "
+                   "data only), or a class index or name")
+
 
 def resolve_target(target, class_names, labels_known=True, multi_label=False):
     """'pred', 'true', or a class given by index or name -> 'pred' | 'true' | int. 'true' needs
@@ -421,22 +452,22 @@ def target_indices(target, logits, labels=None):
     return torch.full((len(logits),), int(target), dtype=torch.long, device=logits.device)
 
 
-def ig_settings(args, class_names, labels_known=True, multi_label=False):
-    """The IG settings dict from parsed flags (cli.add_ig_arguments); they also identify a run in the DB."""
-    if args.max_steps < args.n_steps:
-        raise ExplainError(f"--max-steps {args.max_steps} is below --n-steps {args.n_steps}.")
-    return {"n_steps": args.n_steps, "max_steps": args.max_steps, "tolerance": args.tolerance,
-            "rule": args.ig_rule, "baseline": args.baseline, "attribute": args.attribute,
-            "target": resolve_target(args.target, class_names, labels_known, multi_label)}
+def ig_settings(values, class_names, labels_known=True, multi_label=False):
+    """The IG settings dict from the IG flags' values ({DEFAULT_IG key: value}, add_ig_arguments'),
+    the target resolved against the class names; they also identify a run in the store."""
+    if values["max_steps"] < values["n_steps"]:
+        raise ExplainError(f"--max-steps {values['max_steps']} is below --n-steps {values['n_steps']}.")
+    return {**{k: values[k] for k in DEFAULT_IG},
+            "target": resolve_target(values["target"], class_names, labels_known, multi_label)}
 
 
-def explain_batch(model, images_u8, labels, settings, device="cpu"):
+def explain_batch(model, images_u8, labels, ig_settings, device="cpu"):
     """Predictions and refined IG for uint8 images: (probs, targets, IGResult), all on the CPU."""
     x = to_unit(images_u8.to(device))
     with torch.no_grad():
         logits = model(x)
-    targets = target_indices(settings["target"], logits,
+    targets = target_indices(ig_settings["target"], logits,
                              None if labels is None else labels.to(device))
-    result = refined_integrated_gradients(model, x, targets, settings, logits=logits,
+    result = refined_integrated_gradients(model, x, targets, ig_settings, logits=logits,
                                           internal_batch_size=chunk_size(model, x))
     return model_lib.probabilities(model, logits).cpu(), targets.cpu(), result.cpu()

@@ -158,14 +158,14 @@ def methods_rates(net, images_u8, labels, repeats, references, batch=32, device=
     x_all, y_all = colour.to_unit(images_u8).to(device), labels.to(device)
     rates = {}
 
-    def measure(attribute):
+    def measure(explainer):
         t0 = time.perf_counter()
         for i in range(0, len(x_all), batch):
-            attribute(net, x_all[i:i + batch], y_all[i:i + batch])
+            explainer(net, x_all[i:i + batch], y_all[i:i + batch])
         return len(x_all) / (time.perf_counter() - t0)
-    for method in attr.ATTRIBUTION_METHODS:
-        attribute = attr.method_fn(method, attr.DEFAULT_IG, references.to(device))
-        rates[method] = best_rate(lambda a=attribute: measure(a), repeats)
+    for method in attr.METHODS:
+        explainer = attr.explainer(method, attr.DEFAULT_IG, references.to(device))
+        rates[method] = best_rate(lambda e=explainer: measure(e), repeats)
     return rates
 
 
@@ -175,27 +175,27 @@ def quality_cost(net, images_u8, references, device="cpu", batch=50):
     import quality
     fused = model_lib.fused_for_inference(net.eval()).to(device)
     stages = quality.all_randomized_models(net)
-    scored = quality.scored_maps(attr.DEFAULT_IG, names=attr.methods_arg(attr.DEFAULT_METHODS),
-                                 references=references.to(device))
+    explainers = {m.name: attr.explainer(m, attr.DEFAULT_IG, references.to(device))
+                  for m in quality.scored_methods(attr.DEFAULT_METHODS)}
     published, out = quality.published_tests, {}
-    for name, attribute in scored.items():
+    for name, explainer in explainers.items():
         other = tests = 0.0
         for start in range(0, len(images_u8), batch):
             x = colour.to_unit(images_u8[start:start + batch]).to(device)
             with torch.no_grad():
                 target = fused(x).argmax(1)
             with attr.seeded(start):
-                maps = attribute(fused, x, target).cpu()
+                maps = explainer(fused, x, target).cpu()
             try:
                 quality.published_tests = lambda *a, **k: {}  # the measures without the published tests
                 t0 = time.perf_counter()
-                quality.quality_measures(fused, x, target, maps, attr.DEFAULT_IG, attribute, stages)
+                quality.quality_measures(fused, x, target, maps, explainer, attr.DEFAULT_IG, stages)
                 other += time.perf_counter() - t0
             finally:
                 quality.published_tests = published
             t0 = time.perf_counter()
             with attr.seeded(start):
-                published(fused, x, target, maps, attribute, stages["bottom_up"][-1][1], net.config["n_classes"],
+                published(fused, x, target, maps, explainer, stages["bottom_up"][-1][1], net.config["n_classes"],
                           torch.Generator().manual_seed(0))
             tests += time.perf_counter() - t0
         out[name] = (other, tests)
@@ -275,8 +275,9 @@ def write_ours(path, jobs):
     t0 = time.perf_counter()
     for indices, probs, targets, result in jobs:
         # True labels = the explained targets here: the benchmark has no use for accuracy.
-        db.insert_explanations(conn, db.explanation_rows(run, "test", indices, targets.numpy(), probs.numpy(),
-                                                         targets.numpy(), **result.stored("float16")))
+        db.insert_explanations(conn, db.explanation_rows(run, "test", "ig", {
+            "image_index": indices, "true_label": targets.numpy(), "probs": probs.numpy(), "target": targets.numpy(),
+            **result.stored("float16")}))
     return sum(len(j[0]) for j in jobs) / (time.perf_counter() - t0), conn, run, empty
 
 

@@ -8,8 +8,9 @@ A problem the user can fix (bad data, a missing checkpoint, a device this machin
 UserError, whatever module raises it: cli.run prints it as one `error:` paragraph and exits 1, where
 a traceback would only bury the advice. Ctrl-C exits 130; argparse's own errors exit 2.
 
-This module imports only the standard library at first (every script's --help stays fast); the
-flags whose choices live elsewhere import their module when they are declared.
+This module imports only the standard library (every script's --help stays fast) and no module
+of this repository: the flags whose choices live elsewhere are declared there (data.add_memory_flag,
+attribution.add_ig_arguments).
 """
 import argparse
 import shlex
@@ -84,6 +85,9 @@ def positive_int(text):
     return int(text)
 
 
+ON_OFF_FLAGS = ("flips",)  # settings stored as booleans whose flag takes on/off (on_off), not a switch
+
+
 def on_off(text):
     """argparse type for on/off switches such as --flips."""
     if text not in ("on", "off"):
@@ -108,19 +112,6 @@ def even_size(text):
     return int(text)
 
 
-class Renamed(argparse.Action):
-    """An old spelling of a renamed flag: still works for one release, with a warning naming the new one."""
-
-    def __init__(self, option_strings, dest, new=None, **kwargs):
-        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
-        self.new = new
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"warning: {option_string} is now {self.new}; the old spelling will be removed in the next "
-              f"release.", file=sys.stderr)
-        setattr(namespace, self.dest, values)
-
-
 # ----------------------------------------------------------------------------- reproducing a run
 
 def flag_words(key, value):
@@ -139,9 +130,21 @@ def changed_flags(values, defaults, always=()):
     left out."""
     words = []
     for key, value in values.items():
-        if key in defaults and (key in always or value != defaults[key]) and value not in (None, False):
+        if key in defaults and (key in always or value != defaults[key]) and value is not None and value is not False:
             words += flag_words(key, value)
     return words
+
+
+def train_command(settings, data_dir, out):
+    """The train.py command line that trains a run again from its checkpoint's settings (train.py's
+    RESULT_SETTINGS): every one spelled out (a command that still holds when defaults change), the
+    data and run folders; under torchrun when it was."""
+    launcher = (["python"] if settings["world_size"] == 1 else
+                ["torchrun", "--nproc_per_node", str(settings["world_size"])])
+    values = {k: ("on" if v else "off") if k in ON_OFF_FLAGS else v for k, v in settings.items() if k != "world_size"}
+    words = [w for k, v in {**values, "data_dir": data_dir, "out": out}.items() if v is not None and v is not False
+             for w in flag_words(k, v)]  # `is`: 0 and 0.0 (--seed 0, --stain-jitter 0) are values, not off
+    return " ".join([*launcher, "train.py", *words])
 
 
 def command_line(script, parse, args, always=()):
@@ -162,32 +165,3 @@ def add_threads(p):
 
 def add_data_dir(p, extra=""):
     p.add_argument("--data-dir", default="data", help="folder holding the MedMNIST npz files" + extra)
-
-
-def add_memory(p):
-    import data
-    p.add_argument("--memory", default="auto", choices=data.MEMORY_MODES, help=data.MEMORY_HELP)
-
-
-def add_ig_arguments(p):
-    """The Integrated Gradients flags, shared by explain.py and evaluate.py."""
-    import attribution as attr
-    ig = attr.DEFAULT_IG
-    p.add_argument("--n-steps", type=int, default=ig["n_steps"], help="IG integration steps to start "
-                   "with, for every image")
-    p.add_argument("--max-steps", type=int, default=ig["max_steps"], help="double the steps of images "
-                   "whose completeness error exceeds --tolerance, up to this many (set it to --n-steps "
-                   "for a fixed count)")
-    p.add_argument("--tolerance", type=float, default=ig["tolerance"], help="allowed |delta| / |f(x) - "
-                   "f(baseline)| before an image is recomputed with more steps")
-    p.add_argument("--ig-rule", default=ig["rule"], choices=attr.IG_RULES, help="IG's integration "
-                   "rule along the path (the quadrature)")
-    p.add_argument("--method", dest="ig_rule", choices=attr.IG_RULES, action=Renamed, new="--ig-rule")
-    p.add_argument("--baseline", default=ig["baseline"], choices=attr.BASELINES,
-                   help="IG reference image: training mean colour, black, white or blurred input")
-    p.add_argument("--attribute", default=ig["attribute"], choices=attr.OUTPUTS,
-                   help="what the maps explain: the class logit or its probability")
-    p.add_argument("--output", dest="attribute", choices=attr.OUTPUTS, action=Renamed, new="--attribute")
-    p.add_argument("--target", default=ig["target"], help="class to explain: 'pred' (predicted; for "
-                   "multi-label data the highest-scoring label), 'true' (dataset images of single-label "
-                   "data only), or a class index or name")

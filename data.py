@@ -32,6 +32,7 @@ import torch
 
 import augment
 import cli
+import formats
 from colour import channel_stats, to_unit
 from datasets import (
     FLAG,
@@ -276,6 +277,11 @@ MEMORY_HELP = ("where the images live: ram (read into memory; fastest while it f
                "with the dataset) or auto (map above 1 GiB of pixels: PathMNIST at 64 px and up)")
 
 
+def add_memory_flag(p):
+    """--memory, for the scripts that read a dataset."""
+    p.add_argument("--memory", default="auto", choices=MEMORY_MODES, help=MEMORY_HELP)
+
+
 def use_map(path, memory):
     """Whether to memory-map this npz's images: `memory` is auto, ram or map (see MEMORY_MODES).
     auto maps when the pixels exceed MAP_ABOVE_BYTES: in memory is faster while it fits (28 px
@@ -460,7 +466,7 @@ def main(argv=None):
     p.add_argument("--synthetic", action="store_true", help="use the offline SYNTHETIC dataset, not "
                    "the real one (written on first use)")
     p.add_argument("--trust-file", action="store_true", help=TRUST_FILE_HELP)
-    cli.add_memory(p)
+    add_memory_flag(p)
     args = p.parse_args(argv)
     ds = load(args.data_dir, args.size, args.synthetic, args.memory, args.flag, args.trust_file)
     print(f"{describe(ds.provenance())}  file {ds.path}  MD5 {ds.md5}")
@@ -473,7 +479,7 @@ def main(argv=None):
                   else torch.bincount(split.labels, minlength=len(ds.class_names))).tolist()
         print(f"  {s:5s} {len(split):6d} images  per class {counts}")
     mean, std = channel_stats(ds.train.images)
-    print(f"  train mean {[round(m, 4) for m in mean]}  std {[round(s, 4) for s in std]}")
+    print(f"  train mean {' '.join(map(formats.metric, mean))}  std {' '.join(map(formats.metric, std))}")
 
 
 if __name__ == "__main__":

@@ -106,17 +106,11 @@ def dataset_name(synthetic, flag=FLAG):
     return f"{flag}-synthetic" if synthetic else flag
 
 
-def with_defaults(provenance):
-    """A provenance dict with the keys added by --flag filled in: checkpoints and stores from before
-    it were all PathMNIST, from files verified against medmnist.INFO."""
-    return {"flag": FLAG, "verified": True, **provenance}
-
-
 def describe(provenance):
     """How plots and logs name a dataset; synthetic data and unverified files always say so."""
     tag = f"{provenance['dataset']} {provenance['size']}x{provenance['size']}"
     if provenance["synthetic"]:
-        tag += f" (SYNTHETIC data, not {title_of(provenance.get('flag', FLAG))})"
-    if not provenance.get("verified", True):
+        tag += f" (SYNTHETIC data, not {title_of(provenance['flag'])})"
+    if not provenance["verified"]:
         tag += " (unverified file)"
     return tag

@@ -208,16 +208,21 @@ def run_id_for(conn, checkpoint_sha256, checkpoint_path, model_config, class_nam
                         (checkpoint_sha256, settings)).fetchone()[0]
 
 
-def explanation_rows(run_id, split, image_index, true_label, probs, target, attributions, delta,
-                     score, baseline_score, n_steps, method="ig"):
-    """DB rows for one explained batch of N images, from numpy arrays or lists (one entry per image).
+COMPLETENESS_TERMS = ("delta", "score", "baseline_score", "n_steps")  # IG's; NULL for the other methods
 
-    probs is (N, K); attributions (N, C, H, W) already in the dtype to store; the predicted class and
-    its confidence are read from probs. true_label is (N,) class indices, or (N, K) of 0/1 for
-    multi-label data (stored as true_labels, with true_label -1). Methods other than IG have no
-    completeness terms: their delta, baseline_score and n_steps are None (NULL)."""
-    probs = np.asarray(probs, dtype="<f4")
-    attributions = np.asarray(attributions)
+
+def explanation_rows(run_id, split, method, batch):
+    """DB rows for one explained batch of N images. `batch` holds numpy arrays or lists, one entry
+    per image: image_index, true_label, probs (N, K), target, attributions (N, C, H, W, already in
+    the dtype to store) and, for IG, the COMPLETENESS_TERMS (a method without them stores NULL).
+
+    The predicted class and its confidence are read from probs. true_label is (N,) class indices, or
+    (N, K) of 0/1 for multi-label data (stored as true_labels, with true_label -1)."""
+    image_index, true_label, target = batch["image_index"], batch["true_label"], batch["target"]
+    probs = np.asarray(batch["probs"], dtype="<f4")
+    attributions = np.asarray(batch["attributions"])
+    n = len(probs)
+    delta, score, baseline_score, n_steps = (batch.get(k, [None] * n) for k in COMPLETENESS_TERMS)
     bad = ~(np.isfinite(attributions.reshape(len(attributions), -1)).all(1) & np.isfinite(probs).all(1))
     if bad.any():
         raise DBError(f"The attribution map or class probabilities of {split} image(s) "
@@ -454,20 +459,24 @@ def attribution(conn, run_id, split, image_index, method="ig"):
     return get_explanation(conn, run_id, split, image_index, method)["attribution"]
 
 
-def find(conn, run_id, split="test", misclassified=None, true_label=None, pred_label=None,
-         min_confidence=None, max_confidence=None, image_indices=None, order="index", limit=None,
-         with_arrays=False, method="ig"):
-    """Stored explanations of `method` matching every filter given, as dicts (arrays decoded if
-    with_arrays)."""
-    where, params = ["run_id = ?", "split = ?", "method = ?"], [run_id, split, method]
-    if misclassified is not None:
-        where.append("correct = ?")
-        params.append(0 if misclassified else 1)
-    for clause, value in (("true_label = ?", true_label), ("pred_label = ?", pred_label),
-                          ("confidence >= ?", min_confidence), ("confidence <= ?", max_confidence)):
+# find()'s filters: name -> the SQL clause its value goes into
+FILTERS = {"split": "split = ?", "misclassified": "correct = ?", "true_label": "true_label = ?",
+           "pred_label": "pred_label = ?",
+           "min_confidence": "confidence >= ?", "max_confidence": "confidence <= ?"}
+
+
+def find(conn, run_id, method="ig", image_indices=None, order="index", limit=None, with_arrays=False, **filters):
+    """Stored explanations of `method` (of `image_indices`, or all) matching every filter given
+    (FILTERS: split, "test" unless given; misclassified, true_label, pred_label, min_confidence,
+    max_confidence), as dicts (arrays decoded if with_arrays)."""
+    unknown = set(filters) - set(FILTERS)
+    if unknown:
+        raise TypeError(f"find() has no filter {sorted(unknown)}; filters: {sorted(FILTERS)}")
+    where, params = ["run_id = ?", "method = ?"], [run_id, method]
+    for name, value in {"split": "test", **filters}.items():
         if value is not None:
-            where.append(clause)
-            params.append(value)
+            where.append(FILTERS[name])
+            params.append((0 if value else 1) if name == "misclassified" else value)
     columns = "*" if with_arrays else ", ".join(c for c in EXPLANATION_COLUMNS
                                                 if c not in ("probs", "attribution"))
     sql = f"SELECT {columns} FROM explanations WHERE {' AND '.join(where)}"
@@ -555,8 +564,7 @@ def summary(conn, describe, relative_error):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Summarise an attribution store written by evaluate.py.")
     p.add_argument("db", help="path to the SQLite file (default location: <run dir>/explanations.db)")
-    args = p.parse_args(argv)
-    conn = connect(args.db, create=False)
+    conn = connect(p.parse_args(argv).db, create=False)
     from attribution import relative_completeness_error  # here, so that the module itself needs no torch
     from datasets import describe
     print(summary(conn, describe, relative_completeness_error))

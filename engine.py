@@ -1,6 +1,7 @@
 """engine.py: one training step, one epoch and one validation pass: what train.py and bench.py run.
 
-    loss, acc = engine.train_epoch(model, task, split, opt, gen, settings, device, epoch, scaler)
+    steps = engine.Steps(step_net, task, opt, scaler, amp="auto")
+    loss, acc = engine.train_epoch(steps, split, batch_size, augmentation, epoch, gen, ctx)
     val_loss, val_acc = engine.evaluate_split(model, split, batch_size, device)
 
 The dataset's task decides the loss: cross-entropy over softmax for multi-class, binary and ordinal
@@ -9,6 +10,7 @@ tasks (as MedMNIST trains them), binary cross-entropy per label for multi-label 
 validation and metrics stay float32. Under torchrun each step sums loss and counts over the ranks.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -66,30 +68,41 @@ def backward_step(loss, opt, scaler, share=1.0):
     scaler.update()
 
 
-def train_epoch(model, task, split, opt, gen, settings, device, epoch, scaler, ctx=distributed.ALONE,
-                aug_gen=None):
-    """One epoch of training steps; `model` may be a torch.compile or DDP wrapper (hence `task`
-    apart); `settings` has batch_size, augment, amp and lr. Under torchrun, each step sums loss and
-    counts over the ranks (one small all-reduce), so every rank sees the global batch's loss and
-    stops together on a non-finite one."""
-    model.train()
-    dtype = amp_dtype(device, settings.amp)
+@dataclass(frozen=True)
+class Steps:
+    """What each training step runs: the model (maybe a torch.compile or DDP wrapper, hence `task`
+    apart), the task (which loss), the optimiser and its gradient scaler, and --amp (auto, on, off)."""
+    model: torch.nn.Module
+    task: str
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp: str
+
+
+def train_epoch(steps, split, batch_size, augmentation, epoch, gen, ctx=distributed.ALONE, aug_gen=None):
+    """One epoch of training steps over `split` in batches of `batch_size`, augmented by
+    `augmentation` (shuffling and augmentation drawn from `gen`, or under torchrun this rank's
+    augmentation from `aug_gen`), on ctx.device. Under torchrun, each step sums loss and counts over
+    the ranks (one small all-reduce), so every rank sees the global batch's loss and stops together
+    on a non-finite one."""
+    steps.model.train()
+    device = ctx.device
+    dtype = amp_dtype(device, steps.amp)
     loss_sum, correct, count = 0.0, 0, 0
-    batches = data.batches(split, settings.batch_size, device, gen, settings.augment,
-                           (ctx.rank, ctx.world_size), aug_gen)
-    bar = progress(batches, total=math.ceil(len(split) / settings.batch_size), desc=f"epoch {epoch}",
-                   unit="batch", leave=False)
+    batches = data.batches(split, batch_size, device, gen, augmentation, (ctx.rank, ctx.world_size), aug_gen)
+    bar = progress(batches, total=math.ceil(len(split) / batch_size), desc=f"epoch {epoch}", unit="batch",
+                   leave=False)
     for x, y in bar:
-        logits, loss = forward_loss(model, x, y, task, dtype)
+        logits, loss = forward_loss(steps.model, x, y, steps.task, dtype)
         batch_loss, batch_correct, n = distributed.sum_all(
-            [loss.item() * len(y), correct_count(logits, y, task), len(y)], ctx)
+            [loss.item() * len(y), correct_count(logits, y, steps.task), len(y)], ctx)
         if not math.isfinite(batch_loss):
             raise TrainingError(f"The training loss became {batch_loss / n} in epoch {epoch}. The run "
                                 f"stopped; last.pt still holds the previous epoch. Lower --lr "
-                                f"(now {settings.lr}) and check the data for corrupt images.")
+                                f"(now {steps.opt.param_groups[0]['lr']}) and check the data for corrupt images.")
         # DDP averages the ranks' gradients; weighting each rank's mean by its share of the global
         # batch makes that average the gradient of the global batch's mean loss.
-        backward_step(loss, opt, scaler, share=len(y) * ctx.world_size / n)
+        backward_step(loss, steps.opt, steps.scaler, share=len(y) * ctx.world_size / n)
         loss_sum += batch_loss
         correct += batch_correct
         count += n

@@ -1,16 +1,16 @@
 """explanations.py: attribution maps of a split's images computed into the store, only where missing.
 
-    explanations.explain_methods(fused, ds.test, indices, settings, conn, run_id, args, device)
+    explanations.explain_methods(explaining, indices, conn, run_id)
 
 IG (refined to its tolerance, with completeness terms) comes first and fixes each image's prediction
-and explained class; every other --methods map is computed for the same images and classes. Each
-batch (--ig-batch images, fewer where ig_block's byte budget says so) is one transaction, so Ctrl-C
-or a kill loses at most the batch in flight, and a rerun computes only what the store lacks. Which
-images: explanation_indices, the first of a fixed shuffle of the split (every class shows up early,
-and reruns pick the same ones), and beside them error_indices, the model's misclassified images, so
-the gallery can show its errors.
+and explained class; every other method's map is computed for the same images and classes. Each
+batch (Explaining.batch images) is one transaction, so Ctrl-C or a kill loses at most the batch in
+flight, and a rerun computes only what the store lacks. Which images: explanation_indices, the
+first of a fixed shuffle of the split (every class shows up early, and reruns pick the same ones),
+and beside them error_indices, the model's misclassified images, so the gallery can show its errors.
 """
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,11 +18,25 @@ import torch
 import attribution as attr
 import budget
 import db
-import quality
 from colour import to_unit
 from progress import progress
 
 EXPLAIN_SEED = 0  # which test images get explained: a fixed shuffle, so reruns pick the same ones
+
+
+@dataclass(frozen=True)
+class Explaining:
+    """What an explanation pass computes and how: the BN-folded model, the split, the IG settings,
+    the methods to store ("ig" first) with their explainers, images per batch (ig_block), the
+    storage dtype of the maps, and the device."""
+    model: torch.nn.Module
+    split: object
+    ig_settings: dict
+    methods: tuple
+    explainers: dict  # {method: (model, x, target) -> map}, attribution.explainer's
+    batch: int
+    attr_dtype: str
+    device: torch.device
 
 
 def explanation_indices(n_images, how_many):
@@ -42,16 +56,16 @@ def error_indices(split, probs, exclude, cap):
     return [i for i in explanation_indices(len(split), "all") if wrong[i] and i not in taken][:cap]
 
 
-def ig_block(net, split, args, device):
-    """Images per IG batch (and transaction): --ig-batch, fewer where budget.WORK_BYTES holds fewer
-    rows with gradients (128 px and up on a CPU): Captum takes a batch's steps in chunks of
-    attribution.chunk_size rows, never fewer than the batch's images. A function of the model and
-    the image shape alone, so shards make the batches one process makes."""
-    return budget.grad_images(net, split.images.shape[1:], args.ig_batch, device=device)
+def ig_block(model, split, requested, device):
+    """Images per IG batch (and transaction): `requested` (--ig-batch), fewer where
+    budget.WORK_BYTES holds fewer rows with gradients (128 px and up on a CPU): Captum takes a
+    batch's steps in chunks of attribution.chunk_size rows, never fewer than the batch's images. A
+    function of the model and the image shape alone, so shards make the batches one process makes."""
+    return budget.grad_images(model, split.images.shape[1:], requested, device=device)
 
 
-def explain_into_db(net, split, indices, settings, conn, run_id, args, device):
-    """Explain the images not yet stored for this run, one transaction per batch. Returns the count."""
+def explain_into_db(explaining, indices, conn, run_id):
+    """Explain with IG the images not yet stored for this run, one transaction per batch. Returns the count."""
     done = db.done_indices(conn, run_id, "test")
     todo = [i for i in indices if i not in done]
     if not todo:
@@ -59,14 +73,15 @@ def explain_into_db(net, split, indices, settings, conn, run_id, args, device):
         return 0
     print(f"Explaining {len(todo)} test images with IG ({len(indices) - len(todo)} already stored)")
     bar = progress(total=len(todo), unit="img", desc="IG")
-    t0, stored, block = time.perf_counter(), 0, ig_block(net, split, args, device)
-    for start in range(0, len(todo), block):
-        idx = torch.tensor(todo[start:start + block])
+    t0, stored, split = time.perf_counter(), 0, explaining.split
+    for start in range(0, len(todo), explaining.batch):
+        idx = torch.tensor(todo[start:start + explaining.batch])
         labels = split.labels[idx]
-        probs, targets, result = attr.explain_batch(net, split.images[idx], labels, settings, device)
-        stored += db.insert_explanations(conn, db.explanation_rows(
-            run_id, "test", idx.numpy(), labels.numpy(), probs.numpy(), targets.numpy(),
-            **result.stored(args.attr_dtype)))
+        probs, targets, result = attr.explain_batch(explaining.model, split.images[idx], labels,
+                                                    explaining.ig_settings, explaining.device)
+        stored += db.insert_explanations(conn, db.explanation_rows(run_id, "test", "ig", {
+            "image_index": idx.numpy(), "true_label": labels.numpy(), "probs": probs.numpy(),
+            "target": targets.numpy(), **result.stored(explaining.attr_dtype)}))
         bar.update(len(idx))
     bar.close()
     seconds = time.perf_counter() - t0
@@ -75,51 +90,38 @@ def explain_into_db(net, split, indices, settings, conn, run_id, args, device):
     return stored
 
 
-def methods_into_db(net, split, indices, conn, run_id, args, device, method, attribute):
-    """Maps of another attribution method (`attribute`, from attribution.method_fn) for the images IG
-    explained, stored under its name, one transaction per batch; the prediction and the explained
-    class are IG's rows'. Returns the count."""
+def method_into_db(explaining, method, indices, conn, run_id):
+    """Maps of another method for the images IG explained, stored under its name, one transaction
+    per batch; the prediction and the explained class are IG's rows'. Returns the count."""
     done = db.done_indices(conn, run_id, "test", method)
     todo = [i for i in indices if i not in done]  # in the given order: the batches a single process makes
     if not todo:
         return 0
     bar = progress(total=len(todo), unit="img", desc=method)
-    t0, stored, block = time.perf_counter(), 0, ig_block(net, split, args, device)
-    for start in range(0, len(todo), block):
-        rows = db.find(conn, run_id, "test", image_indices=todo[start:start + block], with_arrays=True)
+    t0, stored, split = time.perf_counter(), 0, explaining.split
+    for start in range(0, len(todo), explaining.batch):
+        rows = db.find(conn, run_id, image_indices=todo[start:start + explaining.batch], with_arrays=True)
         idx = torch.tensor([r["image_index"] for r in rows])
-        x = to_unit(split.images[idx].to(device))
-        targets = torch.tensor([r["target"] for r in rows], device=device)
+        x = to_unit(split.images[idx].to(explaining.device))
+        targets = torch.tensor([r["target"] for r in rows], device=explaining.device)
         with attr.seeded(int(idx[0])):  # noisy methods' draws: the same on every rerun and shard
-            maps = attribute(net, x, targets).cpu().numpy().astype(args.attr_dtype)
-        labels = split.labels[idx].numpy()
-        n = len(rows)
-        stored += db.insert_explanations(conn, db.explanation_rows(
-            run_id, "test", idx.numpy(), labels, np.stack([r["probs"] for r in rows]), targets.cpu().numpy(),
-            maps, [None] * n, [r["score"] for r in rows], [None] * n, [None] * n, method=method))
-        bar.update(n)
+            maps = explaining.explainers[method](explaining.model, x, targets).cpu().numpy()
+        stored += db.insert_explanations(conn, db.explanation_rows(run_id, "test", method, {
+            "image_index": idx.numpy(), "true_label": split.labels[idx].numpy(),
+            "probs": np.stack([r["probs"] for r in rows]), "target": targets.cpu().numpy(),
+            "attributions": maps.astype(explaining.attr_dtype), "score": [r["score"] for r in rows]}))
+        bar.update(len(rows))
     bar.close()
     print(f"Stored {stored} {method} maps ({len(todo) / (time.perf_counter() - t0):.1f} attributions/s)")
     return stored
 
 
-def explain_all(fused, stages, split, indices, quality_idx, settings, scored, conn, run_id, args, device,
-                references=None):
-    """Steps 3 and 4 into one store: explain_methods, then quality for `quality_idx`; each only where
-    the store lacks it. `scored` is quality.scored_maps'; `references` are expected_gradients'."""
-    explain_methods(fused, split, indices, settings, conn, run_id, args, device, scored)
-    if quality_idx:
-        quality.quality_into_db(fused, stages, split, quality_idx, settings, scored, conn, run_id, device,
-                                references)
-
-
-def explain_methods(fused, split, indices, settings, conn, run_id, args, device, scored):
-    """IG, then every other --methods (their functions in `scored`), for `indices`, where the store
-    lacks them."""
+def explain_methods(explaining, indices, conn, run_id):
+    """IG, then every other method, for `indices`, where the store lacks them."""
     if indices:
-        explain_into_db(fused, split, indices, settings, conn, run_id, args, device)
-        for method in args.methods[1:]:
-            methods_into_db(fused, split, indices, conn, run_id, args, device, method, scored[method])
+        explain_into_db(explaining, indices, conn, run_id)
+        for method in explaining.methods[1:]:
+            method_into_db(explaining, method, indices, conn, run_id)
 
 
 def lacking(indices, done_sets):

@@ -5,8 +5,9 @@
 One row per class, never wrapped into the next: GALLERY_CORRECT correct images picked at random
 (seeded, so not only the most confident) and the most confident misclassified one, WRONG (evaluate.py
 explains every misclassified image, up to --explain-errors, so every class with errors has one). For
-multi-label data the class is the predicted (highest-scoring) label. Drawn in IG (ig_examples.png)
-and, with one correct image a class, in every method (methods.png).
+multi-label data the class is the predicted (highest-scoring) label. Drawn in IG (ig_examples.png,
+its title and the report's caption saying what was picked: caption) and, with one correct image a
+class, in every method (methods.png).
 """
 import random
 
@@ -26,14 +27,14 @@ def gallery_examples(conn, run_id, ds, with_arrays=False, correct=GALLERY_CORREC
     by = "pred_label" if ds.task == MULTI_LABEL else "true_label"
     rows = []
     for label in range(len(ds.class_names)):
-        right = db.find(conn, run_id, "test", misclassified=False, **{by: label})
+        right = db.find(conn, run_id, misclassified=False, **{by: label})
         picked = sorted(random.Random(GALLERY_SEED * 1009 + label).sample(right, min(correct, len(right))),
                         key=lambda r: r["image_index"])
-        wrong = db.find(conn, run_id, "test", misclassified=True, order="-confidence", limit=1, **{by: label})
+        wrong = db.find(conn, run_id, misclassified=True, order="-confidence", limit=1, **{by: label})
         if not picked + wrong:
             continue
         if with_arrays:  # the maps of the chosen rows only
-            full = {r["image_index"]: r for r in db.find(conn, run_id, "test", with_arrays=True,
+            full = {r["image_index"]: r for r in db.find(conn, run_id, with_arrays=True,
                                                            image_indices=[r["image_index"] for r in picked + wrong])}
             picked, wrong = ([full[r["image_index"]] for r in chosen] for chosen in (picked, wrong))
 
@@ -50,7 +51,7 @@ def plot_method_examples(conn, run_id, ds, methods, path, title):
     examples, maps = [], {m: [] for m in methods}
     for r, panel_title in [e for row in gallery_examples(conn, run_id, ds, correct=1) for e in row if e]:
         i = r["image_index"]
-        per_method = {m: db.find(conn, run_id, "test", image_indices=[i], with_arrays=True, method=m)
+        per_method = {m: db.find(conn, run_id, image_indices=[i], with_arrays=True, method=m)
                       for m in methods}
         if not all(per_method.values()):
             continue
@@ -63,10 +64,23 @@ def plot_method_examples(conn, run_id, ds, methods, path, title):
 
 
 def plot_ig_examples(conn, run_id, ds, path, title):
-    """IG on gallery_examples, a row per class; returns the number of panels."""
+    """IG on gallery_examples, a row per class, the title saying what was picked (caption). Returns
+    {"panels", "classes", "classes_with_error"}: what the figure shows, for metrics.json."""
     rows = gallery_examples(conn, run_id, ds, with_arrays=True)
     panels = [None if e is None else (to_unit(ds.test.images[e[0]["image_index"]]),
                                       attr.stored_attributions([e[0]])[0], e[1]) for row in rows for e in row]
+    shown = {"panels": sum(p is not None for p in panels), "classes": len(rows),
+             "classes_with_error": sum(row[-1] is not None for row in rows)}
     if rows:
-        plots.explanation_figure(panels, path, title, per_row=GALLERY_CORRECT + 1)
-    return sum(p is not None for p in panels)
+        plots.explanation_figure(panels, path, f"{title}. {caption(shown)}", per_row=GALLERY_CORRECT + 1)
+    return shown
+
+
+def caption(shown):
+    """What ig_examples.png shows, as a sentence computed from what plot_ig_examples picked."""
+    picked = (f"Per class, {GALLERY_CORRECT} correctly classified test images picked at random (seeded) and the "
+              f"most confidently misclassified one.")
+    if shown["classes_with_error"] == 0:
+        return f"{picked} No explained test image is misclassified, so no class shows an error."
+    return (f"{picked} {shown['classes_with_error']} of the {shown['classes']} classes have a misclassified "
+            f"explained image; the others show an empty slot.")

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import attribution as attr
 import cli
 import datasets
 import evaluate
@@ -50,7 +51,7 @@ FULL = {"small": synthetic.COUNTS, "sizes": (28, 64), "compile": (False, True), 
 DRY = {"small": {"train": 256, "val": 64, "test": 64}, "sizes": (28, 64), "compile": (False,), "epochs": 1,
        "big": {"train": 512, "val": 64, "test": 96}, "share_224": 0.5, "size_224": 64, "quality": 8}
 TARGETS = {"train_img_s_28": 100_000, "ig_attr_s": 20_000}  # issue 23's targets, for the report only
-METHODS = ("ig", "expected_gradients", "saliency", "gradcam")
+METHODS = attr.DEFAULT_METHODS  # evaluate.py's default methods, each timed
 
 
 def parse_args(argv=None):
@@ -194,7 +195,7 @@ def evaluate_run(checkpoint, folder, device, db, methods, explain, quality):
     start = time.perf_counter()
     metrics = evaluate.main(["--checkpoint", str(checkpoint), "--data-dir", str(folder), "--device", device,
                              "--db", str(db), "--methods", ",".join(methods), "--explain", explain,
-                             "--quality", str(quality), "--images", str(Path(db).parent / "images")])
+                             "--quality", str(quality), "--figures", str(Path(db).parent / "images")])
     return metrics, time.perf_counter() - start
 
 
@@ -227,9 +228,9 @@ def torchrun(cfg, work, device, checks):
                     str(cfg["epochs"]), "--device", device, "--out", str(out)], check=True, cwd=ROOT)
     args = ["--checkpoint", str(out / "best.pt"), "--data-dir", str(folder), "--device", device, "--explain", "64",
             "--quality", "16", "--methods", ",".join(METHODS)]
-    subprocess.run([*launch, str(ROOT / "evaluate.py"), *args, "--db", str(work / "ddp.db"), "--images",
+    subprocess.run([*launch, str(ROOT / "evaluate.py"), *args, "--db", str(work / "ddp.db"), "--figures",
                     str(work / "ddp_images")], check=True, cwd=ROOT)
-    evaluate.main([*args, "--db", str(work / "one.db"), "--images", str(work / "one_images")])
+    evaluate.main([*args, "--db", str(work / "one.db"), "--figures", str(work / "one_images")])
     difference = store_difference(work / "one.db", work / "ddp.db")
     checks["torchrun store equals the single process's"] = difference["same_rows"] and difference["max_abs"] <= 1e-3
     return difference

@@ -112,19 +112,3 @@ def expected_calibration_error(probs, labels, n_bins=ECE_BINS):
         if in_bin.any():
             ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
     return float(ece)
-
-
-def print_metrics(m, title):
-    print(f"\n{title}")
-    print(f"  ACC {m['acc']:.4f}   AUC {m['auc']:.4f}   ECE {m['ece']:.4f}   ({m['n']} images, "
-          f"TTA {'on' if m['tta'] else 'off'})")
-    multi = m["confusion_matrix"] is None
-    print(f"  {'label (at probability 0.5)' if multi else 'class':40s} {'precision':>9s} {'recall':>7s} "
-          f"{'F1':>7s} {'support':>8s}")
-    for c in m["per_class"]:
-        print(f"  {c['class']:40s} {c['precision']:9.3f} {c['recall']:7.3f} {c['f1']:7.3f} {c['support']:8d}")
-    if multi:
-        return
-    print("  confusion matrix (rows true, columns predicted):")
-    for row in m["confusion_matrix"]:
-        print("   " + " ".join(f"{v:5d}" for v in row))

@@ -69,25 +69,29 @@ def conv_bn_relu(c_in, c_out, stride):
 
 
 class TissueCNN(nn.Module):
-    """`in_channels` is 3 (RGB) or 1 (grayscale); `task` is medmnist's task string, which decides
-    how logits become probabilities (see probabilities)."""
+    """Built from a config with DEFAULT_CONFIG's keys (build fills them in): `in_channels` is 3 (RGB)
+    or 1 (grayscale); `task` is medmnist's task string, which decides how logits become
+    probabilities (see probabilities)."""
 
-    def __init__(self, n_classes, in_channels, task, unshuffle, channels, strides, dropout, mean, std,
-                 arch="tissuecnn"):
+    def __init__(self, config):
         super().__init__()
-        if len(mean) != in_channels or len(std) != in_channels:
-            raise ValueError(f"mean/std have {len(mean)}/{len(std)} entries for {in_channels} input channels")
-        self.config = {"arch": arch, "n_classes": n_classes, "in_channels": in_channels, "task": task,
-                       "unshuffle": unshuffle, "channels": list(channels), "strides": list(strides),
-                       "dropout": dropout, "mean": list(mean), "std": list(std)}
-        self.normalize = Normalize(mean, std)
-        self.stem = nn.PixelUnshuffle(unshuffle)
-        widths = [in_channels * unshuffle ** 2] + list(channels)
+        c = config
+        if len(c["mean"]) != c["in_channels"] or len(c["std"]) != c["in_channels"]:
+            raise ValueError(f"mean/std have {len(c['mean'])}/{len(c['std'])} entries for {c['in_channels']} "
+                             f"input channels")
+        # DEFAULT_CONFIG's key order: checkpoints pickle this dict, so the order is part of their bytes
+        self.config = {"arch": c["arch"], "n_classes": c["n_classes"], "in_channels": c["in_channels"],
+                       "task": c["task"], "unshuffle": c["unshuffle"], "channels": list(c["channels"]),
+                       "strides": list(c["strides"]), "dropout": c["dropout"], "mean": list(c["mean"]),
+                       "std": list(c["std"])}
+        self.normalize = Normalize(c["mean"], c["std"])
+        self.stem = nn.PixelUnshuffle(c["unshuffle"])
+        widths = [c["in_channels"] * c["unshuffle"] ** 2] + list(c["channels"])
         self.features = nn.Sequential(*[conv_bn_relu(widths[i], widths[i + 1], s)
-                                        for i, s in enumerate(strides)])
+                                        for i, s in enumerate(c["strides"])])
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(widths[-1], n_classes)
+        self.dropout = nn.Dropout(c["dropout"])
+        self.classifier = nn.Linear(widths[-1], c["n_classes"])
         # channels_last lets oneDNN pick its fastest CPU convolutions (measured 1.1-1.4x in training).
         self.to(memory_format=torch.channels_last)
 
@@ -116,6 +120,10 @@ class TissueCNN(nn.Module):
             self.features[i] = nn.Sequential(fuse_conv_bn_eval(conv, bn), relu)
 
 
+RESNET_DEFAULTS = {"arch": "resnet18", "n_classes": 9, "in_channels": 3, "task": "multi-class",
+                   "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+
 class MedMNISTResNet18(nn.Module):
     """MedMNIST's ResNet-18 for 28x28 inputs (MedMNIST/experiments, MedMNIST2D/models.py, adapted
     from kuangliu/pytorch-cifar): torchvision's resnet18 with a 3x3 stride-1 first convolution and no
@@ -123,11 +131,12 @@ class MedMNISTResNet18(nn.Module):
     TissueCNN; MedMNIST's 0.5/0.5 by default), so that it takes [0, 1] pixels. The peer this repo is
     measured against (bench.py, `train.py --arch resnet18`)."""
 
-    def __init__(self, n_classes=9, in_channels=3, task="multi-class", mean=(0.5, 0.5, 0.5),
-                 std=(0.5, 0.5, 0.5), arch="resnet18"):
+    def __init__(self, config=None):
         super().__init__()
         import torchvision  # loads every torchvision model (a second): only when a ResNet is built
-        mean, std = list(mean)[:in_channels], list(std)[:in_channels]
+        c = {**RESNET_DEFAULTS, **(config or {})}
+        n_classes, in_channels, task, arch = c["n_classes"], c["in_channels"], c["task"], c["arch"]
+        mean, std = list(c["mean"])[:in_channels], list(c["std"])[:in_channels]
         self.config = {"arch": arch, "n_classes": n_classes, "in_channels": in_channels, "task": task,
                        "mean": mean, "std": std}
         self.normalize = Normalize(mean, std)
@@ -176,7 +185,7 @@ def build(config=None, **overrides):
     for key in ("mean", "std"):
         if key in config and len(config[key]) != config["in_channels"] and config[key] == DEFAULT_CONFIG[key]:
             config[key] = DEFAULT_CONFIG[key][:config["in_channels"]]
-    return ARCHITECTURES[arch](**config)
+    return ARCHITECTURES[arch](config)
 
 
 def input_channels(model):

@@ -3,8 +3,9 @@
     training curves        plot_history        (train.py    -> <run>/images/accuracy_epoch.png)
     confusion matrix       plot_confusion      (evaluate.py -> <run>/images/confusion_matrix.png)
     reliability diagram    plot_reliability    (evaluate.py -> <run>/images/reliability.png)
-    IG gallery / one image explanation_figure  (evaluate.py -> <run>/images/ig_examples.png,
-                                                explain.py  -> <run>/explain/<name>_ig.png)
+    IG gallery             explanation_figure  (evaluate.py -> <run>/images/ig_examples.png,
+                                                explain.py --db -> <run>/explain/run<R>_test_<I>_ig.png)
+    one image file         tile_figure         (explain.py  -> <run>/explain/<name>_ig.png)
     deletion / insertion   plot_faithfulness   (evaluate.py -> <run>/images/faithfulness.png)
     randomisation example  plot_randomization_rows (evaluate.py -> <run>/images/sanity_randomization.png)
     methods side by side   plot_methods        (evaluate.py -> <run>/images/methods.png)
@@ -23,6 +24,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from captum.attr import visualization as viz
 
+import formats
 from files import atomic_path
 
 matplotlib.use("Agg")  # files only, never a window; set before any figure exists, so it always holds
@@ -93,8 +95,7 @@ def plot_confusion(cm, class_names, path, title):
     for i in range(len(cm)):
         for j in range(len(cm)):
             # the row share below the count: errors of 1-3 images stay visible against the shading
-            percent = f"{share[i, j]:.0%}" if share[i, j] >= 0.01 else "<1%"
-            ax.text(j, i, f"{cm[i, j]}\n{percent}" if cm[i, j] else "0", ha="center", va="center",
+            ax.text(j, i, f"{cm[i, j]}\n{formats.share(share[i, j])}" if cm[i, j] else "0", ha="center", va="center",
                     fontsize=6, color="white" if share[i, j] > 0.5 else "black")
     ax.set_xticks(range(len(cm)), labels, rotation=45, ha="right", rotation_mode="anchor", fontsize=7)
     ax.set_yticks(range(len(cm)), labels, fontsize=7)
@@ -135,6 +136,7 @@ def plot_reliability(probs, labels, multi_label, path, title, n_bins=15):
 
 
 TITLE_WIDTH = 24  # characters per line of a panel title: a 28 px panel is about this wide at fontsize 7
+FLAT_SPREAD = 1e-3  # a map whose |values| vary by less than this share of their largest is drawn as flat
 
 
 def label_text(class_names, true):
@@ -152,8 +154,24 @@ def panel_title(class_names, true, pred, confidence, notes=()):
     to 'colorectal adenocarcinoma epithelium', which would spill over the neighbouring panels.
     `true` is a class index, a list of them (multi-label) or None (see label_text)."""
     parts = [f"true {label_text(class_names, true)}",
-             f"pred {class_names[pred]} ({confidence:.0%})", *notes]
+             f"pred {class_names[pred]} ({formats.probability(confidence)})", *notes]
     return "\n".join(line for part in parts for line in textwrap.wrap(part, TITLE_WIDTH))
+
+
+def flat(attribution):
+    """Whether a map is (nearly) constant over the image: its channel-summed |values| vary by under
+    FLAT_SPREAD of their largest. Scaled to its own range, such a map would fill the panel with the
+    colour map's end (a solid dark square), showing structure it does not have."""
+    mass = np.abs(hwc(attribution).astype(np.float64).sum(2))
+    top = mass.max()
+    return top == 0 or (top - mass.min()) <= FLAT_SPREAD * top
+
+
+def mark_flat(ax):
+    """A flat map's panel: blank, saying so, rather than one colour."""
+    ax.imshow(np.ones((2, 2, 3)))
+    ax.text(0.5, 0.5, "constant map:\nno spatial\ninformation", ha="center", va="center", fontsize=6,
+            transform=ax.transAxes)
 
 
 def draw_explanation(fig, axes, image, attribution, title, scale=None):
@@ -168,7 +186,9 @@ def draw_explanation(fig, axes, image, attribution, title, scale=None):
     signed = attr.sum(2)
     scale = scale or float(np.percentile(np.abs(signed), 99)) or 1.0
     shown = axes[1].imshow(signed, cmap="RdBu_r", vmin=-scale, vmax=scale)
-    if np.abs(attr).sum() > 0:
+    if flat(attribution):
+        mark_flat(axes[2])
+    else:
         viz.visualize_image_attr(attr, img, method="blended_heat_map", sign="absolute_value",
                                  plt_fig_axis=(fig, axes[2]), alpha_overlay=0.6, use_pyplot=False)
     axes[1].set_title("IG (red +, blue -)", fontsize=7)  # colour-blind safe, unlike red/green
@@ -177,17 +197,25 @@ def draw_explanation(fig, axes, image, attribution, title, scale=None):
     return shown
 
 
+PANEL_IN, GAP_IN, TITLE_LINE_IN = 1.5, 0.12, 0.125  # a map panel's side, the gap between panels, a title line
+
+
 def explanation_figure(panels, path, suptitle, per_row=None):
     """panels: [(image (C, H, W) in [0, 1], attribution (C, H, W), title) or None for an empty slot],
-    drawn `per_row` to a row (default two, or one for a single panel)."""
+    drawn `per_row` to a row (default two, or one for a single panel). Laid out in inches, panel by
+    panel, so the panels fill the figure's width whatever the number of rows and title lines."""
     per_row = per_row or (2 if len(panels) > 1 else 1)
-    rows = (len(panels) + per_row - 1) // per_row
+    rows, columns = (len(panels) + per_row - 1) // per_row, 3 * per_row
     title_lines = max(title.count("\n") + 1 for _, _, title in filter(None, panels))
-    width = 3 * per_row * 1.6
-    # each row: the panels plus room for the longest title (about 0.13 in per line at fontsize 7)
-    # (+ 0.75 in at the bottom for the shared colour bar)
-    fig, axes = plt.subplots(rows, 3 * per_row, figsize=(width, rows * (1.65 + 0.13 * title_lines) + 1.35),
-                             squeeze=False)
+    width = 0.3 + columns * PANEL_IN + (columns - 1) * GAP_IN
+    text = textwrap.fill(suptitle, int(width * 13))  # ~13 characters per inch at fontsize 9
+    head = 0.17 * (text.count("\n") + 1) + 0.15  # the suptitle's lines
+    row_gap = TITLE_LINE_IN * title_lines + 0.2  # room for a row's panel titles
+    bottom = 0.8  # the shared colour bar and its label
+    height = head + rows * (PANEL_IN + row_gap) + bottom
+    fig, axes = plt.subplots(rows, columns, figsize=(width, height), squeeze=False)
+    fig.subplots_adjust(left=0.15 / width, right=1 - 0.15 / width, top=1 - (head + row_gap) / height,
+                        bottom=bottom / height, wspace=GAP_IN / PANEL_IN, hspace=row_gap / PANEL_IN)
     for ax in axes.flat:
         ax.axis("off")
     # one colour scale for every map of the figure: the 99th percentile of all |channel sums|
@@ -202,17 +230,38 @@ def explanation_figure(panels, path, suptitle, per_row=None):
         for ax in row_axes:
             ax.axis("on")
         shown = draw_explanation(fig, row_axes, image, attribution, title, scale)
-    text = textwrap.fill(suptitle, int(width * 13))  # ~13 characters per inch
-    fig.suptitle(text, fontsize=9)
-    height = fig.get_figheight()
-    # keep the panels (and their titles) below the suptitle: about 0.17 in per line at fontsize 9,
-    # and room at the bottom for the shared colour bar
-    fig.tight_layout(rect=(0, 0.75 / height, 1, 1 - (0.17 * (text.count("\n") + 1) + 0.1) / height))
-    cax = fig.add_axes((0.3, 0.3 / height, 0.4, 0.08 / height))  # ticks below, label above, in 0.75 in
+    fig.suptitle(text, fontsize=9, y=1 - 0.1 / height, va="top")
+    cax = fig.add_axes((0.3, 0.3 / height, 0.4, 0.08 / height))  # ticks below, label above, in 0.8 in
     colorbar = fig.colorbar(shown, cax=cax, orientation="horizontal")
     colorbar.ax.tick_params(labelsize=6)
     colorbar.ax.xaxis.set_label_position("top")
     colorbar.set_label("IG per pixel (sum over channels), one scale for every panel", fontsize=6)
+    write_figure(fig, path, dpi=130, tight=False)
+
+
+def tile_figure(tile, image, attribution, title, path, suptitle):
+    """One image file explained: the tile as read (`tile`, (C, s, s) in [0, 1], titled `title[0]`:
+    its file name and size), the model's input (`image`, titled `title[1]`), the signed map and
+    |map| over the input; laid out in inches as explanation_figure is."""
+    name = "\n".join(line for part in title[0].split("\n")
+                     for line in textwrap.wrap(part, TITLE_WIDTH, break_long_words=True))
+    lines = max(name.count("\n"), title[1].count("\n")) + 1
+    width = 0.3 + 4 * PANEL_IN + 3 * GAP_IN
+    text = textwrap.fill(suptitle, int(width * 13))
+    head, row_gap, bottom = 0.17 * (text.count("\n") + 1) + 0.15, TITLE_LINE_IN * lines + 0.2, 0.8
+    height = head + PANEL_IN + row_gap + bottom
+    fig, axes = plt.subplots(1, 4, figsize=(width, height))
+    fig.subplots_adjust(left=0.15 / width, right=1 - 0.15 / width, top=1 - (head + row_gap) / height,
+                        bottom=bottom / height, wspace=GAP_IN / PANEL_IN)
+    show_image(axes[0], tile)
+    axes[0].set_title(name, fontsize=7)
+    shown = draw_explanation(fig, axes[1:], image, attribution, title[1])
+    no_ticks(axes)
+    fig.suptitle(text, fontsize=9, y=1 - 0.1 / height, va="top")
+    colorbar = fig.colorbar(shown, cax=fig.add_axes((0.3, 0.3 / height, 0.4, 0.08 / height)), orientation="horizontal")
+    colorbar.ax.tick_params(labelsize=6)
+    colorbar.ax.xaxis.set_label_position("top")
+    colorbar.set_label("IG per pixel (sum over channels)", fontsize=6)
     write_figure(fig, path, dpi=130, tight=False)
 
 
@@ -228,10 +277,10 @@ def plot_faithfulness(curves, path, title):
         for method, c in curves.items():
             frac = np.linspace(0, 1, np.shape(c[f"{kind}_curve"])[1])
             ax.plot(frac, np.mean(c[f"{kind}_curve"], 0), "-",
-                    label=f"{method} order (AUC {c[f'{kind}_auc']:.3f})")
+                    label=f"{method} order (AUC {formats.measure(c[f'{kind}_auc'])})")
         reference = next(iter(curves.values()))
         ax.plot(frac, np.mean(reference[f"{kind}_curve_random"], 0), "--", color="grey",
-                label=f"random order (AUC {reference[f'{kind}_auc_random']:.3f})")
+                label=f"random order (AUC {formats.measure(reference[f'{kind}_auc_random'])})")
         action = "deleted (set to baseline)" if kind == "deletion" else "inserted into baseline"
         ax.set_xlabel(f"fraction of pixels {action}")
         ax.set_ylabel("probability of the explained class")
@@ -240,13 +289,6 @@ def plot_faithfulness(curves, path, title):
         ax.legend(fontsize=7)
     fig.suptitle(textwrap.fill(title, 120), fontsize=9)
     write_figure(fig, path, dpi=120)
-
-
-def plot_randomization(image, maps, correlations, path, title):
-    """One image, its map, and the maps after each randomisation stage: a one-row
-    plot_randomization_rows. maps: [(name, (C, H, W) map)], the trained model's first;
-    correlations: one per later map."""
-    plot_randomization_rows(image, [("", maps, correlations)], path, title)
 
 
 def plot_randomization_rows(image, rows, path, title):
@@ -261,12 +303,14 @@ def plot_randomization_rows(image, rows, path, title):
         axes[r, 0].set_title("image" if not method else "\n".join(textwrap.wrap(method, 22)) + "\nimage", fontsize=7)
         # a row with fewer maps than the widest leaves its last panels empty (turned off below)
         for ax, (name, attribution), rho in zip(axes[r, 1:], maps, [None] + list(correlations), strict=False):
-            if attribution.abs().sum() > 0:  # Captum cannot scale an all-zero map
+            if flat(attribution):  # Captum would scale it to one solid colour
+                mark_flat(ax)
+            else:
                 with warnings.catch_warnings():  # a randomised model's tiny maps are still drawn to scale
                     warnings.filterwarnings("ignore", message="Attempting to normalize by value approximately 0")
                     viz.visualize_image_attr(hwc(attribution).astype(np.float64), hwc(image), method="heat_map",
                                              sign="absolute_value", plt_fig_axis=(fig, ax), use_pyplot=False)
-            ax.set_title(name if rho is None else f"{name}\nSpearman {rho:.2f}", fontsize=7)
+            ax.set_title(name if rho is None else f"{name}\nSpearman {formats.measure(rho)}", fontsize=7)
         for ax in axes[r, 1 + len(maps):]:
             ax.axis("off")
     no_ticks(axes.flat)
@@ -294,8 +338,10 @@ def plot_methods(examples, method_maps, path, title):
     for c, method in enumerate(methods, start=1):
         sums = [m.detach().float().sum(0).cpu().numpy() for m in method_maps[method]]
         scale = float(np.percentile(np.abs(np.stack(sums)), 99)) or 1.0
-        for r, m in enumerate(sums):
+        for r, (m, full) in enumerate(zip(sums, method_maps[method], strict=True)):
             shown = axes[r, c].imshow(m, cmap="RdBu_r", vmin=-scale, vmax=scale)
+            if flat(full):
+                mark_flat(axes[r, c])
         axes[0, c].set_title(method, fontsize=8)
         colorbar = fig.colorbar(shown, ax=axes[:, c].tolist(), orientation="horizontal", fraction=0.02,
                                 pad=0.01, aspect=12)

@@ -2,22 +2,25 @@
 
     evaluate.py --quality 200      # runs this module's pass over 200 of the explained test images
 
-Measures, for each image and attribution method (IG, optionally SmoothGrad over IG):
-- completeness: IG's |delta| as a share of f(x) - f(baseline) (db.relative_completeness_error);
+Measures, for each image and every scored map (the attribution methods, SmoothGrad over IG with
+--smooth, and the CONTROLS that must fail the tests):
+- completeness: |sum(map) - (f(x) - f(reference))| as a share of f(x) - f(reference), for methods
+  whose record says they are complete;
 - deletion / insertion (Petsiuk et al., 2018): the explained class's probability as pixels are
   removed (set to the baseline) or inserted in attribution order, against a random order;
+- ROAD (Rong et al., 2022), sMPRT and eMPRT (Hedstrom et al., 2023), RandomLogit (Sixt et al., 2020);
 - Captum's infidelity and sensitivity_max;
-- cascading model randomisation (Adebayo et al., 2018): layers re-initialised from the top down
-  (model.randomization_layers), and the Spearman rank correlation of |map| with the trained map
-  after each stage; IG multiplies by (x - baseline), so |x - baseline| alone is the reference;
+- model randomisation (Adebayo et al., 2018): layers re-initialised top-down, bottom-up and one at a
+  time (model.randomization_layers), and the rank correlation and SSIM of |map| with the trained map;
 - localisation (synthetic data only): the share of |map| inside the known evidence mask.
 
-Written here because Captum has none of them: deletion/insertion, the randomisation cascade with
-its Spearman correlations and verdict, and mask mass. Rows go to the `quality` table (db.py), one
-transaction per batch, so an interrupted pass resumes where it stopped.
+Captum has none of deletion/insertion, ROAD's batched imputation, sMPRT, the randomisation cascade
+or mask mass, so they are written here; eMPRT and RandomLogit are Quantus's own. Rows go to the
+`quality` table (db.py), one transaction per batch, so an interrupted pass resumes where it stopped.
+trust.py turns the summaries into verdicts.
 """
 import copy
-import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,7 @@ from captum.metrics import infidelity, sensitivity_max
 import attribution as attr
 import budget
 import db
+import formats
 import model as model_lib
 import plots
 from colour import to_unit
@@ -46,6 +50,7 @@ ENTROPY_BINS = 100  # eMPRT: bins of the histogram of map values whose entropy i
 ROAD_PERCENTAGES = tuple(range(10, 100, 10))  # % of pixels imputed, most (MoRF) or least (LeRF) relevant first
 ROAD_NOISE = 0.01  # s.d. of the noise added to imputed pixels (Rong et al.; Quantus's default)
 QUANTUS_SEED = 42  # Quantus's own default seed for its randomisation and random classes
+MEASURES_SEED = 0  # random pixel orders and metric noise: the same on every rerun
 
 
 def pixel_order(attributions, generator=None):
@@ -148,14 +153,14 @@ def ssim(a, b, window=SSIM_WINDOW):
 
 # ----------------------------------------------------------------------------- published tests
 
-def smoothed_maps(attribute, model, x, target, generator, samples=SMOOTH_MPRT_SAMPLES, noise=SMOOTH_MPRT_NOISE):
+def smoothed_maps(explainer, model, x, target, generator, samples=SMOOTH_MPRT_SAMPLES, noise=SMOOTH_MPRT_NOISE):
     """sMPRT's maps: the mean over `samples` copies of x with Gaussian noise of `noise` times each
     image's value range, the last copy without noise (as Quantus's SmoothMPRT draws them)."""
     spread = x.amax((1, 2, 3), keepdim=True) - x.amin((1, 2, 3), keepdim=True)
     total = 0
     for i in range(samples):
         eps = torch.randn(x.shape, generator=generator).to(x.device) * noise * spread if i < samples - 1 else 0
-        total = total + attribute(model, x + eps, target).cpu()
+        total = total + explainer(model, x + eps, target).cpu()
     return total / samples
 
 
@@ -214,30 +219,30 @@ def road_curves(model, x, target, attributions, generator, percentages=ROAD_PERC
     return out
 
 
-def quantus_scores(metric, model, x, target, attributions, attribute):
+def quantus_scores(metric, model, x, target, attributions, explainer):
     """Per-image scores of a Quantus metric (EfficientMPRT, RandomLogit) on channel-summed maps, with
-    `attribute` as its explanation function: the tests as their authors' library computes them."""
+    `explainer` as its explanation function: the tests as their authors' library computes them."""
     def explain(model, inputs, targets, **kwargs):
         inputs = torch.as_tensor(inputs, device=x.device, dtype=x.dtype)
-        maps = attribute(model, inputs, torch.as_tensor(targets, device=x.device).long())
+        maps = explainer(model, inputs, torch.as_tensor(targets, device=x.device).long())
         return maps.sum(1, keepdim=True).cpu().numpy()
     scores = metric(model=model, x_batch=x.cpu().numpy(), y_batch=target.cpu().numpy(),
                     a_batch=attributions.sum(1, keepdim=True).cpu().numpy(), explain_func=explain, device=str(x.device))
     return torch.tensor(np.asarray(scores, dtype=np.float64)).float()
 
 
-def published_tests(model, x, target, attributions, attribute, fully_randomized, n_classes, generator):
+def published_tests(model, x, target, attributions, explainer, fully_randomized, n_classes, generator):
     """sMPRT, eMPRT, RandomLogit and ROAD of `attributions` (B, C, H, W): per image, as tensors.
     `fully_randomized` is the model with every layer re-initialised (bottom-up's last stage)."""
     import quantus  # seconds to import: only where quality is measured
-    smooth = rank_correlation(smoothed_maps(attribute, model, x, target, generator),
-                              smoothed_maps(attribute, fully_randomized, x, target, generator))
+    smooth = rank_correlation(smoothed_maps(explainer, model, x, target, generator),
+                              smoothed_maps(explainer, fully_randomized, x, target, generator))
     empirical = quantus_scores(quantus.EfficientMPRT(layer_order="bottom_up", seed=QUANTUS_SEED,
                                                      complexity_func_kwargs={"n_bins": ENTROPY_BINS},
                                                      disable_warnings=True),
-                               model, x, target, attributions, attribute)
+                               model, x, target, attributions, explainer)
     other = quantus_scores(quantus.RandomLogit(num_classes=n_classes, seed=QUANTUS_SEED, disable_warnings=True),
-                           model, x, target, attributions, attribute)
+                           model, x, target, attributions, explainer)
     road = road_curves(model, x, target, attributions, generator)
     return {"smooth_mprt": smooth, "efficient_mprt": empirical, "random_logit": other,
             **{k: v.mean(1) for k, v in road.items()}}
@@ -245,26 +250,71 @@ def published_tests(model, x, target, attributions, attribute, fully_randomized,
 
 # ----------------------------------------------------------------------------- controls
 
-def control_maps():
-    """{name: (model, x, target) -> map}: three maps that ignore the model, run through every
-    quality measure beside the methods. A random map (fresh noise each call), the input-only map
-    |x - baseline| (what IG's (x - baseline) factor stamps into every IG map), and a Sobel edge map
-    of the image. A sound randomisation test fails the last two and cannot tell the first from a
-    good method: passing it is necessary, not sufficient (Binder et al., 2023)."""
-    def random_map(model, x, target):
-        return torch.randn(x.shape, device=x.device)
+def random_map(model, x, target, ig_settings, references=None):
+    """Fresh Gaussian noise of x's shape on every call."""
+    return torch.randn(x.shape, device=x.device)
 
-    def input_only(model, x, target, baseline="mean"):
-        return (x - attr.make_baseline(x, baseline, model_lib.input_mean(model))).abs()
 
-    def edges(model, x, target):
-        # the border is replicated, not zero-padded: a frame of edges around every image is not in it
-        grey = torch.nn.functional.pad(x.mean(1, keepdim=True), (1, 1, 1, 1), mode="replicate")
-        kx = torch.tensor([[-1., 0., 1.], [-2., 0., 2.], [-1., 0., 1.]], device=x.device).view(1, 1, 3, 3)
-        gx = torch.nn.functional.conv2d(grey, kx)
-        gy = torch.nn.functional.conv2d(grey, kx.transpose(2, 3))
-        return ((gx ** 2 + gy ** 2).sqrt() / x.shape[1]).expand_as(x).contiguous()
-    return {"control:random": random_map, "control:input": input_only, "control:edge": edges}
+def input_only(model, x, target, ig_settings, references=None):
+    """|x - baseline|: what IG's (x - baseline) factor stamps into every IG map, whatever the weights."""
+    return (x - attr.make_baseline(x, ig_settings["baseline"], model_lib.input_mean(model))).abs()
+
+
+def edges(model, x, target, ig_settings=None, references=None):
+    """A Sobel edge map of the image, spread over the channels. The border is replicated, not
+    zero-padded: a frame of edges around every image is not in it."""
+    grey = torch.nn.functional.pad(x.mean(1, keepdim=True), (1, 1, 1, 1), mode="replicate")
+    kx = torch.tensor([[-1., 0., 1.], [-2., 0., 2.], [-1., 0., 1.]], device=x.device).view(1, 1, 3, 3)
+    gx = torch.nn.functional.conv2d(grey, kx)
+    gy = torch.nn.functional.conv2d(grey, kx.transpose(2, 3))
+    return ((gx ** 2 + gy ** 2).sqrt() / x.shape[1]).expand_as(x).contiguous()
+
+
+def one_step_ig(model, x, target, ig_settings, references=None):
+    """IG with a single integration step, unrefined: complete in principle, but one step cannot add
+    up to f(x) - f(baseline) through a ReLU network, so it must fail completeness."""
+    return attr.integrated_gradients(model, x, target, ig_settings, n_steps=1,
+                                     internal_batch_size=attr.chunk_size(model, x)).attributions
+
+
+# Maps run through every quality measure beside the methods, each to fail some test (trust.TESTS
+# says which): a random map (model-free, new noise each call), the input-only map |x - baseline| and
+# a Sobel edge map (both ignore the model), and a one-step IG (claims completeness it cannot reach).
+# A sound randomisation test fails the input and edge maps and cannot tell the random map from a
+# good method: passing it is necessary, not sufficient (Binder et al., 2023).
+CONTROLS = {m.name: m for m in (
+    attr.Method("control:random", random_map, "control", "none", False, None, None),
+    attr.Method("control:input", input_only, "control", "none", False, "run", None),
+    attr.Method("control:edge", edges, "control", "none", False, None, None),
+    attr.Method("control:ig_1step", one_step_ig, "control", "exact", False, "run", None))}
+SMOOTHGRAD_IG = "smoothgrad_ig"
+
+
+def smoothgrad_method(samples, sd):
+    """SmoothGrad over IG with `samples` noisy copies of noise s.d. `sd` (evaluate.py --smooth), as a
+    Method named with its settings."""
+    return attr.Method(f"{SMOOTHGRAD_IG}:n={samples},sd={sd}", attr.smoothgrad_ig(samples, sd), "sampling", "none",
+                       False, "run", None)
+
+
+def record(name):
+    """The Method record behind a scored name: an attribution method, a control, or SmoothGrad over
+    IG (its settings read back from its name)."""
+    if name in attr.METHODS:
+        return attr.METHODS[name]
+    if name in CONTROLS:
+        return CONTROLS[name]
+    if name.startswith(f"{SMOOTHGRAD_IG}:"):
+        n, sd = (part.split("=")[1] for part in name.split(":", 1)[1].split(","))
+        return smoothgrad_method(int(n), float(sd))
+    raise KeyError(f"{name!r} is not an attribution method, a control or SmoothGrad over IG")
+
+
+def scored_methods(names, smooth=0, smooth_sd=0.1):
+    """The records the quality pass scores: each attribution method of `names`, SmoothGrad over IG
+    with `smooth` samples (none for 0), and every control."""
+    return ([attr.METHODS[n] for n in names] + ([smoothgrad_method(smooth, smooth_sd)] if smooth else [])
+            + list(CONTROLS.values()))
 
 
 def gaussian_perturbation(inputs):
@@ -296,34 +346,33 @@ def infidelity_in_runs(forward, x, attributions, target, per_call):
                       for i in range(0, len(x), per_call)])
 
 
-def quality_measures(model, x, target, attributions, settings, attribute, stages, masks=None, seed=0):
+def quality_measures(model, x, target, attributions, explainer, ig_settings, stages, masks=None):
     """Faithfulness and sanity measures of `attributions` (B, C, H, W) for images x, per image.
 
-    `model` is the (BN-folded) model explained; `attribute` recomputes maps (attribution.method_fn or
-    a control) for the randomised models in `stages` ({mode: [(layer, model)]}, see
-    all_randomized_models; a plain list is the top-down cascade) and for Captum's sensitivity_max.
-    "randomization_stages" is (B, stages) of the top-down |map| Spearman; "randomization" holds, per
-    image, every mode's {layer: {"spearman", "signed", "ssim"}}, layers named by model.layer_label.
+    `model` is the (BN-folded) model explained; `explainer` (attribution.explainer's) recomputes maps
+    for the randomised models in `stages` ({mode: [(layer, model)]}, all_randomized_models) and for
+    Captum's sensitivity_max. "randomization_stages" is (B, stages) of the top-down |map| Spearman;
+    "randomization" holds, per image, every mode's {layer: {"spearman", "signed", "ssim"}}, layers
+    named by model.layer_label.
     """
-    stages = stages if isinstance(stages, dict) else {"top_down": stages}
-    with attr.seeded(seed):  # random orders and metric noise: the same on every rerun
-        gen = torch.Generator().manual_seed(seed)
-        base = attr.make_baseline(x, settings["baseline"], model_lib.input_mean(model))
+    with attr.seeded(MEASURES_SEED):  # random orders and metric noise: the same on every rerun
+        gen = torch.Generator().manual_seed(MEASURES_SEED)
+        base = attr.make_baseline(x, ig_settings["baseline"], model_lib.input_mean(model))
         order, random_order = pixel_order(attributions), pixel_order(attributions, gen)
         curves = {f"{kind}_curve{suffix}": perturbation_curves(model, x, base, o, target, kind == "insertion")
                   for kind in ("deletion", "insertion")
                   for suffix, o in (("", order), ("_random", random_order))}
 
-        infid = infidelity_in_runs(attr.forward_for(model, settings["attribute"]), x, attributions.to(x.device),
+        infid = infidelity_in_runs(attr.forward_for(model, ig_settings["attribute"]), x, attributions.to(x.device),
                                    target, infidelity_images(model, x))
         def explanation(inputs, target):  # Captum passes and expects 1-tuples
-            return (attribute(model, inputs[0] if isinstance(inputs, tuple) else inputs, target),)
+            return (explainer(model, inputs[0] if isinstance(inputs, tuple) else inputs, target),)
         sens = sensitivity_max(explanation, x, target=target, perturb_radius=SENSITIVITY_RADIUS,
                                n_perturb_samples=SENSITIVITY_COPIES)
         # stages named as figures, metrics.json and the store all name them (model.layer_label)
-        randomized = {mode: [(model_lib.layer_label(name), attribute(m, x, target).cpu()) for name, m in models]
+        randomized = {mode: [(model_lib.layer_label(name), explainer(m, x, target).cpu()) for name, m in models]
                       for mode, models in stages.items()}
-        published = (published_tests(model, x, target, attributions, attribute, stages["bottom_up"][-1][1],
+        published = (published_tests(model, x, target, attributions, explainer, stages["bottom_up"][-1][1],
                                      model.config["n_classes"], gen) if "bottom_up" in stages else {})
     per_mode = {mode: {name: {"spearman": rank_correlation(attributions, a),
                               "signed": rank_correlation(attributions, a, absolute=False),
@@ -356,18 +405,27 @@ SUMMARY_KEYS = ("deletion_auc", "deletion_auc_random", "insertion_auc", "inserti
                 "smooth_mprt", "efficient_mprt", "random_logit", "road_morf", "road_lerf")
 
 
-def scored_maps(settings, smooth=0, smooth_sd=0.1, names=("ig",), controls=True, references=None):
-    """{name: attribution function} of everything the quality pass scores: each attribution method
-    of `names` (attribution.METHODS; `references`, training images, for expected_gradients),
-    SmoothGrad over IG with `smooth` samples, and the three controls (control_maps)."""
-    out = {name: attr.method_fn(name, settings, references) for name in names}
-    if smooth:
-        out[f"smoothgrad_ig:n={smooth},sd={smooth_sd}"] = attr.smoothgrad_ig_fn(settings, smooth, smooth_sd)
-    if controls:
-        baseline = settings["baseline"]
-        out.update({name: (functools.partial(fn, baseline=baseline) if name == "control:input" else fn)
-                    for name, fn in control_maps().items()})
-    return out
+@dataclass(frozen=True)
+class Scoring:
+    """What the quality pass scores with: the BN-folded model explained and its randomised copies
+    (all_randomized_models), the split the images come from, the IG settings, the record of every
+    scored name (scored_methods) and their explainers, the training references of the methods that
+    need them, and the device."""
+    model: torch.nn.Module
+    stages: dict
+    split: object
+    ig_settings: dict
+    records: dict  # {name: attribution.Method}
+    explainers: dict  # {name: (model, x, target) -> map}, attribution.explainer's
+    references: torch.Tensor | None
+    device: torch.device
+
+
+def scoring(model, stages, split, ig_settings, records, references=None):
+    """A Scoring of `records` (scored_methods') on the model's device, their explainers made once."""
+    return Scoring(model, stages, split, ig_settings, {m.name: m for m in records},
+                   {m.name: attr.explainer(m, ig_settings, references) for m in records}, references,
+                   next(model.parameters()).device)
 
 
 def quality_block(model, split, device):
@@ -376,63 +434,72 @@ def quality_block(model, split, device):
     return budget.grad_images(model, split.images.shape[1:], QUALITY_BATCH, rows=SENSITIVITY_COPIES, device=device)
 
 
-def quality_into_db(fused, stages, split, indices, settings, attribute_by_method, conn, run_id, device,
-                    references=None):
-    """Quality measures for the stored explanations of `indices` that have none yet, per method,
-    a batch per transaction. `fused` is the BN-folded model, `stages` from all_randomized_models.
-    A method with maps stored for the run (evaluate.py --methods) is scored on those maps; others
-    (SmoothGrad over IG, the controls) are computed here. `references` are expected_gradients'."""
+def quality_into_db(scoring, indices, conn, run_id):
+    """Quality measures for the stored explanations of `indices` that have none yet, per scored
+    method, a batch per transaction. A method with maps stored for the run (evaluate.py --methods)
+    is scored on those maps; the others (SmoothGrad over IG, the controls) are computed here."""
     stored_methods = set(db.explanation_methods(conn, run_id))
-    for method, attribute in attribute_by_method.items():
+    block = quality_block(scoring.model, scoring.split, scoring.device)
+    for method in scoring.explainers:
         done = db.done_quality(conn, run_id, "test", method)
         todo = [i for i in indices if i not in done]
         if not todo:
             continue
-        bar, block = progress(total=len(todo), unit="img", desc=f"quality {method}"), quality_block(fused, split,
-                                                                                                   device)
+        bar = progress(total=len(todo), unit="img", desc=f"quality {method}")
         for start in range(0, len(todo), block):
-            rows = db.find(conn, run_id, "test", image_indices=todo[start:start + block], with_arrays=True)
-            idx = torch.tensor([r["image_index"] for r in rows])
-            x = to_unit(split.images[idx].to(device))
-            target = torch.tensor([r["target"] for r in rows], device=device)
+            rows = db.find(conn, run_id, image_indices=todo[start:start + block], with_arrays=True)
             if method in stored_methods:
-                maps = db.find(conn, run_id, "test", image_indices=idx.tolist(), with_arrays=True, method=method)
-                attributions = attr.stored_attributions(maps)
+                maps = attr.stored_attributions(db.find(conn, run_id, image_indices=[r["image_index"] for r
+                                                                                              in rows],
+                                                        with_arrays=True, method=method))
             else:
-                with attr.seeded(todo[start]):  # the random-map control: the same on every rerun and shard
-                    attributions = attribute(fused, x, target).cpu()
-            q = quality_measures(fused, x, target, attributions, settings, attribute, stages,
-                                 masks=None if split.masks is None else split.masks[idx])
-            gap = completeness_gap(method, fused, x, target, settings, rows, references)
-            q["relative_error"] = attr.relative_completeness_error(attributions.sum((1, 2, 3)) - gap, gap)
-            by_stage, detail = q.pop("randomization_stages"), q.pop("randomization")
-            stage_names = [model_lib.layer_label(name) for name, _ in stages["top_down"]]
-            db.insert_quality(conn, [{"run_id": run_id, "split": "test", "image_index": int(i),
-                                      "method": method, **{k: v[j].tolist() for k, v in q.items()},
-                                      "randomization_stages": dict(zip(stage_names, by_stage[j].tolist(),
-                                                                       strict=True)),
-                                      "randomization": detail[j]}
-                                     for j, i in enumerate(idx.tolist())])
+                maps = None
+            db.insert_quality(conn, quality_rows(scoring, method, rows, maps, run_id, todo[start]))
             bar.update(len(rows))
         bar.close()
 
 
-def completeness_gap(method, model, x, target, settings, rows, references=None):
+def quality_rows(scoring, method, rows, maps, run_id, seed):
+    """The quality rows of one batch: `rows` are the stored IG rows of its images (their targets),
+    `maps` the method's stored maps, or None to compute them (seeded by `seed`, the batch's first
+    image, so the random-map control draws the same on every rerun and shard)."""
+    idx = torch.tensor([r["image_index"] for r in rows])
+    x = to_unit(scoring.split.images[idx].to(scoring.device))
+    target = torch.tensor([r["target"] for r in rows], device=scoring.device)
+    explainer = scoring.explainers[method]
+    if maps is None:
+        with attr.seeded(seed):
+            maps = explainer(scoring.model, x, target).cpu()
+    masks = None if scoring.split.masks is None else scoring.split.masks[idx]
+    q = quality_measures(scoring.model, x, target, maps, explainer, scoring.ig_settings, scoring.stages, masks)
+    gap = completeness_gap(scoring, scoring.records[method], x, target, rows)
+    q["relative_error"] = attr.relative_completeness_error(maps.sum((1, 2, 3)) - gap, gap)
+    by_stage, detail = q.pop("randomization_stages"), q.pop("randomization")
+    stage_names = [model_lib.layer_label(name) for name, _ in scoring.stages["top_down"]]
+    return [{"run_id": run_id, "split": "test", "image_index": int(i), "method": method,
+             **{k: v[j].tolist() for k, v in q.items()},
+             "randomization_stages": dict(zip(stage_names, by_stage[j].tolist(), strict=True)),
+             "randomization": detail[j]}
+            for j, i in enumerate(idx.tolist())]
+
+
+def completeness_gap(scoring, method, x, target, rows):
     """f(x) - f(reference), what a complete method's map adds up to: the method's own output and
-    reference for IG and its variants (expected gradients: the mean over its references); for the
-    others, which are not complete, stored IG's (their relative_error is not reported)."""
-    if method not in attr.COMPLETE_METHODS:
+    reference (attribution.reference_score); for a method that is not complete, stored IG's (its
+    relative_error is stored, never reported)."""
+    if method.complete == "none":
         return torch.tensor([r["score"] - r["baseline_score"] for r in rows])
-    forward = attr.forward_for(model, attr.method_settings(method, settings)["attribute"])
+    forward = attr.forward_for(scoring.model, method.settings(scoring.ig_settings)["attribute"])
     with torch.no_grad():
         score = forward(x)[torch.arange(len(x), device=x.device), target]
-    return (score - attr.reference_score(method, model, x, target, settings, references)).cpu()
+    return (score - attr.reference_score(method, scoring.model, x, target, scoring.ig_settings,
+                                         scoring.references)).cpu()
 
 
 def completeness_summary(conn, run_id, split, tolerance):
     """Completeness of every stored IG map of the run (not only the scored ones): how many, their mean
     |delta|, mean relative completeness error, and the share within `tolerance` (the IG settings')."""
-    rows = db.find(conn, run_id, split)
+    rows = db.find(conn, run_id, split=split)
     if not rows:
         return {}
     delta = np.array([r["delta"] for r in rows])
@@ -441,13 +508,14 @@ def completeness_summary(conn, run_id, split, tolerance):
             "mean_relative_error": float(rel.mean()), "completeness_share": float((rel <= tolerance).mean())}
 
 
-def quality_summary(conn, run_id, method, settings):
+def quality_summary(conn, run_id, method, tolerance):
     """Means over every stored quality row of the run for `method` (randomisation stages by their
-    stored names, model.layer_label's). Completeness only for complete methods (IG, its
-    variants, expected gradients), with the IG settings' tolerance."""
+    stored names, model.layer_label's), with the spread over images of the eMPRT rise (trust.py's
+    margin). Completeness only for complete methods (their record's `complete`), within
+    `tolerance` (the IG settings')."""
     rows = db.quality_rows(conn, run_id, "test", method)
     # The stored IG's completeness is over all its stored maps (each carries its delta), once
-    complete = completeness_summary(conn, run_id, "test", settings["tolerance"]) if method == "ig" else {}
+    complete = completeness_summary(conn, run_id, "test", tolerance) if method == "ig" else {}
     if not rows:
         return {"images": 0, **complete}
 
@@ -455,12 +523,13 @@ def quality_summary(conn, run_id, method, settings):
         values = [r[key] for r in rows if r[key] is not None]
         return float(np.mean(values)) if values else None
     summary = {"images": len(rows), **{k: mean(k) for k in SUMMARY_KEYS}}
+    emprt = [r["efficient_mprt"] for r in rows if r["efficient_mprt"] is not None]
+    summary["efficient_mprt_sd"] = float(np.std(emprt)) if emprt else None
     if method == "ig":
         summary.update(complete)
-    elif method in attr.COMPLETE_METHODS:  # over the scored images: these maps carry no delta
+    elif record(method).complete != "none":  # over the scored images: these maps carry no delta
         summary.update(completeness_images=len(rows), mean_relative_error=mean("relative_error"),
-                       completeness_share=float(np.mean([r["relative_error"] <= settings["tolerance"]
-                                                         for r in rows])))
+                       completeness_share=float(np.mean([r["relative_error"] <= tolerance for r in rows])))
     return {**summary, **randomization_summary(rows)}
 
 
@@ -487,43 +556,43 @@ def randomization_summary(rows):
     return out
 
 
-def quality_figures(conn, run_id, attribute_by_method, indices, stages, split, images_dir, tag, fused, settings,
-                    table=None, first=None):
-    """images/faithfulness.png (mean curves per method over `indices`; controls left out) and
-    images/sanity_randomization.png (the first of them: every method's map, and the input-only
+def quality_figures(conn, run_id, scoring, indices, figures, tag, table=None, first=None):
+    """<figures>/faithfulness.png (mean curves per method over `indices`; controls left out) and
+    <figures>/sanity_randomization.png (the first of them: every method's map, and the input-only
     control's, as the layers are re-initialised first layer first, MPRT's order; with `table`, the
     trust table, each row says its method's MPRT verdict). `first` (the recommended method) leads."""
-    names = sorted(attribute_by_method, key=lambda m: m != first)
+    names = sorted(scoring.explainers, key=lambda m: m != first)
     curves = {}
-    for method in (m for m in names if not m.startswith("control:")):
+    for method in (m for m in names if scoring.records[m].family != "control"):
         rows = db.quality_rows(conn, run_id, "test", method, indices)
         curves[method] = {c: np.stack([r[c] for r in rows]) for c in db.QUALITY_CURVES}
         for c in db.QUALITY_CURVES:
             auc = c.replace("_curve", "_auc")
             curves[method][auc] = float(np.mean([r[auc] for r in rows]))
-    plots.plot_faithfulness(curves, Path(images_dir) / "faithfulness.png",
+    plots.plot_faithfulness(curves, Path(figures) / "faithfulness.png",
                             f"Deletion and insertion, {len(indices)} test images of {tag}; pixels set to the "
-                            f"IG baseline ({settings['baseline']})")
-    row = db.find(conn, run_id, "test", image_indices=indices[:1], with_arrays=True)[0]
-    x = to_unit(split.images[row["image_index"]][None]).to(next(fused.parameters()).device)
+                            f"IG baseline ({scoring.ig_settings['baseline']})")
+    row = db.find(conn, run_id, image_indices=indices[:1], with_arrays=True)[0]
+    x = to_unit(scoring.split.images[row["image_index"]][None]).to(scoring.device)
     target = torch.tensor([row["target"]], device=x.device)
     stored = set(db.explanation_methods(conn, run_id))
     figure_rows = []
     for method in names:
-        if method.startswith("control:") and method != "control:input":
+        if scoring.records[method].family == "control" and method != "control:input":
             continue
-        attribute = attribute_by_method[method]
-        trained = (attr.stored_attributions(db.find(conn, run_id, "test", image_indices=[row["image_index"]],
+        explainer = scoring.explainers[method]
+        trained = (attr.stored_attributions(db.find(conn, run_id, image_indices=[row["image_index"]],
                                                     with_arrays=True, method=method))[0]
-                   if method in stored else attribute(fused, x, target)[0].cpu())
+                   if method in stored else explainer(scoring.model, x, target)[0].cpu())
         maps = [("trained |map|", trained)] + [(f"randomised up to\n{model_lib.layer_label(name)}",
-                                                 attribute(m, x, target)[0].cpu()) for name, m in stages["bottom_up"]]
+                                                 explainer(m, x, target)[0].cpu())
+                                                for name, m in scoring.stages["bottom_up"]]
         rho = [float(rank_correlation(trained[None], m[None])) for _, m in maps[1:]]
         test = (table or {}).get(method, {}).get("mprt")
-        verdict = (f": MPRT {'passed' if test['pass'] else 'failed'} ({test['value']:.2f}, threshold "
-                   f"{test['threshold']:.2f})" if test else "")
+        verdict = (f": MPRT {'passed' if test['pass'] else 'failed'} ({formats.measure(test['value'])}, "
+                   f"threshold {formats.measure(test['threshold'])})" if test else "")
         figure_rows.append((method + verdict, maps, rho))
-    plots.plot_randomization_rows(x[0].cpu(), figure_rows, Path(images_dir) / "sanity_randomization.png",
+    plots.plot_randomization_rows(x[0].cpu(), figure_rows, Path(figures) / "sanity_randomization.png",
                                   f"Model randomisation, first layer first (MPRT), test image {row['image_index']} "
                                   f"of {tag}. Spearman: rank correlation of |map| with the trained map; the "
                                   f"verdict is over every quality image (docs/DESIGN.md, explanation quality)")

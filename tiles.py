@@ -12,6 +12,7 @@ far larger than a tile, or with colour statistics unlike the training split's (c
 with the threshold the checkpoint calibrated on its validation split). A warning is no verdict on
 the prediction, and no warning is no guarantee: the check sees colour, not tissue.
 """
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,37 @@ TILE_PX = 224  # PathMNIST's source tiles: 224 x 224 px at 0.5 um/px
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's decompression-bomb warning limit (89 Mpx): a slide, not a tile
 
 
+SHOWN_PX = TILE_PX  # figures show the tile as read at up to this many pixels a side
+
+
+@dataclass(frozen=True)
+class Tile:
+    """An image file as read: the model's input, the size it had, and the square the input was cut
+    from (at most SHOWN_PX a side), which figures show beside the input."""
+    path: Path
+    image: torch.Tensor  # uint8 (channels, size, size)
+    original: tuple  # (width, height) as read
+    shown: torch.Tensor  # uint8 (channels, s, s), s <= SHOWN_PX
+
+
+def read_tile(path, size, channels=3):
+    """A Tile of any PNG/JPEG/TIFF (read_image's rules), with the square as read for figures."""
+    square, original = read_square(path, channels)
+    shown = square.resize((SHOWN_PX, SHOWN_PX), Image.Resampling.BICUBIC) if square.width > SHOWN_PX else square
+    return Tile(Path(path), to_tensor(square.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)),
+                original, to_tensor(shown))
+
+
 def read_image(path, size, channels=3):
     """Any PNG/JPEG/TIFF -> (uint8 (channels, size, size), (width, height) as read): first frame,
     8-bit RGB on white (converted to greyscale, ITU-R 601 luma, for a 1-channel model),
     centre-cropped square, resized."""
+    square, original = read_square(path, channels)
+    return to_tensor(square.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)), original
+
+
+def read_square(path, channels):
+    """(the centre square of an image file as a PIL image, in RGB or greyscale; (width, height) as read)."""
     try:
         with Image.open(path) as img:  # reads the header only: the size is known before any decoding
             if img.width * img.height > MAX_PIXELS:
@@ -49,10 +77,13 @@ def read_image(path, size, channels=3):
     if channels == 1:
         rgb = rgb.convert("L")
     original, side = rgb.size, min(rgb.size)
-    rgb = ImageOps.fit(rgb, (side, side), centering=(0.5, 0.5))  # centre crop, as MedMNIST did
-    rgb = rgb.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)
-    pixels = np.asarray(rgb).copy().reshape(size, size, -1)
-    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), original
+    return ImageOps.fit(rgb, (side, side), centering=(0.5, 0.5)), original  # centre crop, as MedMNIST did
+
+
+def to_tensor(img):
+    """A PIL image as a uint8 (C, H, W) tensor."""
+    pixels = np.asarray(img).copy().reshape(img.height, img.width, -1)
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
 def too_large(path, size, error=None):

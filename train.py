@@ -18,7 +18,6 @@ finished, with exit code 130. Under torchrun rank 0 alone writes the run files, 
 """
 import argparse
 import math
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import data
 import datasets
 import distributed
 import engine
+import formats
 import model as model_lib
 import plots
 from files import check_writable, write_csv
@@ -69,7 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="run folder for best.pt, last.pt and history.csv (default: "
                    "runs/<dataset>_<size>, e.g. runs/pathmnist_28 or runs/pathmnist-synthetic_28; "
                    "runs/<dataset>_<size>-resnet18 for --arch resnet18)")
-    p.add_argument("--images", help="folder for the training-curve plot (default: <out>/images)")
+    p.add_argument("--figures", help="folder for the training-curve plot (default: <out>/images)")
     p.add_argument("--synthetic", action="store_true", help="train on the offline SYNTHETIC "
                    "stand-in for --flag (same channels, classes and task; for demos and tests, never a "
                    "result on the real dataset)")
@@ -77,7 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt with its "
                    "optimizer, scheduler, early-stopping and RNG state")
     cli.add_threads(p)
-    cli.add_memory(p)
+    data.add_memory_flag(p)
     p.add_argument("--amp", default="auto", choices=("auto", "on", "off"), help="mixed precision for "
                    "training steps: bfloat16 autocast (float16 with a gradient scaler on GPUs without "
                    "bfloat16); auto turns it on for CUDA only. Validation, metrics and IG stay float32")
@@ -95,9 +95,15 @@ def parse_args(argv=None):
     p.add_argument("--shift", type=float, help="strength of random translation: 1 moves each image by up "
                    "to 1/14 of its side (2 px at 28), 0 for none (default: 1 for every dataset)")
     args = p.parse_args(argv)
+    # pickle writes a string object once and refers back to it after, so a checkpoint's bytes would
+    # depend on whether two equal settings (--device auto, --amp auto) are one object (argparse's
+    # defaults) or two (typed out, as the report's train command is): interned, they are one.
+    for key, value in vars(args).items():
+        if isinstance(value, str):
+            setattr(args, key, sys.intern(value))
     arch = "" if args.arch == "tissuecnn" else f"-{args.arch}"
     args.out = args.out or str(Path("runs") / f"{datasets.dataset_name(args.synthetic, args.flag)}_{args.size}{arch}")
-    args.images = args.images or str(Path(args.out) / "images")
+    args.figures = args.figures or str(Path(args.out) / "images")
     try:
         aug = augment.augmentation(args.flag, args.flips, args.stain_jitter, args.colour_jitter, args.shift)
     except datasets.DataError as e:
@@ -105,21 +111,6 @@ def parse_args(argv=None):
     args.flips, args.stain_jitter, args.colour_jitter, args.shift = aug.flips, aug.stain, aug.colour, aug.shift
     args.augment = aug
     return args
-
-
-def command(settings, data_dir, out):
-    """The train.py command line that trains this run again: every setting that differs from the
-    dataset's defaults, the real data folder and run folder; under torchrun when it was."""
-    base = ["--flag", settings["flag"]] + (["--synthetic"] if settings["synthetic"] else [])
-
-    def spelled(values):  # --flips takes on/off, not a switch
-        return {**values, "flips": "on" if values["flips"] else "off"}
-    values = {k: v for k, v in spelled(settings).items() if k not in ("flag", "synthetic")}
-    launcher = (["python"] if settings.get("world_size", 1) == 1 else
-                ["torchrun", "--nproc_per_node", str(settings["world_size"])])
-    return " ".join([*launcher, "train.py", *map(shlex.quote, base),
-                     *cli.changed_flags({**values, "data_dir": data_dir, "out": out}, spelled(vars(parse_args(base))),
-                                        always=("data_dir", "out"))])
 
 
 def main(argv=None):
@@ -153,13 +144,14 @@ def train(args, ctx):
     scaler = torch.amp.GradScaler(device.type, enabled=engine.amp_dtype(device, args.amp) == torch.float16)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.5,
                                                        patience=max(1, args.patience // 2))
+    steps = engine.Steps(step_net, ds.task, opt, scaler, args.amp)
     best_loss, bad_epochs, start, seconds_per_epoch = math.inf, 0, 1, []
     if state is not None:
         best_loss, bad_epochs, start, seconds_per_epoch = restore(state, opt, sched, scaler, gen)
         print(f"Resuming {out / 'last.pt'} after epoch {state['epoch']}")
     history = meta["history"]  # without timings, which live in last.pt's train_state alone
-    print(f"Model: {model_lib.count_params(net):,} parameters; normalisation mean "
-          f"{[round(m, 4) for m in net.config['mean']]} std {[round(s, 4) for s in net.config['std']]}")
+    mean, std = (" ".join(map(formats.metric, net.config[k])) for k in ("mean", "std"))
+    print(f"Model: {formats.count(model_lib.count_params(net))} parameters; normalisation mean {mean}, std {std}")
 
     epoch, interrupted = start - 1, None
     try:
@@ -171,8 +163,8 @@ def train(args, ctx):
             if ctx.world_size > 1:  # each rank its own dropout and augmentation draws
                 torch.manual_seed(engine.rank_seed(args.seed, ctx.rank, epoch))
                 aug_gen = torch.Generator().manual_seed(engine.rank_seed(args.seed, ctx.rank, epoch))
-            train_loss, train_acc = engine.train_epoch(step_net, ds.task, train_split, opt, gen, args, device,
-                                                       epoch, scaler, ctx, aug_gen)
+            train_loss, train_acc = engine.train_epoch(steps, train_split, args.batch_size, args.augment, epoch, gen,
+                                                       ctx, aug_gen)
             distributed.sync_buffers(net, ctx)
             val_loss, val_acc = engine.evaluate_split(net, val_split, args.batch_size, device, ctx)
             seconds = time.perf_counter() - t0
@@ -186,9 +178,9 @@ def train(args, ctx):
                 best_loss, bad_epochs, meta["best_epoch"] = val_loss, 0, epoch
             else:
                 bad_epochs += 1
-            print(f"epoch {epoch:3d}  train loss {train_loss:.4f} acc {train_acc:.4f}  val loss "
-                  f"{val_loss:.4f} acc {val_acc:.4f}  lr {row['lr']:.2e}  {seconds:.1f}s "
-                  f"({len(ds.train) / seconds:.0f} img/s){'  *best' if improved else ''}")
+            print(f"epoch {epoch:3d}  train loss {formats.metric(train_loss)} acc {formats.metric(train_acc)}  "
+                  f"val loss {formats.metric(val_loss)} acc {formats.metric(val_acc)}  lr {row['lr']:.2e}  "
+                  f"{seconds:.1f}s ({len(ds.train) / seconds:.0f} img/s){'  *best' if improved else ''}")
             if ctx.main:  # rank 0 writes the run files
                 state = train_state(opt, sched, scaler, gen, epoch, best_loss, bad_epochs, seconds_per_epoch)
                 save_epoch(out, net, meta, state, improved, history, seconds_per_epoch)
@@ -197,9 +189,9 @@ def train(args, ctx):
     if bad_epochs >= args.patience:
         print(f"Early stop: no lower validation loss for {args.patience} epochs.")
     if history and ctx.main:
-        plot_path = Path(args.images) / "accuracy_epoch.png"
+        plot_path = Path(args.figures) / "accuracy_epoch.png"
         plots.plot_history(history, plot_path, f"Training on {label}", meta["best_epoch"])
-        print(f"Best epoch {meta['best_epoch']} (val loss {best_loss:.4f}) -> {out / 'best.pt'}; "
+        print(f"Best epoch {meta['best_epoch']} (val loss {formats.metric(best_loss)}) -> {out / 'best.pt'}; "
               f"curves -> {plot_path}")
     if interrupted is not None:
         if ctx.main:
@@ -218,7 +210,7 @@ def check_before_reading(args, ctx):
                                    f"its own share of the batch (a larger --batch-size makes the shares larger).")
     if ctx.main:
         check_writable(args.out, "--out")
-        check_writable(args.images, "--images")
+        check_writable(args.figures, "--figures")
     if args.resume and not (Path(args.out) / "last.pt").is_file():
         raise engine.TrainingError(f"There is nothing to resume in {args.out}: it has no last.pt. Start the run "
                                    f"without --resume, or pass the --out of the run to continue.")
@@ -233,7 +225,7 @@ def new_or_resumed(args, ds):
         if not isinstance(state, dict) or set(state) != set(TRAIN_STATE_KEYS):
             raise model_lib.CheckpointError(f"{last} holds no complete training state to resume from (only "
                                             f"last.pt has one). Start a new run, or pass the run's --out.")
-        if datasets.with_defaults(meta["provenance"]) != ds.provenance():
+        if meta["provenance"] != ds.provenance():
             raise engine.TrainingError(f"{args.out}/last.pt was trained on {meta['provenance']}, not on "
                                        f"{ds.provenance()}. Resume with the same --flag/--size/--synthetic/"
                                        f"--data-dir, or start a new run with another --out.")

@@ -93,10 +93,10 @@ def syn_dir(tmp_path_factory):
 def train_args(data_dir, out, *extra):
     """train.py's argv for a quiet 2-thread synthetic run in `out`, plus `extra` flags."""
     return ["--synthetic", "--data-dir", str(data_dir), "--out", str(out),
-            "--images", str(out / "images"), "--threads", "2", *extra]
+            "--figures", str(out / "images"), "--threads", "2", *extra]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def train_argv():
     return train_args
 
@@ -134,5 +134,5 @@ def evaluated_run(trained_run, syn_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("evaluated")
     shutil.copy(trained_run / "best.pt", run_dir / "best.pt")
     metrics = evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(syn_dir),
-                             "--explain", "60", "--images", str(run_dir / "images")])
+                             "--explain", "60", "--figures", str(run_dir / "images")])
     return run_dir, metrics

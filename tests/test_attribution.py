@@ -40,7 +40,7 @@ def test_default_settings_keep_completeness_error_under_5_percent(net_and_test):
 def test_more_steps_shrink_the_completeness_error(net_and_test):
     net, test = net_and_test
     x = colour.to_unit(test.images[:32])
-    errors = [attr.integrated_gradients(net, x, test.labels[:32], n_steps=n).relative_error().mean()
+    errors = [attr.integrated_gradients(net, x, test.labels[:32], attr.DEFAULT_IG, n_steps=n).relative_error().mean()
               for n in (4, 32)]
     assert errors[1] < errors[0] / 2
 
@@ -52,7 +52,7 @@ def test_refinement_brings_every_image_within_tolerance_or_to_max_steps(net_and_
     within = r.relative_error() <= 0.02
     assert torch.all(within | (r.n_steps == 32))
     assert set(r.n_steps.tolist()) <= {4, 8, 16, 32} and len(set(r.n_steps.tolist())) > 1
-    fixed = attr.integrated_gradients(net, colour.to_unit(test.images[:48]), targets, n_steps=4)
+    fixed = attr.integrated_gradients(net, colour.to_unit(test.images[:48]), targets, attr.DEFAULT_IG, n_steps=4)
     assert r.relative_error().mean() < fixed.relative_error().mean()
 
 
@@ -98,7 +98,7 @@ def test_mean_baseline_is_a_flat_image_of_the_given_colour():
 def test_ig_uses_the_models_training_mean_as_its_baseline(net_and_test):
     net, test = net_and_test
     x = colour.to_unit(test.images[:4])
-    r = attr.integrated_gradients(net, x, test.labels[:4])
+    r = attr.integrated_gradients(net, x, test.labels[:4], attr.DEFAULT_IG)
     flat = torch.tensor(net.config["mean"]).view(1, 3, 1, 1).expand(4, 3, 28, 28)
     with torch.no_grad():
         expected = net(flat)[torch.arange(4), test.labels[:4]]
@@ -132,3 +132,30 @@ def test_multi_label_data_cannot_ask_for_the_true_class_but_can_name_a_label():
 def test_relative_completeness_error_is_delta_over_the_gap():
     assert attr.relative_completeness_error(np.array([0.1, -0.3]), np.array([2.0, -1.5])) == pytest.approx([0.05, 0.2])
     assert np.isfinite(attr.relative_completeness_error(np.array([0.0]), np.array([0.0]))).all()
+
+
+# ----------------------------------------------------------------------------- every method's record
+
+def test_every_method_and_control_states_every_trait_with_a_known_value():
+    import dataclasses
+
+    import quality
+    assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(attr.Method))  # none can be left out
+    for m in [*attr.METHODS.values(), *quality.CONTROLS.values(), quality.smoothgrad_method(2, 0.1)]:
+        assert callable(m.explain) and m.family in attr.FAMILIES and m.complete in attr.COMPLETENESS, m.name
+        assert isinstance(m.needs_references, bool), m.name
+        assert m.baseline in (None, "run", *attr.BASELINES) and m.output in (None, *attr.OUTPUTS), m.name
+
+
+def test_a_methods_settings_are_the_runs_with_its_own_baseline_and_output():
+    run = {**attr.DEFAULT_IG, "baseline": "white"}
+    assert attr.METHODS["ig"].settings(run) == run and attr.METHODS["saliency"].settings(run) == run
+    assert attr.METHODS["ig_black"].settings(run) == {**run, "baseline": "black"}
+    assert attr.METHODS["ig_prob"].settings(run) == {**run, "attribute": "prob"}
+
+
+def test_a_method_that_needs_training_images_refuses_to_run_without_them():
+    needs = [m for m in attr.METHODS.values() if m.needs_references]
+    assert [m.name for m in needs] == ["expected_gradients"]
+    with pytest.raises(attr.ExplainError, match="training images"):
+        attr.explainer("expected_gradients", attr.DEFAULT_IG)

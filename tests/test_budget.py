@@ -87,9 +87,9 @@ def test_ig_maps_are_the_same_whatever_the_budget_chunks(monkeypatch):
     x = split(3).images.float() / 255
     target = torch.tensor([0, 4, 8])
     settings = {"baseline": "mean", "n_steps": 8, "rule": "gausslegendre", "attribute": "logit"}
-    whole = attr.fixed_ig(net, x, target, settings, internal_batch_size=24).attributions
+    whole = attr.integrated_gradients(net, x, target, settings, internal_batch_size=24).attributions
     rows, parts = forward_rows(monkeypatch, 5 * budget.grad_row_bytes(net, x.shape[1:]),
-                               lambda: attr.fixed_ig(net, x, target, settings,
+                               lambda: attr.integrated_gradients(net, x, target, settings,
                                                      internal_batch_size=attr.chunk_size(net, x)).attributions)
     assert rows <= 5 and torch.allclose(parts, whole, atol=1e-6)
 

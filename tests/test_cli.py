@@ -1,5 +1,4 @@
 """cli.py: device choice and argument types shared by the scripts."""
-import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -28,13 +27,3 @@ def test_an_odd_or_missing_size_is_refused_by_model_py_with_a_reason(size):
     result = subprocess.run([sys.executable, "model.py", "--size", size], cwd=ROOT, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr and "even number" in result.stderr
-
-
-def test_the_old_spellings_of_renamed_flags_still_work_and_name_the_new_one(capsys):
-    p = argparse.ArgumentParser()
-    cli.add_ig_arguments(p)
-    args = p.parse_args(["--method", "riemann_left", "--output", "prob"])
-    assert (args.ig_rule, args.attribute) == ("riemann_left", "prob")
-    err = capsys.readouterr().err
-    assert "--method is now --ig-rule" in err and "--output is now --attribute" in err
-    assert p.parse_args([]).ig_rule == "gausslegendre"

@@ -22,10 +22,11 @@ def fake_rows(run_id, indices, seed=0, dtype="float16", method="ig"):
     rng = np.random.default_rng(seed)
     n = len(indices)
     probs = rng.dirichlet(np.ones(9), size=n).astype("<f4")
-    return db.explanation_rows(run_id, "test", list(indices), [i % 9 for i in indices], probs,
-                               probs.argmax(1), rng.normal(size=(n, 3, 28, 28)).astype(dtype),
-                               *(([0.01 * i for i in indices], [2.0] * n, [0.5] * n, [8] * n) if method == "ig"
-                                 else ([None] * n, [2.0] * n, [None] * n, [None] * n)), method=method)
+    terms = ({"delta": [0.01 * i for i in indices], "score": [2.0] * n, "baseline_score": [0.5] * n, "n_steps": [8] * n}
+             if method == "ig" else {"score": [2.0] * n})
+    return db.explanation_rows(run_id, "test", method, {
+        "image_index": list(indices), "true_label": [i % 9 for i in indices], "probs": probs,
+        "target": probs.argmax(1), "attributions": rng.normal(size=(n, 3, 28, 28)).astype(dtype), **terms})
 
 
 def describe(provenance):
@@ -141,8 +142,10 @@ def test_queries_by_image_index_work_beyond_sqlites_old_parameter_limit(tmp_path
 
 def test_rows_take_prediction_and_confidence_from_the_probabilities():
     probs = np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]], np.float32)
-    rows = db.explanation_rows(1, "test", [4, 9], [1, 2], probs, [2, 0],
-                               np.zeros((2, 3, 28, 28), np.float16), [0.0, 0.1], [1.0, 2.0], [0.0, 0.5], [8, 16])
+    rows = db.explanation_rows(1, "test", "ig", {
+        "image_index": [4, 9], "true_label": [1, 2], "probs": probs, "target": [2, 0],
+        "attributions": np.zeros((2, 3, 28, 28), np.float16), "delta": [0.0, 0.1], "score": [1.0, 2.0],
+        "baseline_score": [0.0, 0.5], "n_steps": [8, 16]})
     assert [(r["image_index"], r["true_label"], r["pred_label"], r["target"]) for r in rows] == [
         (4, 1, 1, 2), (9, 2, 0, 0)]
     assert [r["confidence"] for r in rows] == pytest.approx([0.7, 0.5])
@@ -277,9 +280,10 @@ def multi_label_rows(run_id):
     """Three images, two labels: image 0 has label 0 and the model's top label is 0 (70%); image 1
     has none and no label reaches 0.5; image 2 has label 1 but the top label is 0 (60%)."""
     probs = np.array([[.7, .2], [.3, .1], [.6, .4]], "<f4")
-    return db.explanation_rows(run_id, "test", [0, 1, 2], np.array([[1, 0], [0, 0], [0, 1]]), probs,
-                               [0, 0, 0], np.zeros((3, 1, 28, 28), "float16"), [0.0] * 3, [1.0] * 3,
-                               [0.0] * 3, [8] * 3)
+    return db.explanation_rows(run_id, "test", "ig", {
+        "image_index": [0, 1, 2], "true_label": np.array([[1, 0], [0, 0], [0, 1]]), "probs": probs,
+        "target": [0, 0, 0], "attributions": np.zeros((3, 1, 28, 28), "float16"), "delta": [0.0] * 3,
+        "score": [1.0] * 3, "baseline_score": [0.0] * 3, "n_steps": [8] * 3})
 
 
 def test_multi_label_rows_keep_every_true_label_and_say_whether_the_top_one_is_right(tmp_path):
@@ -336,8 +340,10 @@ def test_a_nan_or_overflowing_attribution_is_refused(tmp_path):
     with np.errstate(over="ignore"):
         attributions = attributions.astype(np.float16)
     with pytest.raises(db.DBError, match=r"image\(s\) \[11\] hold NaN or inf.*--attr-dtype float32"):
-        db.explanation_rows(1, "test", [10, 11, 12], [0, 0, 0], np.full((3, 9), 1 / 9), [0, 0, 0],
-                            attributions, [0.0] * 3, [1.0] * 3, [0.0] * 3, [8] * 3)
+        db.explanation_rows(1, "test", "ig", {
+            "image_index": [10, 11, 12], "true_label": [0, 0, 0], "probs": np.full((3, 9), 1 / 9),
+            "target": [0, 0, 0], "attributions": attributions, "delta": [0.0] * 3, "score": [1.0] * 3,
+            "baseline_score": [0.0] * 3, "n_steps": [8] * 3})
 
 
 def test_a_nan_quality_value_is_refused_and_nothing_is_stored(tmp_path):

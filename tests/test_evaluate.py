@@ -24,7 +24,7 @@ import quality
 import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_METHODS = attr.methods_arg(attr.DEFAULT_METHODS)  # what evaluated_run stores, for each image
+DEFAULT_METHODS = list(attr.DEFAULT_METHODS)  # what evaluated_run stores, for each image
 
 
 def explained(metrics):
@@ -145,7 +145,7 @@ def test_identical_rerun_computes_no_explanation_and_no_quality(evaluated_run, s
     ig_calls = counting(monkeypatch, attr, "explain_batch")
     quality_calls = counting(monkeypatch, quality, "quality_measures")
     again = evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(syn_dir),
-                           "--explain", "60", "--images", str(run_dir / "images")])
+                           "--explain", "60", "--figures", str(run_dir / "images")])
     assert ig_calls == [] and quality_calls == []
     assert again["store"]["run_id"] == metrics["store"]["run_id"]
     assert again["explanations"]["ig"]["quality"]["images"] == 60
@@ -155,7 +155,7 @@ def test_identical_rerun_computes_no_explanation_and_no_quality(evaluated_run, s
 
 def test_tta_is_recorded_in_the_metrics(trained_run, syn_dir, tmp_path):
     m = evaluate.main(["--checkpoint", str(trained_run / "best.pt"), "--data-dir", str(syn_dir),
-                       "--tta", "--explain", "0", "--methods", "ig", "--images", str(tmp_path),
+                       "--tta", "--explain", "0", "--methods", "ig", "--figures", str(tmp_path),
                        "--db", str(tmp_path / "e.db")])
     assert m["tta"] is True and m["acc"] > 0.8
 
@@ -171,7 +171,7 @@ def test_killed_writer_leaves_a_consistent_db_and_resume_completes(trained_run, 
     dbp = tmp_path / "e.db"
     cmd = [sys.executable, "evaluate.py", "--checkpoint", str(trained_run / "best.pt"),
            "--data-dir", str(syn_dir), "--explain", "all", "--db", str(dbp), "--ig-batch", "4",
-           "--n-steps", "64", "--quality", "0", "--methods", "ig", "--images", str(tmp_path), "--threads", "1"]
+           "--n-steps", "64", "--quality", "0", "--methods", "ig", "--figures", str(tmp_path), "--threads", "1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stored = 0
     try:
@@ -214,7 +214,7 @@ def test_missing_checkpoint_exits_1_and_says_to_train(tmp_path):
 def test_db_path_that_is_not_a_db_exits_1(tmp_path, trained_run, syn_dir):
     (tmp_path / "x.db").write_text("plain text, not sqlite " * 50)
     result = run_cli("--checkpoint", str(trained_run / "best.pt"), "--data-dir", str(syn_dir),
-                     "--db", str(tmp_path / "x.db"), "--images", str(tmp_path))
+                     "--db", str(tmp_path / "x.db"), "--figures", str(tmp_path))
     assert result.returncode == 1 and "not an SQLite database" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -260,7 +260,7 @@ def untrained_run(syn_dir, tmp_path_factory):
 
 def explained_rows(checkpoint, syn_dir, tmp_path, *flags):
     evaluate.main(["--checkpoint", str(checkpoint), "--data-dir", str(syn_dir), "--explain", "40",
-                   "--quality", "0", "--methods", "ig", "--db", str(tmp_path / "e.db"), "--images", str(tmp_path),
+                   "--quality", "0", "--methods", "ig", "--db", str(tmp_path / "e.db"), "--figures", str(tmp_path),
                    *flags])
     conn = db.connect(tmp_path / "e.db", create=False)
     return db.find(conn, db.get_run(conn)["run_id"])
@@ -297,7 +297,7 @@ def test_printed_count_is_the_count_the_store_added(trained_run, syn_dir, tmp_pa
     monkeypatch.setattr(db, "insert_explanations", lambda conn, rows: real(conn, rows[1:]))  # one row per batch lost
     evaluate.main(["--checkpoint", str(trained_run / "best.pt"), "--data-dir", str(syn_dir), "--explain", "8",
                    "--ig-batch", "4", "--quality", "0", "--methods", "ig", "--db", str(tmp_path / "e.db"),
-                   "--images", str(tmp_path), "--explain-errors", "0"])
+                   "--figures", str(tmp_path), "--explain-errors", "0"])
     assert "Stored 6 explanations" in capsys.readouterr().out
 
 
@@ -330,17 +330,17 @@ def test_methods_all_stores_scores_and_draws_every_method_beside_the_controls(tr
     m = evaluate.main(["--checkpoint", str(trained_run / "best.pt"), "--data-dir", str(syn_dir),
                        "--explain", "24", "--quality", "12", "--methods", "all", "--explain-errors", "0",
                        "--db", str(tmp_path / "e.db"),
-                       "--images", str(tmp_path)])
+                       "--figures", str(tmp_path)])
     conn = db.connect(tmp_path / "e.db", create=False)
     run = m["store"]["run_id"]
-    assert db.explanation_methods(conn, run) == ["ig", *sorted(attr.ATTRIBUTION_METHODS[1:])]
-    assert all(len(db.done_indices(conn, run, "test", method)) == 24 for method in attr.ATTRIBUTION_METHODS)
-    assert sorted(m["explanations"]) == sorted(attr.ATTRIBUTION_METHODS)
+    assert db.explanation_methods(conn, run) == ["ig", *sorted(list(attr.METHODS)[1:])]
+    assert all(len(db.done_indices(conn, run, "test", method)) == 24 for method in attr.METHODS)
+    assert sorted(m["explanations"]) == sorted(attr.METHODS)
     assert sorted(m["controls"]) == ["control:edge", "control:input", "control:random"]
     scored = [e["quality"] for e in m["explanations"].values()] + list(m["controls"].values())
     assert all(q["images"] == 12 and set(q["randomization_modes"]) == {"top_down", "bottom_up", "single"}
                for q in scored)
-    assert sorted(m["trust"]) == sorted([*attr.ATTRIBUTION_METHODS, *m["controls"]])
+    assert sorted(m["trust"]) == sorted([*attr.METHODS, *m["controls"]])
     table = capsys.readouterr().out
     assert all(f"  {name} " in table for name in m["trust"])  # one table of methods x measures
     assert (tmp_path / "methods.png").stat().st_size > 20_000 and (tmp_path / "sanity_randomization.png").exists()

@@ -157,3 +157,43 @@ def test_a_one_channel_model_explains_a_real_rgb_tile_in_greyscale(tmp_path, syn
     assert ((image_panel.max(2) - image_panel.min(2)) > 20).mean() < 0.01  # drawn grey, not in colour
 
 
+
+
+def test_a_map_left_above_the_tolerance_is_warned_of_on_the_console_and_in_the_csv(tmp_path, trained_run, syn_dir):
+    test = data.load(syn_dir, 28, synthetic=True).test
+    Image.fromarray(test.images[0].permute(1, 2, 0).numpy()).save(tmp_path / "t.png")
+    # one step, never refined, against a tolerance no one step meets
+    result = run_cli(str(tmp_path / "t.png"), "--checkpoint", str(trained_run / "best.pt"), "--out",
+                     str(tmp_path / "out"), "--n-steps", "1", "--max-steps", "1", "--tolerance", "0.000001")
+    assert result.returncode == 0, result.stderr
+    assert "warning: IG's completeness error" in result.stdout and "stays above --tolerance" in result.stdout
+    with open(tmp_path / "out" / "predictions.csv") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["completeness_error"]) > 0.000001 and "completeness error" in row["warnings"]
+
+
+def test_no_figures_writes_the_csv_alone(tmp_path, trained_run, syn_dir):
+    test = data.load(syn_dir, 28, synthetic=True).test
+    for i in range(3):
+        Image.fromarray(test.images[i].permute(1, 2, 0).numpy()).save(tmp_path / f"t{i}.png")
+    result = run_cli(*[str(tmp_path / f"t{i}.png") for i in range(3)], "--checkpoint", str(trained_run / "best.pt"),
+                     "--out", str(tmp_path / "out"), "--no-figures")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["predictions.csv"]
+    with open(tmp_path / "out" / "predictions.csv") as f:
+        assert [r["figure"] for r in csv.DictReader(f)] == ["", "", ""]
+
+
+def test_the_figure_shows_the_tile_as_read_and_names_its_file(tmp_path, trained_run, monkeypatch):
+    import plots
+    tile = np.random.default_rng(0).integers(0, 256, (300, 224, 3), dtype=np.uint8)  # detail the input loses
+    Image.fromarray(tile).save(tmp_path / "scan_0042.png")
+    drawn = []
+    real = plots.tile_figure
+    monkeypatch.setattr(plots, "tile_figure", lambda *a: drawn.append(a) or real(*a))
+    explain.main([str(tmp_path / "scan_0042.png"), "--checkpoint", str(trained_run / "best.pt"),
+                  "--out", str(tmp_path / "out")])
+    (shown, image, _, title, path, _), = drawn
+    assert title[0] == "scan_0042.png\nas read, 224×300 px" and path.endswith("scan_0042_ig.png")
+    square = tile[38:262] / 255  # the centre square, as read
+    assert image.shape == (3, 28, 28) and np.allclose(shown.permute(1, 2, 0).numpy(), square, atol=1e-6)

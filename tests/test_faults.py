@@ -227,6 +227,6 @@ def test_evaluate_refuses_an_unwritable_images_folder_before_any_work(run_copy, 
     (tmp_path / "a_file").write_text("in the way")
     with pytest.raises(files.FileError, match="Cannot write to") as failure:
         evaluate.main(["--checkpoint", str(checkpoint), "--data-dir", str(tmp_path / "no_data_here"),
-                       "--images", str(tmp_path / "a_file" / "images")])
-    assert "--images" in str(failure.value)
+                       "--figures", str(tmp_path / "a_file" / "images")])
+    assert "--figures" in str(failure.value)
     assert not (run / "explanations.db").exists()

@@ -96,6 +96,10 @@ def draw_all(names, channels):
     plots.explanation_figure([(image, torch.randn(channels, 28, 28), titles[1])], "one.png",
                              "IG, model trained on organcmnist-synthetic 28x28 (SYNTHETIC data, not OrganCMNIST) "
                              "(unverified file)")
+    plots.tile_figure(torch.rand(channels, 224, 224), image, torch.randn(channels, 28, 28),
+                      ["a_long_tile_file_name_from_a_scanner_export.tif\nas read, 224×224 px", titles[1]], "t.png",
+                      "a_long_tile_file_name_from_a_scanner_export.tif: IG, model trained on organcmnist-synthetic "
+                      "28x28 (SYNTHETIC data, not OrganCMNIST); the model's 28 px input is the tile's centre square")
     kinds = [(kind, s) for kind in ("deletion", "insertion") for s in ("", "_random")]
     curves = {m: {**{f"{kind}_curve{s}": rng.random((4, 29)) for kind, s in kinds},
                   **{f"{kind}_auc{s}": 0.5 for kind, s in kinds}}

@@ -21,9 +21,10 @@ def store(tmp_path):
         probs[i] = (1 - c) / 2
         probs[i, p] = c
     n = len(true)
-    db.insert_explanations(conn, db.explanation_rows(run, "test", range(n), true, probs, pred,
-                                                     np.zeros((n, 3, 2, 2), "float16"), [0.0] * n, [1.0] * n,
-                                                     [0.0] * n, [8] * n))
+    db.insert_explanations(conn, db.explanation_rows(run, "test", "ig", {
+        "image_index": range(n), "true_label": true, "probs": probs, "target": pred,
+        "attributions": np.zeros((n, 3, 2, 2), "float16"), "delta": [0.0] * n, "score": [1.0] * n,
+        "baseline_score": [0.0] * n, "n_steps": [8] * n}))
     return conn, run
 
 

@@ -56,8 +56,8 @@ def test_zero_attribution_still_draws_the_image(tmp_path):
 
 def test_randomization_figure_has_a_panel_per_map(tmp_path):
     maps = [(f"m{i}", torch.randn(3, 28, 28)) for i in range(3)]
-    plots.plot_randomization(flat_image(), maps[:1], [], tmp_path / "one.png", "t")
-    plots.plot_randomization(flat_image(), maps, [0.5, 0.2], tmp_path / "three.png", "t")
+    plots.plot_randomization_rows(flat_image(), [("", maps[:1], [])], tmp_path / "one.png", "t")
+    plots.plot_randomization_rows(flat_image(), [("", maps, [0.5, 0.2])], tmp_path / "three.png", "t")
     one, three = pixels(tmp_path / "one.png"), pixels(tmp_path / "three.png")
     assert three.shape[1] > 1.7 * one.shape[1]
     assert count_colour(three, TISSUE) > 500
@@ -98,7 +98,7 @@ def test_panel_titles_wrap_long_class_names_to_the_panel_width():
     title = plots.panel_title(datasets.CLASS_NAMES, 8, 7, 0.87, ["WRONG"])
     assert all(len(line) <= plots.TITLE_WIDTH for line in title.splitlines())
     assert " ".join(title.split()) == ("true colorectal adenocarcinoma epithelium pred cancer-associated "
-                                       "stroma (87%) WRONG")
+                                       "stroma (87.0%) WRONG")
 
 
 def test_rows_grow_to_fit_long_titles(tmp_path):
@@ -129,3 +129,27 @@ def test_training_curves_mark_the_best_epoch_and_each_learning_rate_drop(tmp_pat
     assert vertical == [3, 4, 5]  # drops at epochs 3 and 5, best epoch 4
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "best epoch (4)" in labels and labels.count("learning rate halved") == 1
+
+
+def largest_other_colour(arr):
+    """The share of the picture taken by its commonest colour other than white and the tissue's."""
+    colours, counts = np.unique(arr.reshape(-1, 3), axis=0, return_counts=True)
+    keep = ~((colours == 255).all(1) | (colours == np.array(TISSUE)).all(1))
+    return float(counts[keep].max() / counts.sum())
+
+
+def test_a_constant_map_is_drawn_as_a_marked_blank_panel_not_a_solid_square(tmp_path):
+    constant = torch.full((3, 28, 28), 0.3)
+    plots.plot_randomization_rows(flat_image(), [("", [("trained", constant)], [])], tmp_path / "c.png", "t")
+    # scaled to its own range, the map would fill its panel with one colour, as large as the image (22%)
+    assert largest_other_colour(pixels(tmp_path / "c.png")) < 0.05
+    varied = torch.rand(3, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert plots.flat(constant) and plots.flat(constant + 1e-5 * torch.rand(3, 28, 28)) and not plots.flat(varied)
+
+
+def test_a_tile_figure_shows_the_tile_as_read_beside_the_models_input(tmp_path):
+    green = (10, 200, 30)
+    plots.tile_figure(flat_image(TISSUE, 224), flat_image(green), torch.randn(3, 28, 28), ["t.png\nas read", "x"],
+                      tmp_path / "t.png", "title")
+    drawn = pixels(tmp_path / "t.png")
+    assert count_colour(drawn, TISSUE) > 1000 and count_colour(drawn, green) > 1000

@@ -21,8 +21,8 @@ def quality(trained_run, syn_dir):
     test = data.load_matching(meta["provenance"], syn_dir).test
     _, targets, r = attr.explain_batch(fused, test.images[:60], test.labels[:60], attr.DEFAULT_IG)
     q = quality_lib.quality_measures(fused, colour.to_unit(test.images[:60]), targets, r.attributions,
-                                     attr.DEFAULT_IG, attr.method_fn("ig", attr.DEFAULT_IG),
-                                     quality_lib.randomized_models(net), masks=test.masks[:60])
+                                     attr.explainer("ig", attr.DEFAULT_IG), attr.DEFAULT_IG,
+                                     {"top_down": quality_lib.randomized_models(net)}, test.masks[:60])
     return {k: v.float().mean(0) for k, v in q.items() if k != "randomization"}
 
 
@@ -50,8 +50,8 @@ def test_maps_that_ignore_the_model_fail_the_randomisation_check(trained_run, sy
     test = data.load_matching(meta["provenance"], syn_dir).test
     x = colour.to_unit(test.images[:8])
     blind = lambda model, inputs, target: inputs * 2 - 1  # noqa: E731  the same map whatever the model
-    q = quality_lib.quality_measures(net, x, test.labels[:8], blind(net, x, None), attr.DEFAULT_IG,
-                                     blind, quality_lib.randomized_models(net))
+    q = quality_lib.quality_measures(net, x, test.labels[:8], blind(net, x, None), blind, attr.DEFAULT_IG,
+                                     {"top_down": quality_lib.randomized_models(net)})
     assert float(q["randomization_spearman"].mean()) == pytest.approx(1.0)
 
 
@@ -109,10 +109,10 @@ def test_quality_rows_are_stored_once_per_image_and_method(evaluated_run, syn_di
     run_dir, metrics = evaluated_run
     conn = db.connect(run_dir / "explanations.db", create=False)
     count = lambda: conn.execute("SELECT COUNT(*) FROM quality").fetchone()[0]  # noqa: E731
-    rows_per_image = len(attr.methods_arg(attr.DEFAULT_METHODS)) + 3  # the default methods and three controls
+    rows_per_image = len(list(attr.DEFAULT_METHODS)) + 3  # the default methods and three controls
     assert count() == 60 * rows_per_image
     evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(syn_dir), "--explain", "60",
-                   "--images", str(run_dir / "images")])
+                   "--figures", str(run_dir / "images")])
     assert count() == 60 * rows_per_image
     run = metrics["store"]["run_id"]
     first = db.find(conn, run, limit=1)[0]["image_index"]
@@ -127,7 +127,7 @@ def test_quality_rows_are_stored_once_per_image_and_method(evaluated_run, syn_di
 def test_smoothgrad_is_compared_on_the_same_measures(trained_run, syn_dir, tmp_path):
     m = evaluate.main(["--checkpoint", str(trained_run / "best.pt"), "--data-dir", str(syn_dir),
                        "--explain", "8", "--quality", "8", "--smooth", "2", "--db", str(tmp_path / "e.db"),
-                       "--images", str(tmp_path)])
+                       "--figures", str(tmp_path)])
     smooth = m["explanations"]["smoothgrad_ig:n=2,sd=0.1"]["quality"]
     for key in quality_lib.SUMMARY_KEYS:
         assert key in smooth and key in m["explanations"]["ig"]["quality"]
@@ -147,16 +147,16 @@ def per_method(trained_run, syn_dir):
     stages = {"top_down": quality_lib.randomized_models(net)[-1:]}
     out = {}
     references = attr.reference_sample(data.load_matching(meta["provenance"], syn_dir).train.images)
-    scored = quality_lib.scored_maps(attr.DEFAULT_IG, names=attr.ATTRIBUTION_METHODS, references=references)
-    for name, attribute in scored.items():
-        maps = attribute(fused, x, labels)
-        q = quality_lib.quality_measures(fused, x, labels, maps, attr.DEFAULT_IG, attribute, stages,
-                                         masks=test.masks[:60])
+    for method in quality_lib.scored_methods(attr.METHODS):
+        explainer = attr.explainer(method, attr.DEFAULT_IG, references)
+        maps = explainer(fused, x, labels)
+        q = quality_lib.quality_measures(fused, x, labels, maps, explainer, attr.DEFAULT_IG, stages, test.masks[:60])
+        name = method.name
         out[name] = {"maps": maps, **{k: v.float().mean(0) for k, v in q.items() if k != "randomization"}}
     return out
 
 
-@pytest.mark.parametrize("method", attr.ATTRIBUTION_METHODS)
+@pytest.mark.parametrize("method", attr.METHODS)
 def test_every_method_gives_finite_maps_of_the_inputs_shape(per_method, method):
     maps = per_method[method]["maps"]
     assert maps.shape == (60, 3, 28, 28) and torch.isfinite(maps).all() and maps.abs().sum() > 0
@@ -216,7 +216,7 @@ def quantus_case(trained_run, syn_dir):
     fused = model_lib.fused_for_inference(net)
     test = data.load_matching(meta["provenance"], syn_dir).test
     x, y = colour.to_unit(test.images[:32]), test.labels[:32]
-    ig = attr.method_fn("ig", attr.DEFAULT_IG)
+    ig = attr.explainer("ig", attr.DEFAULT_IG)
     return net, fused, x, y, test.masks[:32], ig, ig(fused, x, y)
 
 
@@ -323,7 +323,7 @@ def test_model_free_maps_score_what_the_tests_say_they_must(quantus_case):
     # Through Quantus's EfficientMPRT and RandomLogit: a map that ignores the model stays as complex
     # once the model is random (rise 0) and is the same for every class (SSIM 1); sMPRT stays high.
     net, fused, x, y, _, _, _ = quantus_case
-    edges = quality_lib.control_maps()["control:edge"]
+    edges = attr.explainer(quality_lib.CONTROLS["control:edge"], attr.DEFAULT_IG)
     out = quality_lib.published_tests(fused, x[:8], y[:8], edges(fused, x[:8], y[:8]), edges,
                                       quality_lib.randomized_models(net, mode="bottom_up")[-1][1], 9,
                                       torch.Generator().manual_seed(0))
@@ -339,9 +339,10 @@ def test_completeness_summary_covers_every_stored_ig_row_at_the_settings_toleran
     n, probs = 4, np.full((4, 2), 0.5, "<f4")
     for method, delta in (("ig", [0.0, 0.05, 0.09, 0.2]), ("gradcam", [None] * n)):
         baseline = [0.5] * n if method == "ig" else [None] * n
-        db.insert_explanations(conn, db.explanation_rows(
-            run, "test", range(n), [0] * n, probs, [0] * n, np.zeros((n, 1, 2, 2), "float16"), delta, [2.0] * n,
-            baseline, [8] * n if method == "ig" else [None] * n, method=method))
+        db.insert_explanations(conn, db.explanation_rows(run, "test", method, {
+            "image_index": range(n), "true_label": [0] * n, "probs": probs, "target": [0] * n,
+            "attributions": np.zeros((n, 1, 2, 2), "float16"), "delta": delta, "score": [2.0] * n,
+            "baseline_score": baseline, "n_steps": [8] * n if method == "ig" else [None] * n}))
     s = quality_lib.completeness_summary(conn, run, "test", tolerance=0.05)  # gap 1.5: errors 0, 0.033, 0.06, 0.13
     assert s["completeness_images"] == 4
     assert s["mean_abs_delta"] == pytest.approx(0.34 / 4)

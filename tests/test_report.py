@@ -43,9 +43,25 @@ def test_the_reports_numbers_are_metrics_json(evaluated_run):
     assert lo <= metrics["acc"] <= hi
 
 
-@pytest.mark.trains
-def test_the_printed_train_command_trains_the_same_best_pt_again(evaluated_run, tmp_path):
-    run_dir, metrics = evaluated_run
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, train_argv):
+    """A two-epoch run on a small synthetic set with non-default settings (a zero among them),
+    evaluated without explanations: (run dir, metrics)."""
+    import datasets
+    import synthetic
+    import train
+    folder = tmp_path_factory.mktemp("small")
+    synthetic.write_synthetic(folder / "data" / datasets.synthetic_file_name(28), 28,
+                              counts={"train": 200, "val": 50, "test": 50}, seed=1)
+    train.main(train_argv(folder / "data", folder / "run", "--epochs", "2", "--batch-size", "32",
+                          "--stain-jitter", "0", "--lr", "0.002"))
+    metrics = evaluate.main(["--checkpoint", str(folder / "run" / "best.pt"), "--data-dir", str(folder / "data"),
+                             "--explain", "0", "--quality", "0"])
+    return folder / "run", metrics
+
+
+def test_the_printed_train_command_trains_the_same_best_pt_again(small_run, tmp_path):
+    run_dir, metrics = small_run
     command = metrics["commands"]["train"]
     assert html.escape(command) in (run_dir / "report.html").read_text()
     words = shlex.split(command)
@@ -53,6 +69,17 @@ def test_the_printed_train_command_trains_the_same_best_pt_again(evaluated_run, 
     assert words[:2] == ["python", "train.py"]
     subprocess.run([sys.executable, *words[1:]], cwd=ROOT, check=True, capture_output=True, timeout=600)
     assert sha256_of(tmp_path / "again" / "best.pt") == metrics["checkpoint_sha256"]
+
+
+def test_the_printed_train_command_parses_back_to_every_setting_zeros_included():
+    import train
+    args = train.parse_args(["--synthetic", "--stain-jitter", "0", "--seed", "0", "--flips", "off", "--amp", "off"])
+    settings = {**{k: getattr(args, k) for k in train.RESULT_SETTINGS if k != "world_size"}, "world_size": 1}
+    line = cli.train_command(settings, "data", "runs/x y")
+    again = train.parse_args(shlex.split(line)[2:])
+    assert {k: getattr(again, k) for k in settings if k != "world_size"} == {
+        k: v for k, v in settings.items() if k != "world_size"}
+    assert "--stain-jitter 0.0" in line and "--seed 0" in line and "--out 'runs/x y'" in line
 
 
 def test_the_printed_evaluate_command_parses_back_to_the_same_settings():
@@ -91,23 +118,97 @@ def test_no_sentence_of_the_card_or_report_is_written_whatever_the_run_measured(
         assert ("ig fails MPRT" in card) == (not m["trust"]["ig"]["mprt"]["pass"])
 
 
-def test_igs_completeness_is_in_the_report_once_and_read_from_an_older_metrics_file_too(evaluated_run):
+def test_igs_completeness_is_in_the_report_once(evaluated_run):
     run_dir, metrics = evaluated_run
     _, meta = report.load_run(run_dir)
     q = metrics["explanations"]["ig"]["quality"]
-    line = f"Integrated Gradients for {q['completeness_images']} test images; mean relative completeness error"
+    line = f"Integrated Gradients for {q['completeness_images']} test images: mean relative completeness error"
     assert rendered(metrics, meta)[0].count(line) == 1
-    old = json.loads(json.dumps(metrics))  # as metrics.json was written before: its own block, other keys
-    quality = old["explanations"]["ig"]["quality"]
-    old["explanations"]["ig"]["completeness"] = {
-        "explained": quality.pop("completeness_images"), "share_within_tolerance": quality.pop("completeness_share"),
-        "mean_relative_completeness_error": quality.pop("mean_relative_error")}
-    assert line in rendered(old, meta)[0]
+
+
+# ----------------------------------------------------------------------------- one truth in every output
+
+def three_outputs(metrics, meta):
+    """(console, report.html, MODEL_CARD.md) rendered from one metrics.json, as evaluate.py and
+    report.py render them."""
+    console = report.console_results(metrics, "Test split") + "\n" + report.console_explanations(metrics)
+    return (console, *rendered(metrics, meta))
+
+
+def headline(metrics):
+    """Each headline number as it must read, worked out here (not through formats.py): metrics to
+    four decimals, shares to one decimal of a percent."""
+    ig, tol = metrics["explanations"]["ig"]["quality"], metrics["store"]["ig_settings"]["tolerance"]
+    return {"ACC": f"{metrics['acc']:.4f}", "AUC": f"{metrics['auc']:.4f}", "ECE": f"{metrics['ece']:.4f}",
+            "ACC interval": "{:.4f}–{:.4f}".format(*metrics["acc_ci95"]),
+            "AUC interval": "{:.4f}–{:.4f}".format(*metrics["auc_ci95"]),
+            "validation ACC": f"{metrics['val']['acc']:.4f}",
+            "IG completeness": f"{ig['completeness_share'] * 100:.1f}% within {tol * 100:.1f}%",
+            "IG mean error": f"mean relative completeness error {ig['mean_relative_error'] * 100:.1f}%",
+            "IG completeness cell": f"{metrics['trust']['ig']['completeness']['value'] * 100:.1f}% ✓",
+            "flagged": f"flags {metrics['centre_shift']['flagged']['share'] * 100:.1f}% of test images",
+            "recommended": f"{metrics['recommended']} (recommended)"}
+
+
+@pytest.fixture
+def tricky_metrics(evaluated_run):
+    """The evaluated run's metrics.json with IG's completeness at 0.998 (which ':.0%' reads as 100%)."""
+    run_dir, metrics = evaluated_run
+    m = json.loads((run_dir / "metrics.json").read_text())
+    m["explanations"]["ig"]["quality"]["completeness_share"] = 0.998
+    m["trust"]["ig"]["completeness"]["value"] = 0.998
+    return m, report.load_run(run_dir)[1]
+
+
+def test_each_headline_number_reads_the_same_on_the_console_in_the_report_and_in_the_card(tricky_metrics):
+    metrics, meta = tricky_metrics
+    outputs = dict(zip(("console", "report", "card"), three_outputs(metrics, meta), strict=True))
+    for what, text in headline(metrics).items():
+        for where, output in outputs.items():
+            assert html.escape(text) in output or text in output, f"{what} ({text}) is not in the {where}"
+    for where, output in outputs.items():
+        assert "100% within" not in output and "100.0%" not in output, where  # 0.998 is not every image
+
+
+def test_no_output_prints_a_float_unrounded(tricky_metrics):
+    metrics, meta = tricky_metrics
+    for output in three_outputs(metrics, meta):
+        assert not re.findall(r"\d\.\d{7,}", output)  # e.g. 0.32029240000000003 or 0.5976250000000001
+
+
+def test_metrics_json_keeps_six_significant_digits(evaluated_run):
+    run_dir, _ = evaluated_run
+    floats = re.findall(r"-?\d+\.\d+(?:e-?\d+)?", (run_dir / "metrics.json").read_text())
+    assert floats and all(len(f.lstrip("-").split("e")[0].replace(".", "").lstrip("0")) <= 6 for f in floats)
+
+
+def test_every_provenance_row_of_the_report_is_filled(evaluated_run):
+    run_dir, metrics = evaluated_run
+    page = (run_dir / "report.html").read_text()
+    provenance = page.split("<h2>Provenance</h2>")[1].split("<h2>")[0]
+    rows = re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td></tr>", provenance)
+    assert {"IG settings", "evaluated on", "checkpoint SHA-256", "model cost"} <= {k for k, _ in rows}
+    assert all(v.strip() not in ("", "—", "{}", "?") for _, v in rows), rows
+    assert html.escape(json.dumps(metrics["store"]["ig_settings"], sort_keys=True)) in provenance
+    assert f"{metrics['evaluated_on']['threads']} CPU thread" in provenance
+
+
+def test_the_cards_failure_modes_name_only_classes_recalled_imperfectly(tricky_metrics):
+    metrics, meta = tricky_metrics
+    perfect = json.loads(json.dumps(metrics))
+    for c in perfect["per_class"]:
+        c["recall"] = 1.0
+    assert "lowest recall" not in report.model_card(perfect, meta).lower()
+    assert "Every class of the test split was recalled perfectly" in report.model_card(perfect, meta)
+    one = json.loads(json.dumps(perfect))
+    one["per_class"][3]["recall"] = 0.75
+    lines = [line for line in report.model_card(one, meta).splitlines() if line.startswith("- Low recall")]
+    assert lines == [f"- Low recall: {one['per_class'][3]['class']} (0.7500)"]
 
 
 def test_the_centre_shift_numbers_are_in_the_report_and_card(evaluated_run):
     run_dir, metrics = evaluated_run
-    s = metrics["shift"]
+    s = metrics["centre_shift"]
     page, card = (run_dir / "report.html").read_text(), (run_dir / "MODEL_CARD.md").read_text()
     assert [r["class"] for r in s["recall"]] == [c["class"] for c in metrics["per_class"]]
     assert all(r["test"] == pytest.approx(c["recall"]) for r, c in zip(s["recall"], metrics["per_class"], strict=True))

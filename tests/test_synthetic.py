@@ -120,7 +120,7 @@ def test_maps_that_ignore_the_model_find_no_more_of_the_evidence_than_its_share_
     images, _, masks = synthetic.synthetic_split(np.random.default_rng(0), 1000, 28, flag=flag)
     x = colour.to_unit(torch.from_numpy(images.reshape(1000, 28, 28, -1)).permute(0, 3, 1, 2))
     m = torch.from_numpy(masks.astype(bool))
-    edges = quality.control_maps()["control:edge"](None, x, None)  # needs no model
+    edges = quality.edges(None, x, None)  # needs no model
     input_only = (x - x.mean((0, 2, 3), keepdim=True)).abs()  # |x - baseline| with the mean colour as baseline
     for name, maps in (("input", input_only), ("edge", edges)):
         share, area = quality.mask_share(maps, m)

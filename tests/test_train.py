@@ -149,7 +149,7 @@ def test_evaluation_never_jitters_colours(evaluated_run, syn_dir, jitter_calls, 
     import evaluate
     run_dir, _ = evaluated_run
     evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(syn_dir), "--tta",
-                   "--explain", "4", "--quality", "2", "--db", str(tmp_path / "e.db"), "--images", str(tmp_path)])
+                   "--explain", "4", "--quality", "2", "--db", str(tmp_path / "e.db"), "--figures", str(tmp_path)])
     assert jitter_calls == []
 
 

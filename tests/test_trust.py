@@ -15,13 +15,17 @@ def controls(**overrides):
     randomisation and across classes, the random map changes every call."""
     out = {"control:random": summary(deletion_auc=0.45, insertion_auc=0.44, road_lerf=0.49, road_morf=0.54,
                                      randomization_bottom_up_spearman=0.0, smooth_mprt=0.0, efficient_mprt=0.007,
-                                     random_logit=0.0, mask_mass=0.23),
+                                     efficient_mprt_sd=0.02, random_logit=0.0, mask_mass=0.23),
            "control:input": summary(deletion_auc=0.42, insertion_auc=0.60, road_lerf=0.36, road_morf=0.45,
                                     randomization_bottom_up_spearman=1.0, smooth_mprt=0.85, efficient_mprt=0.0,
                                     random_logit=1.0, mask_mass=0.23),
            "control:edge": summary(deletion_auc=0.29, insertion_auc=0.43, road_lerf=0.48, road_morf=0.22,
                                    randomization_bottom_up_spearman=1.0, smooth_mprt=0.96, efficient_mprt=0.0,
-                                   random_logit=1.0, mask_mass=0.24)}
+                                   random_logit=1.0, mask_mass=0.24),
+           # a one-step IG: a real explainer, so it may pass the others; its maps do not add up
+           "control:ig_1step": summary(deletion_auc=0.2, insertion_auc=0.6, road_lerf=0.8, road_morf=0.3,
+                                       randomization_bottom_up_spearman=0.3, smooth_mprt=0.3, efficient_mprt=0.1,
+                                       random_logit=0.3, mask_mass=0.4, completeness_share=0.2)}
     out.update(overrides)
     return out
 
@@ -34,7 +38,7 @@ def test_randomisation_thresholds_lie_midway_between_the_random_map_and_the_near
     limits = trust.thresholds(controls())
     assert limits["mprt"] == pytest.approx(0.5) and limits["random_logit"] == pytest.approx(0.5)
     assert limits["smooth_mprt"] == pytest.approx((0.0 + 0.85) / 2)  # the input-only control is the nearer
-    assert limits["efficient_mprt"] == 0.0  # a rise above the model-free maps' (which cannot rise)
+    assert limits["efficient_mprt"] == pytest.approx(0.007 + 0.02)  # above every control's rise, by noise's spread
     assert limits["localisation"] == 0.24
 
 
@@ -52,11 +56,27 @@ def test_a_map_that_beats_only_the_random_order_fails_deletion_insertion_and_roa
     assert all(table["ig"][t]["pass"] for t in ("mprt", "smooth_mprt", "random_logit", "localisation"))
 
 
-def test_every_test_fails_at_least_one_control():
+def test_every_test_is_failed_by_each_control_that_must_fail_it():
     table = trust.trust_table(controls())
-    for test in trust.thresholds(controls()):
-        if test != "completeness":  # asked of IG-type methods only
-            assert any(not table[c][test]["pass"] for c in trust.CONTROLS), test
+    assert set(trust.thresholds(controls())) == {t.name for t in trust.TESTS}
+    for test in trust.TESTS:
+        assert test.must_fail and all(not table[c][test.name]["pass"] for c in test.must_fail), test.name
+    assert trust.uninformative(table) == {}
+
+
+def test_a_test_that_a_must_fail_control_passes_is_named_uninformative():
+    # a one-step IG within tolerance everywhere: completeness then tells nothing on this run
+    summaries = controls(**{"control:ig_1step": summary(**{**GOOD, "completeness_share": 1.0})})
+    table = trust.trust_table(summaries)
+    assert trust.uninformative(table) == {"completeness": ["control:ig_1step"]}
+    assert "completeness is passed by control:ig_1step" in trust.uninformative_lines(table)[0]
+
+
+def test_a_rise_in_complexity_within_the_random_maps_spread_fails_emprt():
+    table = trust.trust_table(controls(ig=summary(**{**GOOD, "efficient_mprt": 0.02}),
+                                       gradcam=summary(**{**GOOD, "efficient_mprt": 0.05})))
+    assert not table["ig"]["efficient_mprt"]["pass"] and table["gradcam"]["efficient_mprt"]["pass"]
+    assert not table["control:random"]["efficient_mprt"]["pass"]  # it passed at the old threshold 0
 
 
 def test_model_free_controls_fail_every_randomisation_test():

@@ -1,6 +1,6 @@
-"""shift.py: how far the test split lies from the training data, measured rather than assumed.
+"""centre_shift.py: how far the test split lies from the training data, measured rather than assumed.
 
-    metrics["shift"] = shift.centre_shift(ds, val_probs, test_probs, colour_reference)
+    metrics["centre_shift"] = centre_shift.centre_shift(ds, val_probs, test_probs, colour_reference)
 
 PathMNIST's test split (CRC-VAL-HE-7K) comes from another clinical centre than its training and
 validation splits (NCT-CRC-HE-100K), and NCT-CRC-HE-100K was split into train and validation at the
