@@ -8,7 +8,8 @@ The exported graph is the BatchNorm-folded inference model (model.fused_for_infe
 to the trained one) with the training normalisation inside, so a caller feeds raw pixels: by
 default uint8 (N, H, W, C) as MedMNIST stores them (`--input uint8-nhwc`), or float (N, C, H, W) in
 [0, 1] (`--input float-nchw`); the batch size is free. It outputs logits; the file's metadata says
-what it is: class names, dataset, size, task, input layout, data MD5 and checkpoint SHA-256.
+what it is: class names, dataset, size, task, input layout, data MD5 and checkpoint SHA-256, and the
+training split's colour statistics (the checkpoint's colour_reference, as JSON) for predict.py's warnings.
 
 Parity is measured through onnxruntime's CPU provider on every test image of the run's dataset:
 float32 against PyTorch (max |logit difference|, argmax agreement), and int8 (onnxruntime's static
@@ -99,10 +100,13 @@ def main(argv=None):
 def export(module, meta, checkpoint_sha256, layout, ds, path):
     """The run's model as ONNX, with the metadata that says what the file is."""
     p = meta["provenance"]
-    to_onnx(module, (module.net.config["in_channels"], ds.size), layout, path, {
+    metadata = {
         "class_names": json.dumps(meta["class_names"]), "dataset": p["dataset"], "flag": p.get("flag", datasets.FLAG),
         "size": str(p["size"]), "task": meta["task"], "synthetic": str(p["synthetic"]), "data_md5": p["md5"],
-        "checkpoint_sha256": checkpoint_sha256, "input": layout, "output": "logits", "describe": datasets.describe(p)})
+        "checkpoint_sha256": checkpoint_sha256, "input": layout, "output": "logits", "describe": datasets.describe(p)}
+    if meta.get("colour_reference"):  # for predict.py's colour warning; older checkpoints have none
+        metadata["colour_reference"] = json.dumps(meta["colour_reference"])
+    to_onnx(module, (module.net.config["in_channels"], ds.size), layout, path, metadata)
 
 
 def to_onnx(module, channels_size, layout, path, metadata):

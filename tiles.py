@@ -9,7 +9,8 @@ input size; MedMNIST does not document its interpolation, so we use antialiased 
 
 input_warnings says when an answer may mean little: an image far smaller than the model's input,
 far larger than a tile, or with colour statistics unlike the training split's (colour.colour_distance,
-with the threshold the checkpoint calibrated on its validation split). A warning is no verdict on
+with the threshold the checkpoint calibrated on its validation split); its sentences live in
+predict.py, which must run without torch and says the same. A warning is no verdict on
 the prediction, and no warning is no guarantee: the check sees colour, not tissue.
 """
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 import cli
 import colour
+import predict
 
 
 class ImageError(cli.UserError):
@@ -28,7 +30,7 @@ class ImageError(cli.UserError):
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-TILE_PX = 224  # PathMNIST's source tiles: 224 x 224 px at 0.5 um/px
+TILE_PX = predict.TILE_PX  # PathMNIST's source tiles: 224 x 224 px at 0.5 um/px
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's decompression-bomb warning limit (89 Mpx): a slide, not a tile
 
 
@@ -96,22 +98,11 @@ def too_large(path, size, error=None):
 
 def input_warnings(image, original, size, colour_reference):
     """Why the model's answer for this input may mean little: a tiny or huge source image, or colour
-    statistics unlike the training split's (colour_reference from the checkpoint, if it has one)."""
-    warnings = []
-    if min(original) < size / 2:
-        warnings.append(f"the image is {original[0]}x{original[1]} px, far smaller than the model's "
-                        f"{size} px input: upsampling invents the detail the model looks at")
-    if max(original) > 4 * TILE_PX:
-        warnings.append(f"the image is {original[0]}x{original[1]} px, far larger than a {TILE_PX} px "
-                        f"tile: its centre square is squeezed to {size} px; crop or tile it first")
-    if colour_reference:
-        distance = float(colour.colour_distance(colour_reference, image[None])[0])
-        if distance > colour_reference["threshold"]:
-            warnings.append(f"its colour statistics lie far from the training images' (distance "
-                            f"{distance:.1f}, above the {colour_reference['threshold']:.1f} that "
-                            f"{colour_reference['percentile']}% of validation images stay under): "
-                            f"another stain, scanner or kind of image")
-    return warnings
+    statistics unlike the training split's (colour_reference from the checkpoint, if it has one). The
+    distance is computed here in torch; the sentences are predict.py's, so predict.py (which cannot
+    import torch) and explain.py warn in the same words."""
+    distance = float(colour.colour_distance(colour_reference, image[None])[0]) if colour_reference else None
+    return predict.warning_sentences(original, size, distance, colour_reference)
 
 
 def image_paths(inputs):

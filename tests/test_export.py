@@ -1,5 +1,5 @@
-"""export.py and predict.py: the model as ONNX, its parity with PyTorch, int8, and a predictor
-that needs no PyTorch."""
+"""export.py: the model as ONNX, its parity with PyTorch, int8, and the metadata that says what the file
+is (predict.py, which reads it, is tested in test_predict.py)."""
 import json
 import subprocess
 import sys
@@ -63,6 +63,7 @@ def test_the_file_says_what_it_is(exported, trained_run):
     assert json.loads(meta["class_names"]) == ckpt["class_names"] and meta["task"] == "multi-class"
     assert meta["size"] == "28" and meta["input"] == "uint8-nhwc" and meta["synthetic"] == "True"
     assert meta["data_md5"] == ckpt["provenance"]["md5"] and len(meta["checkpoint_sha256"]) == 64
+    assert json.loads(meta["colour_reference"]) == ckpt["colour_reference"]  # predict.py's colour warning needs it
 
 
 def test_a_float_nchw_graph_takes_unit_pixels(trained_run, syn_dir, tmp_path):
@@ -81,56 +82,3 @@ def test_a_checkpoint_that_is_not_one_is_refused_with_a_paragraph(tmp_path):
     result = subprocess.run([sys.executable, "export.py", "--checkpoint", str(tmp_path / "bad.pt")], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr and result.stderr.startswith("error: ")
-
-
-# ----------------------------------------------------------------------------- predict.py, without PyTorch
-
-WITHOUT_TORCH = ("import sys, runpy\n"
-                 "sys.modules['torch'] = None  # any import of torch now fails\n"
-                 "sys.argv = ['predict.py', *sys.argv[1:]]\n"
-                 "runpy.run_path('predict.py', run_name='__main__')\n")
-
-
-def predict(*args):
-    return subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-
-
-def test_predict_classifies_image_files_without_torch_as_pytorch_does(exported, trained_run, tmp_path):
-    from PIL import Image
-
-    import tiles
-    out, _ = exported
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(tmp_path / f"tile{i}.png")
-    result = predict(out / "model.onnx", tmp_path)
-    assert result.returncode == 0, result.stderr
-    net, meta = model_lib.load_checkpoint(trained_run / "best.pt")
-    lines = [line for line in result.stdout.splitlines() if line.startswith(str(tmp_path))]
-    assert len(lines) == 3
-    for i, line in enumerate(lines):
-        image, _ = tiles.read_image(tmp_path / f"tile{i}.png", 28)  # explain.py's reading, in PyTorch
-        with torch.no_grad():
-            probs = torch.softmax(net(colour.to_unit(image[None])), 1)[0]
-        top = int(probs.argmax())
-        assert f": {meta['class_names'][top]} ({probs[top]:.1%})" in line
-
-
-def test_predict_says_what_is_wrong_with_an_input_and_goes_on(exported, tmp_path):
-    from PIL import Image
-    out, _ = exported
-    (tmp_path / "notes.png").write_text("not an image")
-    Image.new("RGB", (28, 28), (200, 120, 180)).save(tmp_path / "good.png")
-    result = predict(out / "model.onnx", tmp_path / "notes.png", tmp_path / "good.png")
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "notes.png could not be read as an image" in result.stderr and "good.png: " in result.stdout
-
-
-def test_the_predictor_refuses_an_array_of_the_wrong_shape_or_channels(exported):
-    import predict as predictor
-    out, _ = exported
-    model = predictor.Model(out / "model.onnx")
-    for bad in (np.zeros((1, 28, 28, 1), np.uint8), np.zeros((1, 32, 32, 3), np.uint8), np.zeros((1, 28, 28, 3))):
-        with pytest.raises(predictor.PredictError, match=r"takes uint8 images of shape \(N, 28, 28, 3\)"):
-            model.probabilities(bad)
