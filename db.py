@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 import cli
+import formats
 from schema import (
     EXPLANATION_COLUMNS,
     EXPLANATION_REALS,
@@ -525,16 +526,16 @@ def summary(conn, describe, relative_error):
         lines.append(f"  IG settings: {json.dumps(run['ig_settings'], sort_keys=True)}")
         if run["metrics"]:
             m = run["metrics"]
-            lines.append(f"  test metrics: ACC {m.get('acc', float('nan')):.4f}  "
-                         f"AUC {m.get('auc', float('nan')):.4f}"
-                         f"  (TTA {'on' if m.get('tta') else 'off'})")
+            lines.append(f"  test metrics: ACC {formats.metric(m['acc'])}  AUC {formats.metric(m['auc'])}"
+                         f"  (TTA {'on' if m['tta'] else 'off'})")
         stats = conn.execute(
             "SELECT split, COUNT(*), AVG(correct), AVG(ABS(delta)), "
             "AVG(relative_error(delta, score - baseline_score)) FROM explanations "
             "WHERE run_id = ? AND method = 'ig' GROUP BY split", (run_id,)).fetchall()
         for split, n, acc, mean_delta, rel in stats:
-            lines.append(f"  {split}: {n} explanations, accuracy of stored rows {acc:.4f}, mean |delta| "
-                         f"{mean_delta:.3e}, mean relative completeness error {rel:.2%}")
+            lines.append(f"  {split}: {formats.count(n)} explanations, accuracy of stored rows {formats.metric(acc)}, "
+                         f"mean |delta| {formats.measure(mean_delta)}, mean relative completeness error "
+                         f"{formats.share(rel)}")
             # Multi-label rows have no single true class: group them by the predicted label instead.
             multi = run["task"].startswith("multi-label")
             by, what = ("pred_label", "top label right") if multi else ("true_label", "accuracy")
@@ -546,7 +547,7 @@ def summary(conn, describe, relative_error):
                 lines.append("    by predicted (highest-scoring) label:")
             for label, count, class_acc in per_class:
                 name = run["class_names"][label]
-                lines.append(f"    {label} {name:38s} {count:6d} rows  {what} {class_acc:.3f}")
+                lines.append(f"    {label} {name:38s} {count:6d} rows  {what} {formats.metric(class_acc)}")
         others = conn.execute("SELECT method, COUNT(*) FROM explanations WHERE run_id = ? AND method != 'ig' "
                               "GROUP BY method ORDER BY method", (run_id,)).fetchall()
         if others:
@@ -556,8 +557,9 @@ def summary(conn, describe, relative_error):
             "AVG(insertion_auc_random), AVG(randomization_spearman) FROM quality WHERE run_id = ? "
             "GROUP BY method ORDER BY method", (run_id,)).fetchall()
         for method, n, dele, dele_r, ins, ins_r, rho in quality:
-            lines.append(f"  quality {method}: {n} images, deletion AUC {dele:.3f} (random {dele_r:.3f}), "
-                         f"insertion AUC {ins:.3f} (random {ins_r:.3f}), randomised |map| Spearman {rho:.2f}")
+            lines.append(f"  quality {method}: {n} images, deletion AUC {formats.measure(dele)} (random "
+                         f"{formats.measure(dele_r)}), insertion AUC {formats.measure(ins)} (random "
+                         f"{formats.measure(ins_r)}), randomised |map| Spearman {formats.measure(rho)}")
     return "\n".join(lines) if lines else "The database holds no runs yet."
 
 

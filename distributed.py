@@ -75,10 +75,9 @@ def start(device_arg="auto"):
 
 def stop(ctx, finished=True):
     """Leave the process group; after `finished` work, first wait for every rank, so that no rank
-    tears its connections down while another still uses them (gloo aborts on that). A
-    DistributedDataParallel wrapper left in a reference cycle may keep the group's gloo threads
-    alive past destroy_process_group, into the interpreter's exit (suspected of an abort seen in 1 of
-    125 two-rank runs of a test script), so garbage is collected first."""
+    tears its connections down while another still uses them (gloo aborts on that). Garbage is
+    collected first: a DistributedDataParallel wrapper left in a reference cycle could keep the
+    group's gloo threads alive past destroy_process_group, into the interpreter's exit."""
     if ctx.launched and dist.is_initialized():
         gc.collect()
         if finished:

@@ -17,7 +17,7 @@ requirements.txt's). The steps, each timed and each with its checks:
    single process's;
 5. bench.py --quick --no-memory on the device, against MedMNIST's ResNet-18 there.
 It writes <out>/gpu_check.json: the machine (GPU, driver, torch, CUDA), every figure, every check's
-pass or fail, and the issue's speed targets beside what was measured. It exits 1 if a check failed.
+pass or fail, and the GPU speed goals beside what was measured. It exits 1 if a check failed.
 """
 import argparse
 import csv
@@ -50,7 +50,7 @@ FULL = {"small": synthetic.COUNTS, "sizes": (28, 64), "compile": (False, True), 
         "big": PATHMNIST_COUNTS, "share_224": 0.10, "size_224": 224, "quality": 200}
 DRY = {"small": {"train": 256, "val": 64, "test": 64}, "sizes": (28, 64), "compile": (False,), "epochs": 1,
        "big": {"train": 512, "val": 64, "test": 96}, "share_224": 0.5, "size_224": 64, "quality": 8}
-TARGETS = {"train_img_s_28": 100_000, "ig_attr_s": 20_000}  # issue 23's targets, for the report only
+TARGETS = {"train_img_s_28": 100_000, "ig_attr_s": 20_000}  # the GPU speed goals, reported beside the numbers
 METHODS = attr.DEFAULT_METHODS  # evaluate.py's default methods, each timed
 
 
@@ -266,7 +266,7 @@ def bench(cfg, work, device, checks):
 
 
 def targets(steps):
-    """The issue's speed targets beside what was measured (for the report; not checks: CPU cannot meet them)."""
+    """The GPU speed goals beside what was measured (for the report; not checks: CPU cannot meet them)."""
     measured = {"train_img_s_28": steps.get("full_epoch", {}).get("28", {}).get("img_s"),
                 "ig_attr_s": steps.get("evaluate", {}).get("attr_s", {}).get("ig")}
     return {k: {"target": t, "measured": measured[k], "met": measured[k] is not None and measured[k] >= t}

@@ -258,8 +258,8 @@ def layer_costs(model, size=28):
     """[(layer name, output shape, params, MACs)] for one size x size image, plus the totals row.
 
     MACs are counted by forward hooks on what actually runs (multiply_adds). Not by FlopCounterMode:
-    entering it imports torch._dynamo and sympy, 70 MB that evaluate.py would then hold to its end
-    (issue 26); tests/test_model.py checks that the two counts agree.
+    entering it imports torch._dynamo and sympy, 70 MB that evaluate.py would then hold to its end;
+    tests/test_model.py checks that the two counts agree.
     """
     rows, shapes, macs = [], {}, {}
 

@@ -171,7 +171,7 @@ def warning_sentences(original, size, distance=None, colour_reference=None):
                         f"{size} px input: upsampling invents the detail the model looks at")
     if max(original) > 4 * TILE_PX:
         warnings.append(f"the image is {original[0]}x{original[1]} px, far larger than a {TILE_PX} px "
-                        f"tile: its centre square is squeezed to {size} px; crop or tile it first")
+                        f"tile: its centre square is squeezed to {size} px, so crop or tile it first")
     if colour_reference and distance > colour_reference["threshold"]:
         warnings.append(f"its colour statistics lie far from the training images' (distance "
                         f"{distance:.1f}, above the {colour_reference['threshold']:.1f} that "

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import cli
 import datasets
+import formats
 import realdata
 import trust
 from files import write_text
@@ -112,16 +113,16 @@ def summary(flag, results):
              "| model | ACC mean ± sd | AUC mean ± sd | runs: ACC (95% CI) / AUC (95% CI) |", "|---|---|---|---|"]
     for arch, runs in results.items():
         acc, auc = mean_sd([m["acc"] for m in runs]), mean_sd([m["auc"] for m in runs])
-        each = "; ".join(f"{m['acc']:.3f} ({m['acc_ci95'][0]:.3f}–{m['acc_ci95'][1]:.3f}) / {m['auc']:.3f} "
-                         f"({m['auc_ci95'][0]:.3f}–{m['auc_ci95'][1]:.3f})" for m in runs)
-        lines.append(f"| {arch} (this repo's train.py, real) | {acc[0]:.3f} ± {acc[1]:.3f} | "
-                     f"{auc[0]:.3f} ± {auc[1]:.3f} | {each} |")
-    for name, (acc, auc) in PUBLISHED.get(flag, {}).items():
+        each = "; ".join(f"{formats.metric(m['acc'])} ({formats.interval(m['acc_ci95'])}) / "
+                         f"{formats.metric(m['auc'])} ({formats.interval(m['auc_ci95'])})" for m in runs)
+        lines.append(f"| {arch} (this repo's train.py, real) | {formats.metric(acc[0])} ± {formats.metric(acc[1])} | "
+                     f"{formats.metric(auc[0])} ± {formats.metric(auc[1])} | {each} |")
+    for name, (acc, auc) in PUBLISHED.get(flag, {}).items():  # as published: three decimals
         lines.append(f"| {name}, published (MedMNIST v2, Table 3) | {acc:.3f} | {auc:.3f} | — |")
     lines += ["", "Explanation quality: each published test's value, the mean over the seeds, and in how many "
               "seeds it passed (trust.py; thresholds set per run by its controls):", ""]
     for arch, runs in results.items():
-        tables = [m.get("trust") or {} for m in runs]
+        tables = [m["trust"] for m in runs]
         tests = [t for t in trust.TESTS if any(t.name in row for table in tables for row in table.values())]
         if not tests:
             continue
@@ -130,10 +131,10 @@ def summary(flag, results):
             cells = []
             for t in tests:
                 found = [table[method][t.name] for table in tables if t.name in table.get(method, {})]
-                cells.append(f"{statistics.fmean(f['value'] for f in found):.3f} ({sum(f['pass'] for f in found)}/"
-                             f"{len(found)})" if found else "—")
+                cells.append(f"{trust.shown(t.name, statistics.fmean(f['value'] for f in found))} "
+                             f"({sum(f['pass'] for f in found)}/{len(found)})" if found else "—")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        lines += ["", f"Recommended, seed by seed: {', '.join(str(m.get('recommended')) for m in runs)}", ""]
+        lines += ["", f"Recommended, seed by seed: {', '.join(str(m['recommended']) for m in runs)}", ""]
     return "\n".join(lines) + "\n"
 
 

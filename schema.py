@@ -1,16 +1,8 @@
-"""schema.py: the explanation store's tables, as they are now (version 8) and how older files migrate.
+"""schema.py: the explanation store's tables (version 8) and the migrations from older files.
 
-Version 1 had the first two tables; version 2 added `quality`; version 3 stores each randomisation
-stage's name with its correlation; version 4 serves every MedMNIST 2D dataset (runs.flag, runs.task,
-runs.data_verified; explanations.true_labels and explanations.correct for multi-label data); version
-5 keys explanations by attribution method too and stores every randomisation mode
-(quality.randomization); version 6 names IG's settings by what they are ("rule" for the integration
-rule, "attribute" for the explained output); version 7 adds the published tests' per-image values
-to `quality` (NULL in rows stored before, which the next quality pass completes); version 8 names
-the randomisation stages in both JSON columns as metrics.json and the figures do ("conv block 5",
-not the module name "features.4"; model.layer_label). db.connect
-migrates an older file in place, each step in one transaction, keeping every row. SCHEMA_V1 and
-each migration are history: they stay as they were.
+db.connect migrates an older file in place, each step in one transaction, keeping every row; each
+step is in MIGRATIONS with a comment on what it changes. SCHEMA_V1 and the migrations are the record
+of how older files were written: they stay as they are, and a new version adds a step.
 
 runs: one row per (checkpoint, IG settings); rerunning evaluate.py with both unchanged reuses it.
     run_id             INTEGER PRIMARY KEY
@@ -159,6 +151,11 @@ def label_randomization_layers(conn):
 
 
 # MIGRATIONS[v] takes a version-v database to version v + 1: SQL, or a function of the connection.
+# 1->2 adds `quality`; 2->3 names each randomisation stage beside its correlation; 3->4 serves every
+# MedMNIST 2D dataset (runs.flag, task, data_verified; explanations.true_labels, correct); 4->5 keys
+# explanations by method too and adds quality.randomization; 5->6 names IG's settings "rule" and
+# "attribute"; 6->7 adds the published tests' columns (NULL until the next quality pass completes
+# them); 7->8 labels the randomisation stages as metrics.json and the figures do ("conv block 5").
 MIGRATIONS = {1: """
 CREATE TABLE quality (
     run_id INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,

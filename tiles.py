@@ -1,7 +1,7 @@
 """tiles.py: image files as model input, and what makes an input one the model was not made for.
 
-    import tiles; image, original_size = tiles.read_image("tile.png", 28)      # (3, 28, 28) uint8
-    import tiles; image, original_size = tiles.read_image("xray.png", 28, 1)   # (1, 28, 28) greyscale
+    tile = tiles.read_tile("tile.png", 28)        # tile.image: (3, 28, 28) uint8; tile.shown: as read, for figures
+    tile = tiles.read_tile("xray.png", 28, 1)     # (1, 28, 28) greyscale
 
 Image files may be PNG, JPEG or TIFF of any size and mode (grayscale, RGBA, 16-bit). Like PathMNIST
 (built from square 224x224 tiles) they are centre-cropped to a square and resized to the model's
@@ -48,19 +48,13 @@ class Tile:
 
 
 def read_tile(path, size, channels=3):
-    """A Tile of any PNG/JPEG/TIFF (read_image's rules), with the square as read for figures."""
+    """Any PNG/JPEG/TIFF as a Tile: first frame, 8-bit RGB on white (converted to greyscale, ITU-R
+    601 luma, for a 1-channel model), centre-cropped square, resized to `size` for the model, and
+    that square as read (at most SHOWN_PX a side) for figures."""
     square, original = read_square(path, channels)
     shown = square.resize((SHOWN_PX, SHOWN_PX), Image.Resampling.BICUBIC) if square.width > SHOWN_PX else square
     return Tile(Path(path), to_tensor(square.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)),
                 original, to_tensor(shown))
-
-
-def read_image(path, size, channels=3):
-    """Any PNG/JPEG/TIFF -> (uint8 (channels, size, size), (width, height) as read): first frame,
-    8-bit RGB on white (converted to greyscale, ITU-R 601 luma, for a 1-channel model),
-    centre-cropped square, resized."""
-    square, original = read_square(path, channels)
-    return to_tensor(square.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)), original
 
 
 def read_square(path, channels):

@@ -19,12 +19,21 @@ import synthetic
 import train
 
 SMALL = {"train": 1500, "val": 300, "test": 300}
+# torch's threads per test process: the machine's two cores go to pytest-xdist's two workers, one
+# each (two threads each would ask for four cores); one process alone gets both
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 TRAINED_EPOCHS = 10  # the synthetic motifs take about 10 small-batch epochs to learn (val ACC ~0.96)
 
 
 @pytest.fixture(autouse=True)
-def _two_threads():
-    torch.set_num_threads(2)
+def _threads():
+    torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(scope="session")
+def threads():
+    """--threads for the scripts a test runs: THREADS, as text."""
+    return str(THREADS)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -91,9 +100,9 @@ def syn_dir(tmp_path_factory):
 
 
 def train_args(data_dir, out, *extra):
-    """train.py's argv for a quiet 2-thread synthetic run in `out`, plus `extra` flags."""
+    """train.py's argv for a quiet synthetic run in `out` on THREADS threads, plus `extra` flags."""
     return ["--synthetic", "--data-dir", str(data_dir), "--out", str(out),
-            "--figures", str(out / "images"), "--threads", "2", *extra]
+            "--figures", str(out / "images"), "--threads", str(THREADS), *extra]
 
 
 @pytest.fixture(scope="session")

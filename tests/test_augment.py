@@ -85,7 +85,7 @@ def real_he(realdata):
     import tiles
     folders = ("nct-crc-he-100k", "crc-val-he-7k", "pathmnist-28")
     files = [f for folder in folders for f in sorted((realdata / folder).iterdir())]
-    images = colour.to_unit(torch.stack([tiles.read_image(f, 28)[0] for f in files]))
+    images = colour.to_unit(torch.stack([tiles.read_tile(f, 28).image for f in files]))
     chroma, tissue = od_chromaticity(images)
     rich = tissue >= 0.5
     source = np.array([f.parent.name for f in files])

@@ -18,6 +18,7 @@ import db
 import distributed
 import engine
 import model as model_lib
+import quality
 import train
 
 pytestmark = pytest.mark.trains  # every test here trains a model
@@ -110,13 +111,13 @@ def epoch(args, ctx):
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 3))  # no BatchNorm, no dropout
     step = torch.nn.parallel.DistributedDataParallel(net) if ctx.world_size > 1 else net
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
-    loss, acc = engine.train_epoch(step, "multi-class", split, opt, torch.Generator().manual_seed(0), args,
-                                  ctx.device, 1, torch.amp.GradScaler("cpu", enabled=False), ctx)
+    steps = engine.Steps(step, "multi-class", opt, torch.amp.GradScaler("cpu", enabled=False), "off")
+    loss, acc = engine.train_epoch(steps, split, 7, augment.NONE, 1, torch.Generator().manual_seed(0), ctx)
     if ctx.main:
         torch.save({{"weights": net.state_dict(), "loss": loss, "acc": acc}}, sys.argv[1])
 
 
-distributed.run(epoch, argparse.Namespace(batch_size=7, augment=augment.NONE, amp="off", lr=0.5, device="cpu"))
+distributed.run(epoch, argparse.Namespace(device="cpu"))
 """
 
 
@@ -208,7 +209,7 @@ def test_two_process_evaluate_stores_the_same_rows_as_one(evaluated_both_ways):
     one, two = (stored(evaluated_both_ways[n] / "explanations.db") for n in (1, 2))
     explained = json.loads((evaluated_both_ways[1] / "metrics.json").read_text())["effective"]["explain"]
     assert explained >= 70 and len(one["explanations"]) == explained * 4  # with the model's errors (--explain-errors)
-    assert len(one["quality"]) == 30 * 7  # 4 methods + 3 controls
+    assert len(one["quality"]) == 30 * (4 + len(quality.CONTROLS))  # 4 methods and the controls
     for table in one:
         assert one[table].keys() == two[table].keys()
         for key, row in one[table].items():
@@ -228,6 +229,7 @@ def test_two_process_evaluate_gives_the_same_metrics_as_one(evaluated_both_ways)
         m.pop("checkpoint")  # the path of each copy
         m["store"].pop("db")  # and of its store
         m.pop("commands")  # which name those paths
+    assert (one.pop("evaluated_on")["world_size"], two.pop("evaluated_on")["world_size"]) == (1, 2)
     assert two == one
 
 

@@ -22,6 +22,7 @@ import explanations
 import model as model_lib
 import quality
 import synthetic
+import train
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_METHODS = list(attr.DEFAULT_METHODS)  # what evaluated_run stores, for each image
@@ -253,8 +254,12 @@ def untrained_run(syn_dir, tmp_path_factory):
     torch.manual_seed(3)
     net = model_lib.build(mean=colour.channel_stats(ds.train.images)[0])
     path = tmp_path_factory.mktemp("untrained") / "best.pt"
-    model_lib.save_checkpoint(path, net.eval(), {"class_names": ds.class_names,
-                                                 "provenance": ds.provenance(), "best_epoch": None})
+    args = train.parse_args(["--synthetic"])  # the metadata train.py writes, for a model it never trained
+    model_lib.save_checkpoint(path, net.eval(), {
+        "class_names": ds.class_names, "task": ds.task, "provenance": ds.provenance(),
+        "settings": {**{k: getattr(args, k) for k in train.RESULT_SETTINGS if k != "world_size"}, "world_size": 1},
+        "colour_reference": colour.colour_reference(ds.train.images, ds.val.images), "history": [],
+        "best_epoch": None, "torch": str(torch.__version__)})
     return path
 
 
@@ -336,7 +341,7 @@ def test_methods_all_stores_scores_and_draws_every_method_beside_the_controls(tr
     assert db.explanation_methods(conn, run) == ["ig", *sorted(list(attr.METHODS)[1:])]
     assert all(len(db.done_indices(conn, run, "test", method)) == 24 for method in attr.METHODS)
     assert sorted(m["explanations"]) == sorted(attr.METHODS)
-    assert sorted(m["controls"]) == ["control:edge", "control:input", "control:random"]
+    assert sorted(m["controls"]) == ["control:edge", "control:ig_1step", "control:input", "control:random"]
     scored = [e["quality"] for e in m["explanations"].values()] + list(m["controls"].values())
     assert all(q["images"] == 12 and set(q["randomization_modes"]) == {"top_down", "bottom_up", "single"}
                for q in scored)
@@ -362,5 +367,5 @@ def test_medmnists_resnet18_trains_and_is_explained_through_the_same_scripts(tmp
                        "--quality", "2", "--methods", "ig,gradcam", "--threads", "2", "--explain-errors", "0"])
     assert m["params"] == 11_689_512 - 9_408 - 513_000 + 1_728 + 4_617  # see test_bench
     assert m["explanations"]["ig"]["quality"]["completeness_images"] == 4
-    assert set(m["explanations"]) == {"ig", "gradcam"} and len(m["controls"]) == 3
+    assert set(m["explanations"]) == {"ig", "gradcam"} and len(m["controls"]) == len(quality.CONTROLS)
     assert list(m["explanations"]["ig"]["quality"]["randomization_modes"]["top_down"])[:2] == ["classifier", "layer4"]

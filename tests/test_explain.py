@@ -34,7 +34,7 @@ def test_cli_explains_png_gray_jpeg_rgba_and_16_bit_tiff(tmp_path, trained_run, 
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("top-3:") == 4
     for stem, name in (("rgb", "rgb.png"), ("gray", "gray.jpg"), ("rgba", "rgba.png"), ("d16", "d16.tif")):
-        image, _ = tiles.read_image(tmp_path / name, 28)
+        image = tiles.read_tile(tmp_path / name, 28).image
         assert pixels_in_the_colours_of(tmp_path / "out" / f"{stem}_ig.png", image) > 1000, stem
 
 
@@ -129,24 +129,25 @@ def test_cli_explains_real_nct_tiff_and_crc_png_tiles_read_down_to_the_models_si
     assert [Path(r["file"]).name for r in rows] == [tiff.name, png.name]
     for row, path in zip(rows, (tiff, png), strict=True):
         assert float(row["completeness_error"]) <= 0.05
-        image, original = tiles.read_image(path, 28)
+        tile = tiles.read_tile(path, 28)
+        image, original = tile.image, tile.original
         assert original == (224, 224)  # a 224 px tile, read down to 28 px as PathMNIST was made
         assert pixels_in_the_colours_of(tmp_path / f"{path.stem}_ig.png", image) > 1000
 
 
 @pytest.mark.trains
-def test_a_one_channel_model_explains_a_real_rgb_tile_in_greyscale(tmp_path, syn_dir, realdata):
+def test_a_one_channel_model_explains_a_real_rgb_tile_in_greyscale(tmp_path, syn_dir, realdata, threads):
     import train
     grey_dir = tmp_path / "data"
     synthetic.write_synthetic(grey_dir / datasets.synthetic_file_name(28, "pneumoniamnist"), 28,
                          counts={"train": 64, "val": 16, "test": 16}, flag="pneumoniamnist")
     train.main(["--flag", "pneumoniamnist", "--synthetic", "--data-dir", str(grey_dir),
-                "--out", str(tmp_path / "run"), "--epochs", "1", "--threads", "2"])
+                "--out", str(tmp_path / "run"), "--epochs", "1", "--threads", threads])
     tile = realdata / "nct-crc-he-100k" / "LYM-AATTSRNN.tif"
     result = run_cli(str(tile), "--checkpoint", str(tmp_path / "run" / "best.pt"), "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
-    grey, _ = tiles.read_image(tile, 28, channels=1)
-    rgb, _ = tiles.read_image(tile, 28)
+    grey = tiles.read_tile(tile, 28, channels=1).image
+    rgb = tiles.read_tile(tile, 28).image
     # ITU-R 601 luma of the RGB read, worked out here; resizing before or after converting differs
     # only by rounding.
     luma = (0.299 * rgb[0].double() + 0.587 * rgb[1].double() + 0.114 * rgb[2].double())

@@ -19,22 +19,22 @@ pytestmark = pytest.mark.trains  # every test here trains a model
 COUNTS = {"train": 1500, "val": 200, "test": 200}
 
 
-def run_flag(flag, root):
+def run_flag(flag, root, threads):
     """Train 8 epochs (batch 32) on a small synthetic set of `flag`, then evaluate.py; (run dir, data dir, metrics)."""
     data_dir, run_dir = root / "data", root / "run"
     synthetic.write_synthetic(data_dir / datasets.synthetic_file_name(28, flag), 28, counts=COUNTS, seed=0, flag=flag)
     train.main(["--flag", flag, "--synthetic", "--data-dir", str(data_dir), "--out", str(run_dir),
-                "--epochs", "8", "--batch-size", "32", "--threads", "2"])
+                "--epochs", "8", "--batch-size", "32", "--threads", threads])
     metrics = evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(data_dir),
                              "--explain", "24", "--quality", "8", "--methods", "ig",
-                             "--explain-errors", "0"])
+                             "--explain-errors", "0", "--threads", threads])
     return run_dir, data_dir, metrics
 
 
 @pytest.fixture(scope="module", params=datasets.FLAGS)
-def flag_run(request, tmp_path_factory):
+def flag_run(request, tmp_path_factory, threads):
     flag = request.param
-    return (flag, *run_flag(flag, tmp_path_factory.mktemp(flag)))
+    return (flag, *run_flag(flag, tmp_path_factory.mktemp(flag), threads))
 
 
 def independent_probabilities(run_dir, data_dir, flag):

@@ -112,3 +112,19 @@ def test_ece_measures_overconfidence():
     probs[:, 0] = 0.95
     labels = np.array([0] * 5 + [1] * 5)  # 95% confident, 50% right
     assert metrics.expected_calibration_error(probs, labels) == pytest.approx(0.45)
+
+
+@pytest.mark.parametrize("task, shape", [("multi-class", 9), ("ordinal-regression", 5), ("binary-class", 2),
+                                         ("multi-label, binary-class", 14)])
+def test_rank_auc_equals_medmnists_get_auc_ties_included(task, shape):
+    from medmnist.evaluator import getAUC
+    rng = np.random.default_rng(1)
+    n = 300
+    scores = np.round(rng.random((n, shape)), 2)  # two decimals: many tied scores
+    labels = (rng.random((n, shape)) < 0.3).astype(int) if task.startswith("multi-label") else rng.integers(0, shape, n)
+    assert metrics.rank_auc(labels, scores, task) == pytest.approx(getAUC(labels, scores, task), abs=1e-12)
+
+
+def test_rank_auc_has_no_value_where_a_class_is_missing():
+    labels, scores = np.array([0, 0, 1, 1]), np.random.default_rng(0).random((4, 3))  # class 2 absent
+    assert metrics.rank_auc(labels, scores, "multi-class") is None

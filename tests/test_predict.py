@@ -96,7 +96,8 @@ def test_predict_warns_about_an_input_as_explain_does(batch, trained_run):
     _, meta = model_lib.load_checkpoint(trained_run / "best.pt")
     by_file = {row["file"]: row for row in rows}
     for name, expected_kind in WARNED.items():
-        image, original = tiles.read_image(folder / name, 28)  # explain.py's reading and check, in torch
+        tile = tiles.read_tile(folder / name, 28)  # explain.py's reading and check, in torch
+        image, original = tile.image, tile.original
         expected = tiles.input_warnings(image, original, 28, meta["colour_reference"])
         # joined as explain.py's CSV joins them (not split back: one sentence holds a "; " itself)
         assert by_file[str(folder / name)]["warnings"] == "; ".join(expected), name
@@ -176,7 +177,7 @@ def test_predict_classifies_image_files_without_torch_as_pytorch_does(exported, 
     lines = [line for line in result.stdout.splitlines() if line.startswith(str(tmp_path))]
     assert len(lines) == 3
     for i, line in enumerate(lines):
-        image, _ = tiles.read_image(tmp_path / f"tile{i}.png", 28)  # explain.py's reading, in PyTorch
+        image = tiles.read_tile(tmp_path / f"tile{i}.png", 28).image  # explain.py's reading, in PyTorch
         with torch.no_grad():
             probs = torch.softmax(net(colour.to_unit(image[None])), 1)[0]
         top = int(probs.argmax())

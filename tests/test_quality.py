@@ -109,7 +109,7 @@ def test_quality_rows_are_stored_once_per_image_and_method(evaluated_run, syn_di
     run_dir, metrics = evaluated_run
     conn = db.connect(run_dir / "explanations.db", create=False)
     count = lambda: conn.execute("SELECT COUNT(*) FROM quality").fetchone()[0]  # noqa: E731
-    rows_per_image = len(list(attr.DEFAULT_METHODS)) + 3  # the default methods and three controls
+    rows_per_image = len(attr.DEFAULT_METHODS) + len(quality_lib.CONTROLS)  # the default methods and the controls
     assert count() == 60 * rows_per_image
     evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(syn_dir), "--explain", "60",
                    "--figures", str(run_dir / "images")])

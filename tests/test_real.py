@@ -14,12 +14,12 @@ def snapshot(folder):
 
 
 @pytest.fixture(scope="module")
-def real_run(realdata, tmp_path_factory):
+def real_run(realdata, tmp_path_factory, threads):
     """real.py for this repo's model, one seed, 12 epochs, on the real file where it lies."""
     out = tmp_path_factory.mktemp("real")
     before = snapshot(realdata)
     real.main(["--archs", "tissuecnn", "--seeds", "0", "--epochs", "12", "--explain", "40", "--quality", "0",
-               "--out", str(out), "--threads", "2"])
+               "--out", str(out), "--threads", threads])
     return out, before, snapshot(realdata)
 
 

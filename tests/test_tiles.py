@@ -11,14 +11,14 @@ import tiles
 
 def test_png_is_read_in_true_colours_at_the_model_size(tmp_path):
     Image.new("RGB", (224, 224), (200, 100, 50)).save(tmp_path / "a.png")
-    img, _ = tiles.read_image(tmp_path / "a.png", 28)
+    img = tiles.read_tile(tmp_path / "a.png", 28).image
     assert img.shape == (3, 28, 28) and img.dtype == torch.uint8
     assert img[:, 14, 14].tolist() == [200, 100, 50]
 
 
 def test_grayscale_jpeg_becomes_three_equal_channels(tmp_path):
     Image.new("L", (100, 60), 90).save(tmp_path / "g.jpg")
-    img, _ = tiles.read_image(tmp_path / "g.jpg", 28)
+    img = tiles.read_tile(tmp_path / "g.jpg", 28).image
     assert img.shape == (3, 28, 28)
     assert torch.equal(img[0], img[1]) and torch.equal(img[1], img[2])
 
@@ -28,7 +28,7 @@ def test_transparent_pixels_of_rgba_become_white_glass(tmp_path):
     arr[..., :3] = (150, 50, 150)
     arr[:, 25:, 3] = 255  # left half transparent
     Image.fromarray(arr, "RGBA").save(tmp_path / "t.png")
-    img, _ = tiles.read_image(tmp_path / "t.png", 28)
+    img = tiles.read_tile(tmp_path / "t.png", 28).image
     assert img[:, 14, 2].tolist() == [255, 255, 255]
     assert img[:, 14, 25].tolist() == [150, 50, 150]
 
@@ -36,7 +36,7 @@ def test_transparent_pixels_of_rgba_become_white_glass(tmp_path):
 def test_16_bit_tiff_is_rescaled_not_clipped(tmp_path):
     arr = np.full((64, 64), 32896, np.uint16)  # half of 65535, i.e. 128 in 8 bits
     Image.fromarray(arr).save(tmp_path / "d.tif")
-    img, _ = tiles.read_image(tmp_path / "d.tif", 28)
+    img = tiles.read_tile(tmp_path / "d.tif", 28).image
     assert img.unique().tolist() == [128]
 
 
@@ -44,13 +44,13 @@ def test_non_square_images_are_centre_cropped(tmp_path):
     arr = np.zeros((40, 120, 3), np.uint8)
     arr[:, 40:80] = 255  # only the centre square is white
     Image.fromarray(arr).save(tmp_path / "w.png")
-    assert tiles.read_image(tmp_path / "w.png", 28)[0].float().mean() > 250
+    assert tiles.read_tile(tmp_path / "w.png", 28).image.float().mean() > 250
 
 
 def test_non_image_file_is_an_explain_error(tmp_path):
     (tmp_path / "x.png").write_text("not an image")
     with pytest.raises(tiles.ImageError, match="could not be read as an image"):
-        tiles.read_image(tmp_path / "x.png", 28)
+        tiles.read_tile(tmp_path / "x.png", 28)
 
 
 @pytest.mark.parametrize("side", [12, 20])  # 144 px: past PIL's warning limit (100); 400 px: past its error limit (200)
@@ -59,7 +59,7 @@ def test_an_image_too_large_to_be_a_tile_is_refused_with_a_paragraph_before_deco
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     monkeypatch.setattr(tiles, "MAX_PIXELS", 100)
     with pytest.raises(tiles.ImageError, match="a whole slide or its export, not a tile.*cut the slide into tiles"):
-        tiles.read_image(tmp_path / "slide.png", 28)
+        tiles.read_tile(tmp_path / "slide.png", 28)
 
 
 # ----------------------------------------------------------------------------- inputs the model was not made for

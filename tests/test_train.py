@@ -185,9 +185,9 @@ def test_amp_on_cpu_trains_in_bfloat16_and_learns(syn_dir, tmp_path, train_argv,
     assert model_lib.read_checkpoint(tmp_path / "best.pt")["state_dict"]["classifier.weight"].dtype == torch.float32
 
 
-def test_default_run_folder_names_the_dataset_and_size_and_holds_its_figures(syn_dir, tmp_path, monkeypatch):
+def test_default_run_folder_names_the_dataset_and_size_and_holds_its_figures(syn_dir, tmp_path, monkeypatch, threads):
     monkeypatch.chdir(tmp_path)
-    train.main(["--synthetic", "--data-dir", str(syn_dir), "--epochs", "1", "--threads", "2"])
+    train.main(["--synthetic", "--data-dir", str(syn_dir), "--epochs", "1", "--threads", threads])
     run = tmp_path / "runs" / "pathmnist-synthetic_28"
     assert (run / "best.pt").is_file() and (run / "images" / "accuracy_epoch.png").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # no shared images/ folder
@@ -351,7 +351,7 @@ def test_stain_jitter_on_a_one_channel_flag_exits_2_before_any_work(tmp_path):
     assert result.returncode == 2 and "1 channel" in result.stderr and list(tmp_path.iterdir()) == []
 
 
-def test_trust_file_trains_on_a_resaved_copy_and_records_it_unverified(tmp_path, train_argv):
+def test_trust_file_trains_on_a_resaved_copy_and_records_it_unverified(tmp_path, train_argv, threads):
     rng = np.random.default_rng(0)
     arrays = {}
     for split, n in (("train", 64), ("val", 16), ("test", 16)):
@@ -359,7 +359,7 @@ def test_trust_file_trains_on_a_resaved_copy_and_records_it_unverified(tmp_path,
         arrays[f"{split}_labels"] = rng.integers(0, 2, (n, 1))
     np.savez(tmp_path / "pneumoniamnist.npz", **arrays)  # a real-format file, not the published bytes
     argv = ["--flag", "pneumoniamnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"),
-            "--epochs", "1", "--threads", "2"]
+            "--epochs", "1", "--threads", threads]
     with pytest.raises(data.DataError, match="--trust-file"):
         train.main(argv)
     train.main(argv + ["--trust-file"])
@@ -368,7 +368,7 @@ def test_trust_file_trains_on_a_resaved_copy_and_records_it_unverified(tmp_path,
     assert "unverified file" in datasets.describe(meta["provenance"])
 
 
-def test_every_figure_of_a_trusted_file_says_unverified_file(tmp_path, monkeypatch):
+def test_every_figure_of_a_trusted_file_says_unverified_file(tmp_path, monkeypatch, threads):
     import matplotlib.text
 
     import evaluate
@@ -388,7 +388,7 @@ def test_every_figure_of_a_trusted_file_says_unverified_file(tmp_path, monkeypat
     np.savez(tmp_path / "bloodmnist.npz", **arrays)
     run = tmp_path / "run"
     train.main(["--flag", "bloodmnist", "--trust-file", "--data-dir", str(tmp_path), "--out", str(run),
-                "--epochs", "1", "--threads", "2"])
+                "--epochs", "1", "--threads", threads])
     evaluate.main(["--checkpoint", str(run / "best.pt"), "--data-dir", str(tmp_path), "--explain", "8",
                    "--quality", "4"])
     assert set(texts) == {"accuracy_epoch.png", "confusion_matrix.png", "ig_examples.png", "reliability.png",
