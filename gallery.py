@@ -67,12 +67,14 @@ def plot_ig_examples(conn, run_id, ds, path, title):
     """IG on gallery_examples, a row per class, the title saying what was picked (caption). Returns
     {"panels", "classes", "classes_with_error"}: what the figure shows, for metrics.json."""
     rows = gallery_examples(conn, run_id, ds, with_arrays=True)
+    with_error = sum(row[-1] is not None for row in rows)
+    if not with_error:  # no WRONG slot to keep a column for: the figure stays as wide as what it shows
+        rows = [row[:-1] for row in rows]
     panels = [None if e is None else (to_unit(ds.test.images[e[0]["image_index"]]),
                                       attr.stored_attributions([e[0]])[0], e[1]) for row in rows for e in row]
-    shown = {"panels": sum(p is not None for p in panels), "classes": len(rows),
-             "classes_with_error": sum(row[-1] is not None for row in rows)}
+    shown = {"panels": sum(p is not None for p in panels), "classes": len(rows), "classes_with_error": with_error}
     if rows:
-        plots.explanation_figure(panels, path, f"{title}. {caption(shown)}", per_row=GALLERY_CORRECT + 1)
+        plots.explanation_figure(panels, path, f"{title}. {caption(shown)}", per_row=len(rows[0]))
     return shown
 
 
@@ -81,6 +83,7 @@ def caption(shown):
     picked = (f"Per class, {GALLERY_CORRECT} correctly classified test images picked at random (seeded) and the "
               f"most confidently misclassified one.")
     if shown["classes_with_error"] == 0:
-        return f"{picked} No explained test image is misclassified, so no class shows an error."
+        return (f"Per class, {GALLERY_CORRECT} correctly classified test images picked at random (seeded). No "
+                f"explained test image is misclassified, so there is no error to show.")
     return (f"{picked} {shown['classes_with_error']} of the {shown['classes']} classes have a misclassified "
             f"explained image; the others show an empty slot.")

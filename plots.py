@@ -136,7 +136,10 @@ def plot_reliability(probs, labels, multi_label, path, title, n_bins=15):
 
 
 TITLE_WIDTH = 24  # characters per line of a panel title: a 28 px panel is about this wide at fontsize 7
-FLAT_SPREAD = 1e-3  # a map whose |values| vary by less than this share of their largest is drawn as flat
+# a map whose |values| vary by less than this share of their largest is drawn as near-constant: Captum
+# scales |map| from 0 to its top, so such a map would show as one solid colour (seen: a Grad-CAM map
+# of a randomised model varying by 4%)
+FLAT_SPREAD = 0.05
 
 
 def label_text(class_names, true):
@@ -160,8 +163,7 @@ def panel_title(class_names, true, pred, confidence, notes=()):
 
 def flat(attribution):
     """Whether a map is (nearly) constant over the image: its channel-summed |values| vary by under
-    FLAT_SPREAD of their largest. Scaled to its own range, such a map would fill the panel with the
-    colour map's end (a solid dark square), showing structure it does not have."""
+    FLAT_SPREAD of their largest."""
     mass = np.abs(hwc(attribution).astype(np.float64).sum(2))
     top = mass.max()
     return top == 0 or (top - mass.min()) <= FLAT_SPREAD * top
@@ -170,8 +172,8 @@ def flat(attribution):
 def mark_flat(ax):
     """A flat map's panel: blank, saying so, rather than one colour."""
     ax.imshow(np.ones((2, 2, 3)))
-    ax.text(0.5, 0.5, "constant map:\nno spatial\ninformation", ha="center", va="center", fontsize=6,
-            transform=ax.transAxes)
+    ax.text(0.5, 0.5, f"near-constant map:\n|values| vary by\nunder {formats.share(FLAT_SPREAD)}", ha="center",
+            va="center", fontsize=6, transform=ax.transAxes)
 
 
 def draw_explanation(fig, axes, image, attribution, title, scale=None):

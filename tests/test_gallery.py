@@ -1,5 +1,8 @@
 """gallery.py: a row per class with random correct images and the most confident error, from a store built here."""
+from types import SimpleNamespace
+
 import numpy as np
+import torch
 
 import db
 import gallery
@@ -43,3 +46,21 @@ def test_the_correct_images_are_not_just_the_most_confident(tmp_path):
     conn, run = store(tmp_path)
     picks = {tuple(e[0]["image_index"] for e in gallery.gallery_examples(conn, run, Split, correct=2)[0][:2])}
     assert picks != {(4, 5)}  # the two most confident correct images of class a
+
+
+class SplitWithImages(Split):
+    test = SimpleNamespace(images=torch.zeros((9, 3, 2, 2), dtype=torch.uint8))
+
+
+def test_the_caption_says_how_many_classes_show_an_error_and_when_none_does(tmp_path, monkeypatch):
+    conn, run = store(tmp_path)
+    drawn = []
+    monkeypatch.setattr(gallery.plots, "explanation_figure", lambda panels, path, title, per_row: drawn.append(
+        (len(panels), per_row, title)))
+    shown = gallery.plot_ig_examples(conn, run, SplitWithImages, tmp_path / "g.png", "IG")
+    assert shown == {"panels": 4, "classes": 2, "classes_with_error": 1}  # a: 2 + its error; b: 1
+    assert drawn[-1][:2] == (6, 3) and "1 of the 2 classes have a misclassified explained image" in drawn[-1][2]
+    conn.execute("DELETE FROM explanations WHERE correct = 0")  # no error left
+    shown = gallery.plot_ig_examples(conn, run, SplitWithImages, tmp_path / "g.png", "IG")
+    assert shown["classes_with_error"] == 0 and drawn[-1][:2] == (4, 2)  # no empty WRONG column
+    assert "No explained test image is misclassified" in drawn[-1][2]

@@ -144,7 +144,8 @@ def test_a_constant_map_is_drawn_as_a_marked_blank_panel_not_a_solid_square(tmp_
     # scaled to its own range, the map would fill its panel with one colour, as large as the image (22%)
     assert largest_other_colour(pixels(tmp_path / "c.png")) < 0.05
     varied = torch.rand(3, 28, 28, generator=torch.Generator().manual_seed(0))
-    assert plots.flat(constant) and plots.flat(constant + 1e-5 * torch.rand(3, 28, 28)) and not plots.flat(varied)
+    near = constant + 0.01 * torch.rand(3, 28, 28, generator=torch.Generator().manual_seed(1))  # varies by ~3%
+    assert plots.flat(constant) and plots.flat(near) and not plots.flat(varied)
 
 
 def test_a_tile_figure_shows_the_tile_as_read_beside_the_models_input(tmp_path):
