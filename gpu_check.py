@@ -47,9 +47,10 @@ from files import write_json
 ROOT = Path(__file__).resolve().parent
 PATHMNIST_COUNTS = {"train": 89996, "val": 10004, "test": 7180}
 FULL = {"small": synthetic.COUNTS, "sizes": (28, 64), "compile": (False, True), "epochs": 2,
-        "big": PATHMNIST_COUNTS, "share_224": 0.10, "size_224": 224, "quality": 200}
+        "big": PATHMNIST_COUNTS, "share_224": 0.10, "size_224": 224, "quality": 200, "torchrun": (64, 16)}
 DRY = {"small": {"train": 256, "val": 64, "test": 64}, "sizes": (28, 64), "compile": (False,), "epochs": 1,
-       "big": {"train": 512, "val": 64, "test": 96}, "share_224": 0.5, "size_224": 64, "quality": 8}
+       "big": {"train": 512, "val": 64, "test": 96}, "share_224": 0.5, "size_224": 64, "quality": 8,
+       "torchrun": (16, 4)}  # torchrun: images explained, and scored, by both stores
 TARGETS = {"train_img_s_28": 100_000, "ig_attr_s": 20_000}  # the GPU speed goals, reported beside the numbers
 METHODS = attr.DEFAULT_METHODS  # evaluate.py's default methods, each timed
 
@@ -226,8 +227,9 @@ def torchrun(cfg, work, device, checks):
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
     subprocess.run([*launch, str(ROOT / "train.py"), "--synthetic", "--data-dir", str(folder), "--epochs",
                     str(cfg["epochs"]), "--device", device, "--out", str(out)], check=True, cwd=ROOT)
-    args = ["--checkpoint", str(out / "best.pt"), "--data-dir", str(folder), "--device", device, "--explain", "64",
-            "--quality", "16", "--methods", ",".join(METHODS)]
+    explain, scored = cfg["torchrun"]
+    args = ["--checkpoint", str(out / "best.pt"), "--data-dir", str(folder), "--device", device, "--explain",
+            str(explain), "--quality", str(scored), "--methods", ",".join(METHODS)]
     subprocess.run([*launch, str(ROOT / "evaluate.py"), *args, "--db", str(work / "ddp.db"), "--figures",
                     str(work / "ddp_images")], check=True, cwd=ROOT)
     evaluate.main([*args, "--db", str(work / "one.db"), "--figures", str(work / "one_images")])

@@ -110,12 +110,30 @@ def train_argv():
     return train_args
 
 
+def made_once(tmp_path_factory, name, make):
+    """A folder that make(folder) fills once per test session: under pytest-xdist the first worker to
+    get here makes it and the others wait for it, then use it where it lies (FileLock: filelock comes
+    with torch). What it holds must be the same whichever worker makes it (seeded, same threads)."""
+    from filelock import FileLock
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' common folder
+    folder = root / name
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".made").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            make(folder)
+            (folder / ".made").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def trained_run(syn_dir, tmp_path_factory):
     """Run folder of a TRAINED_EPOCHS-epoch training run (batch 32) on the small synthetic set."""
-    out = tmp_path_factory.mktemp("run")
-    train.main(train_args(syn_dir, out, "--epochs", str(TRAINED_EPOCHS), "--batch-size", "32"))
-    return out
+    def make(out):
+        train.main(train_args(syn_dir, out, "--epochs", str(TRAINED_EPOCHS), "--batch-size", "32"))
+    return made_once(tmp_path_factory, "trained_run", make)
 
 
 def write_npz(path, size=28, n=6, **override):
@@ -139,9 +157,13 @@ def make_npz():
 def evaluated_run(trained_run, syn_dir, tmp_path_factory):
     """A copy of the trained run after `evaluate.py --explain 60`: (run dir, metrics). Its own
     folder, so other tests that evaluate the same checkpoint cannot overwrite its outputs."""
+    import json
+
     import evaluate
-    run_dir = tmp_path_factory.mktemp("evaluated")
-    shutil.copy(trained_run / "best.pt", run_dir / "best.pt")
-    metrics = evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(syn_dir),
-                             "--explain", "60", "--figures", str(run_dir / "images")])
-    return run_dir, metrics
+
+    def make(run_dir):
+        shutil.copy(trained_run / "best.pt", run_dir / "best.pt")
+        evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(syn_dir), "--explain", "60",
+                       "--figures", str(run_dir / "images")])
+    run_dir = made_once(tmp_path_factory, "evaluated_run", make)
+    return run_dir, json.loads((run_dir / "metrics.json").read_text())

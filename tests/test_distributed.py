@@ -178,8 +178,8 @@ def test_two_launchers_as_two_nodes_on_localhost_train_together(syn_dir, tmp_pat
 # ----------------------------------------------------------------------------- evaluate.py
 
 def evaluate_args(checkpoint, syn_dir, shard_dir):
-    return ["evaluate.py", "--checkpoint", str(checkpoint), "--data-dir", str(syn_dir), "--explain", "70",
-            "--quality", "30", "--methods", "ig,saliency,gradcam,smoothgrad_sq", "--threads", "1",
+    return ["evaluate.py", "--checkpoint", str(checkpoint), "--data-dir", str(syn_dir), "--explain", "40",
+            "--quality", "12", "--methods", "ig,saliency,gradcam,smoothgrad_sq", "--threads", "1",
             "--shard-dir", str(shard_dir)]
 
 
@@ -208,8 +208,8 @@ def evaluated_both_ways(trained_run, syn_dir, tmp_path_factory):
 def test_two_process_evaluate_stores_the_same_rows_as_one(evaluated_both_ways):
     one, two = (stored(evaluated_both_ways[n] / "explanations.db") for n in (1, 2))
     explained = json.loads((evaluated_both_ways[1] / "metrics.json").read_text())["effective"]["explain"]
-    assert explained >= 70 and len(one["explanations"]) == explained * 4  # with the model's errors (--explain-errors)
-    assert len(one["quality"]) == 30 * (4 + len(quality.CONTROLS))  # 4 methods and the controls
+    assert explained >= 40 and len(one["explanations"]) == explained * 4  # with the model's errors (--explain-errors)
+    assert len(one["quality"]) == 12 * (4 + len(quality.CONTROLS))  # 4 methods and the controls
     for table in one:
         assert one[table].keys() == two[table].keys()
         for key, row in one[table].items():

@@ -333,17 +333,17 @@ def test_tta_is_refused_for_a_model_trained_without_flips(syn_dir, tmp_path, tra
 
 def test_methods_all_stores_scores_and_draws_every_method_beside_the_controls(trained_run, syn_dir, tmp_path, capsys):
     m = evaluate.main(["--checkpoint", str(trained_run / "best.pt"), "--data-dir", str(syn_dir),
-                       "--explain", "24", "--quality", "12", "--methods", "all", "--explain-errors", "0",
+                       "--explain", "8", "--quality", "4", "--methods", "all", "--explain-errors", "0",
                        "--db", str(tmp_path / "e.db"),
                        "--figures", str(tmp_path)])
     conn = db.connect(tmp_path / "e.db", create=False)
     run = m["store"]["run_id"]
     assert db.explanation_methods(conn, run) == ["ig", *sorted(list(attr.METHODS)[1:])]
-    assert all(len(db.done_indices(conn, run, "test", method)) == 24 for method in attr.METHODS)
+    assert all(len(db.done_indices(conn, run, "test", method)) == 8 for method in attr.METHODS)
     assert sorted(m["explanations"]) == sorted(attr.METHODS)
     assert sorted(m["controls"]) == ["control:edge", "control:ig_1step", "control:input", "control:random"]
     scored = [e["quality"] for e in m["explanations"].values()] + list(m["controls"].values())
-    assert all(q["images"] == 12 and set(q["randomization_modes"]) == {"top_down", "bottom_up", "single"}
+    assert all(q["images"] == 4 and set(q["randomization_modes"]) == {"top_down", "bottom_up", "single"}
                for q in scored)
     assert sorted(m["trust"]) == sorted([*attr.METHODS, *m["controls"]])
     table = capsys.readouterr().out
@@ -364,7 +364,7 @@ def test_medmnists_resnet18_trains_and_is_explained_through_the_same_scripts(tmp
     synthetic.write_synthetic(small / "pathmnist_synthetic.npz", 28, counts={"train": 64, "val": 16, "test": 16})
     train.main(train_argv(small, tmp_path / "r18", "--epochs", "1", "--arch", "resnet18", "--batch-size", "32"))
     m = evaluate.main(["--checkpoint", str(tmp_path / "r18" / "best.pt"), "--data-dir", str(small), "--explain", "4",
-                       "--quality", "2", "--methods", "ig,gradcam", "--threads", "2", "--explain-errors", "0"])
+                       "--quality", "1", "--methods", "ig,gradcam", "--threads", "2", "--explain-errors", "0"])
     assert m["params"] == 11_689_512 - 9_408 - 513_000 + 1_728 + 4_617  # see test_bench
     assert m["explanations"]["ig"]["quality"]["completeness_images"] == 4
     assert set(m["explanations"]) == {"ig", "gradcam"} and len(m["controls"]) == len(quality.CONTROLS)

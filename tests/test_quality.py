@@ -138,19 +138,19 @@ def test_smoothgrad_is_compared_on_the_same_measures(trained_run, syn_dir, tmp_p
 
 @pytest.fixture(scope="module")
 def per_method(trained_run, syn_dir):
-    """Quality of each attribution method on the same 60 synthetic test images, with the fully
+    """Quality of each attribution method on the same 40 synthetic test images, with the fully
     randomised model as the only top-down stage (what the assertions below read)."""
     net, meta = model_lib.load_checkpoint(trained_run / "best.pt")
     fused = model_lib.fused_for_inference(net)
     test = data.load_matching(meta["provenance"], syn_dir).test
-    x, labels = colour.to_unit(test.images[:60]), test.labels[:60]
+    x, labels = colour.to_unit(test.images[:40]), test.labels[:40]
     stages = {"top_down": quality_lib.randomized_models(net)[-1:]}
     out = {}
     references = attr.reference_sample(data.load_matching(meta["provenance"], syn_dir).train.images)
     for method in quality_lib.scored_methods(attr.METHODS):
         explainer = attr.explainer(method, attr.DEFAULT_IG, references)
         maps = explainer(fused, x, labels)
-        q = quality_lib.quality_measures(fused, x, labels, maps, explainer, attr.DEFAULT_IG, stages, test.masks[:60])
+        q = quality_lib.quality_measures(fused, x, labels, maps, explainer, attr.DEFAULT_IG, stages, test.masks[:40])
         name = method.name
         out[name] = {"maps": maps, **{k: v.float().mean(0) for k, v in q.items() if k != "randomization"}}
     return out
@@ -159,7 +159,7 @@ def per_method(trained_run, syn_dir):
 @pytest.mark.parametrize("method", attr.METHODS)
 def test_every_method_gives_finite_maps_of_the_inputs_shape(per_method, method):
     maps = per_method[method]["maps"]
-    assert maps.shape == (60, 3, 28, 28) and torch.isfinite(maps).all() and maps.abs().sum() > 0
+    assert maps.shape == (40, 3, 28, 28) and torch.isfinite(maps).all() and maps.abs().sum() > 0
 
 
 @pytest.mark.parametrize("method", ["ig", "saliency", "gradcam"])
