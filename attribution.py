@@ -311,13 +311,13 @@ class Method:
     cannot leave a trait out."""
     name: str
     explain: Callable  # (model, x, target, ig_settings, references) -> map of x's shape
-    family: str  # FAMILIES: "ig" (refined IG; manages its own gradients), "control" (quality.CONTROLS) ...
+    family: str  # FAMILIES: "ig" (IG and its variants: manage their own gradients), "control" (quality.CONTROLS) ...
     complete: str  # COMPLETENESS: maps add up to f(x) - f(reference) for every image, in expectation, or not
     needs_references: bool  # draws its baselines from training images (references)
     baseline: str | None  # the reference it explains against: "run" (the IG settings'), a BASELINES kind, None
     output: str | None  # what it explains, when not the run's attribute setting: an OUTPUTS value; None: the run's
 
-    def settings(self, ig_settings):
+    def own_ig_settings(self, ig_settings):
         """The IG settings this method explains with: its own baseline and output applied."""
         own = {"baseline": self.baseline} if self.baseline not in (None, "run") else {}
         return {**ig_settings, **own, **({"attribute": self.output} if self.output else {})}
@@ -351,7 +351,7 @@ def explainer(method, ig_settings, references=None):
         raise ExplainError(f"{method.name} draws its baselines from the training images, and none were "
                            f"given: run it through evaluate.py, or give explain.py the --data-dir of the "
                            f"model's dataset.")
-    own = method.settings(ig_settings)
+    own = method.own_ig_settings(ig_settings)
 
     def explain(model, x, target):
         if method.family == "ig":  # IG manages its own gradients
@@ -371,7 +371,7 @@ def reference_sample(train_images, n=EG_REFERENCES, seed=0):
 def reference_score(method, model, x, target, ig_settings, references=None):
     """f(reference) for each image, what a complete method's map must add up to with f(x): its
     baseline's output, or for a method with needs_references the mean over the references."""
-    own = method.settings(ig_settings)
+    own = method.own_ig_settings(ig_settings)
     forward = forward_for(model, own["attribute"])
     with torch.no_grad():
         if method.needs_references:

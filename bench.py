@@ -269,8 +269,9 @@ def trim(jobs, n_rows):
 def write_ours(path, jobs):
     """evaluate.py's storage path, one transaction per IG batch. (rows/s, conn, run id, empty size)"""
     conn = db.connect(path)
-    run = db.run_id_for(conn, "bench", "bench.pt", {}, [str(i) for i in range(9)],
-                        {"dataset": "bench", "size": 28, "file": "-", "md5": "-", "synthetic": True}, {})
+    run = db.run_id_for(conn, "bench", "bench.pt", {"task": "multi-class"}, [str(i) for i in range(9)],
+                        {"dataset": "bench", "size": 28, "file": "-", "md5": "-", "synthetic": True,
+                         "flag": "pathmnist", "verified": True}, {})
     empty = db_size(path)
     t0 = time.perf_counter()
     for indices, probs, targets, result in jobs:

@@ -178,7 +178,7 @@ def load_matching(provenance, data_dir="data", memory="auto"):
     """The dataset a checkpoint or DB run was made from, refusing a file with another MD5. A model
     trained with --trust-file is matched to the same unverified file, by its MD5."""
     ds = load(data_dir, provenance["size"], provenance["synthetic"], memory,
-              flag=provenance.get("flag", FLAG), trust_file=not provenance.get("verified", True))
+              flag=provenance["flag"], trust_file=not provenance["verified"])
     if ds.md5 != provenance["md5"]:
         raise DataError(
             f"{ds.path} has MD5 {ds.md5}, but the model was trained and explained on a file with MD5 "

@@ -201,8 +201,8 @@ def run_id_for(conn, checkpoint_sha256, checkpoint_path, model_config, class_nam
             "dataset, flag, task, data_verified, size, data_file, data_md5, synthetic, ig_settings, "
             "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (checkpoint_sha256, str(checkpoint_path), json.dumps(model_config, sort_keys=True),
-             json.dumps(list(class_names)), provenance["dataset"], provenance.get("flag", "pathmnist"),
-             model_config.get("task", "multi-class"), int(provenance.get("verified", True)),
+             json.dumps(list(class_names)), provenance["dataset"], provenance["flag"],
+             model_config["task"], int(provenance["verified"]),
              provenance["size"], provenance["file"], provenance["md5"],
              int(provenance["synthetic"]), settings, now(), now()))
     return conn.execute("SELECT run_id FROM runs WHERE checkpoint_sha256 = ? AND ig_settings = ?",

@@ -98,8 +98,9 @@ def train_epoch(steps, split, batch_size, augmentation, epoch, gen, ctx=distribu
             [loss.item() * len(y), correct_count(logits, y, steps.task), len(y)], ctx)
         if not math.isfinite(batch_loss):
             raise TrainingError(f"The training loss became {batch_loss / n} in epoch {epoch}. The run "
-                                f"stopped; last.pt still holds the previous epoch. Lower --lr "
-                                f"(now {steps.opt.param_groups[0]['lr']}) and check the data for corrupt images.")
+                                f"stopped; last.pt still holds the previous epoch. Lower --lr (the learning rate "
+                                f"was {steps.opt.param_groups[0]['lr']} in this epoch) and check the data for "
+                                f"corrupt images.")
         # DDP averages the ranks' gradients; weighting each rank's mean by its share of the global
         # batch makes that average the gradient of the global batch's mean loss.
         backward_step(loss, steps.opt, steps.scaler, share=len(y) * ctx.world_size / n)

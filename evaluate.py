@@ -190,8 +190,8 @@ def explanation_metrics(conn, run_id, ig_settings, db_path, args, indices, quali
               f"{len(quality_idx)} explained (--explain {args.explain}), and only explained images are scored.")
     summaries, table, rec = (trust.assess(conn, run_id, ig_settings["tolerance"]) if db.quality_methods(conn, run_id)
                              else ({}, {}, None))
-    scored = [m for m in summaries if m not in quality.CONTROLS]  # SmoothGrad over IG has no stored maps
-    methods = db.explanation_methods(conn, run_id) + scored
+    unstored = [m for m in summaries if m not in quality.CONTROLS]  # SmoothGrad over IG has no stored maps
+    methods = db.explanation_methods(conn, run_id) + unstored
     out = {m: {"maps": len(db.done_indices(conn, run_id, "test", m)),
                "quality": summaries.get(m) or quality.quality_summary(conn, run_id, m, ig_settings["tolerance"])}
            for m in dict.fromkeys(["ig", *methods])}

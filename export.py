@@ -27,6 +27,7 @@ import torch
 import cli
 import data
 import datasets
+import formats
 import metrics
 import model as model_lib
 from files import atomic_path, sha256_of, write_json
@@ -101,11 +102,10 @@ def export(module, meta, checkpoint_sha256, layout, ds, path):
     """The run's model as ONNX, with the metadata that says what the file is."""
     p = meta["provenance"]
     metadata = {
-        "class_names": json.dumps(meta["class_names"]), "dataset": p["dataset"], "flag": p.get("flag", datasets.FLAG),
+        "class_names": json.dumps(meta["class_names"]), "dataset": p["dataset"], "flag": p["flag"],
         "size": str(p["size"]), "task": meta["task"], "synthetic": str(p["synthetic"]), "data_md5": p["md5"],
-        "checkpoint_sha256": checkpoint_sha256, "input": layout, "output": "logits", "describe": datasets.describe(p)}
-    if meta.get("colour_reference"):  # for predict.py's colour warning; older checkpoints have none
-        metadata["colour_reference"] = json.dumps(meta["colour_reference"])
+        "checkpoint_sha256": checkpoint_sha256, "input": layout, "output": "logits", "describe": datasets.describe(p),
+        "colour_reference": json.dumps(meta["colour_reference"])}  # for predict.py's colour warning
     to_onnx(module, (module.net.config["in_channels"], ds.size), layout, path, metadata)
 
 
@@ -179,15 +179,18 @@ def quantise(float_path, int8_path, calibration_u8, layout):
 
 def print_report(report, out, int8):
     f = report["float32"]
-    print(f"{out}: float32, max |logit - PyTorch's| {f['max_abs_logit']:.2e} over {report['test_images']} test "
-          f"images, argmax agreement {f['argmax_agreement']:.2%}, ACC {f['acc']:.4f} AUC {f['auc']:.4f} "
-          f"(PyTorch {f['reference_acc']:.4f} / {f['reference_auc']:.4f}); {report['sizes']['float32']:,} bytes "
-          f"(checkpoint {report['sizes']['pytorch_checkpoint']:,})")
+    m = formats.metric
+    print(f"{out}: float32, max |logit - PyTorch's| {formats.measure(f['max_abs_logit'])} over "
+          f"{formats.count(report['test_images'])} test images, argmax agreement "
+          f"{formats.share(f['argmax_agreement'])}, "
+          f"ACC {m(f['acc'])} AUC {m(f['auc'])} (PyTorch {m(f['reference_acc'])} / {m(f['reference_auc'])}); "
+          f"{formats.count(report['sizes']['float32'])} bytes (checkpoint "
+          f"{formats.count(report['sizes']['pytorch_checkpoint'])})")
     if "int8" in report:
         q = report["int8"]
-        print(f"{int8}: int8, argmax agreement with float32 {q['argmax_agreement']:.2%} (needs {INT8_AGREEMENT:.0%}), "
-              f"ACC {q['acc']:.4f} AUC {q['auc']:.4f} (float32 {q['reference_acc']:.4f} / {q['reference_auc']:.4f}); "
-              f"{report['sizes']['int8']:,} bytes")
+        print(f"{int8}: int8, argmax agreement with float32 {formats.share(q['argmax_agreement'])} (needs "
+              f"{formats.share(INT8_AGREEMENT)}), ACC {m(q['acc'])} AUC {m(q['auc'])} (float32 "
+              f"{m(q['reference_acc'])} / {m(q['reference_auc'])}); {formats.count(report['sizes']['int8'])} bytes")
     print(f"numbers -> {out.with_name('export.json')}")
 
 

@@ -85,5 +85,7 @@ def caption(shown):
     if shown["classes_with_error"] == 0:
         return (f"Per class, {GALLERY_CORRECT} correctly classified test images picked at random (seeded). No "
                 f"explained test image is misclassified, so there is no error to show.")
+    if shown["classes_with_error"] == shown["classes"]:
+        return f"{picked} Every class has a misclassified explained image."
     return (f"{picked} {shown['classes_with_error']} of the {shown['classes']} classes have a misclassified "
             f"explained image; the others show an empty slot.")

@@ -489,7 +489,7 @@ def completeness_gap(scoring, method, x, target, rows):
     relative_error is stored, never reported)."""
     if method.complete == "none":
         return torch.tensor([r["score"] - r["baseline_score"] for r in rows])
-    forward = attr.forward_for(scoring.model, method.settings(scoring.ig_settings)["attribute"])
+    forward = attr.forward_for(scoring.model, method.own_ig_settings(scoring.ig_settings)["attribute"])
     with torch.no_grad():
         score = forward(x)[torch.arange(len(x), device=x.device), target]
     return (score - attr.reference_score(method, scoring.model, x, target, scoring.ig_settings,

@@ -163,7 +163,7 @@ def evaluated_on(metrics):
 def render(run_dir, metrics, meta):
     """The report page of one run, as HTML text."""
     run_dir = Path(run_dir)
-    images = run_dir / "images"
+    figures = run_dir / "images"
     p = meta["provenance"]
     tag = datasets.describe(p)
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{esc(tag)}: run report</title>"
@@ -188,7 +188,7 @@ def render(run_dir, metrics, meta):
         ["its validation loss / accuracy",
          f"{formats.metric(best_row['val_loss'])} / {formats.metric(best_row['val_acc'])}" if best_row else "—"],
         ["why it stopped", stop_reason(meta)]], kind="text"))
-    parts += [figure(images / f, c) for f, c in FIGURES["Training"]]
+    parts += [figure(figures / f, c) for f, c in FIGURES["Training"]]
     val = metrics["val"]
     parts.append("<h2>Results</h2>" + table(
         ["split", "ACC (MedMNIST)", "balanced ACC", "macro-F1", "AUC (MedMNIST)", "ECE", "images"], [
@@ -197,7 +197,7 @@ def render(run_dir, metrics, meta):
              formats.count(metrics["n"])],
             ["validation", formats.metric(val["acc"]), "", "", formats.metric(val["auc"]), formats.metric(val["ece"]),
              formats.count(val["n"])]]))
-    parts += shift_parts(metrics, p)
+    parts += centre_shift_parts(metrics, p)
     parts.append(f"<p>TTA (mean over the 8 flips/rotations): {'on' if metrics['tta'] else 'off'} for "
                  f"the numbers above.</p>")
     if metrics.get("tta_comparison"):  # only for a model trained with flips
@@ -206,7 +206,7 @@ def render(run_dir, metrics, meta):
     parts.append(table(["class", "precision", "recall", "F1", "support"],
                        [[c["class"], formats.metric(c["precision"]), formats.metric(c["recall"]),
                          formats.metric(c["f1"]), formats.count(c["support"])] for c in metrics["per_class"]]))
-    parts += [figure(images / f, c) for f, c in FIGURES["Results"]]
+    parts += [figure(figures / f, c) for f, c in FIGURES["Results"]]
     parts.append("<h2>Explanations</h2>")
     if metrics["trust"]:  # quality measured (--quality above 0)
         header, rows, tests = trust_rows(metrics)
@@ -217,7 +217,7 @@ def render(run_dir, metrics, meta):
                                       for t in tests) + "</ul>")
     if metrics["explanations"]["ig"]["quality"].get("completeness_images"):
         parts.append(f"<p>{esc(completeness_line(metrics))}</p>")
-    parts += [figure(images / f, c or gallery.caption(metrics["gallery"])) for f, c in FIGURES["Explanations"]
+    parts += [figure(figures / f, c or gallery.caption(metrics["gallery"])) for f, c in FIGURES["Explanations"]
               if c or "gallery" in metrics]
     parts.append("<h2>How to reproduce</h2><pre>" + esc("\n".join(reproduce_commands(metrics))) + "</pre>")
     parts.append("</body></html>")
@@ -251,7 +251,7 @@ def colour_only_line(metrics):
             f"training split): ACC {formats.metric(c['val'])} on validation, {formats.metric(c['test'])} on test.")
 
 
-def shift_parts(metrics, p):
+def centre_shift_parts(metrics, p):
     """The Results section's account of the validation-test gap: the gap, where the splits come from,
     per-class recall on both, the input check's flagged share, and how far colour alone goes."""
     origin = split_origin(p)
@@ -264,10 +264,10 @@ def shift_parts(metrics, p):
         return parts
     parts.append(table(["class", "recall, validation", "recall, test"],
                        [[r["class"], formats.metric(r["val"]), formats.metric(r["test"])] for r in s["recall"]]))
-    return parts + [f"<p>{esc(line)}</p>" for line in shift_lines(metrics)]
+    return parts + [f"<p>{esc(line)}</p>" for line in centre_shift_lines(metrics)]
 
 
-def shift_lines(metrics):
+def centre_shift_lines(metrics):
     """The centre-shift sentences, from the same numbers in the console, report and card."""
     s = metrics["centre_shift"]
     if not s:
@@ -311,7 +311,7 @@ def model_card(metrics, meta):
              f"- ACC {with_interval(metrics, 'acc')}, AUC {with_interval(metrics, 'auc')} (MedMNIST's getACC/getAUC), "
              f"balanced ACC {formats.metric(metrics['balanced_acc'])}, macro-F1 {formats.metric(metrics['macro_f1'])}, "
              f"ECE {with_interval(metrics, 'ece')}, {formats.count(metrics['n'])} images.",
-             *[f"- {line}" for line in shift_lines(metrics)],
+             *[f"- {line}" for line in centre_shift_lines(metrics)],
              f"- Validation ACC {formats.metric(metrics['val']['acc'])}, AUC {formats.metric(metrics['val']['auc'])}.",
              "", "## Known failure modes", *lowest_recall_lines(metrics), *confusions, "",
              "## Explanation quality", *(trust_md or ["Not measured for this run."]), "",
@@ -338,7 +338,7 @@ def console_results(metrics, title):
         lines += ["  confusion matrix (rows true, columns predicted):"]
         lines += trust.columns(["", *range(len(m["confusion_matrix"]))],
                                [[i, *row] for i, row in enumerate(m["confusion_matrix"])])
-    return "\n".join(lines + [f"  {line}" for line in shift_lines(m)])
+    return "\n".join(lines + [f"  {line}" for line in centre_shift_lines(m)])
 
 
 def console_explanations(metrics):

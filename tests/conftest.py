@@ -164,6 +164,6 @@ def evaluated_run(trained_run, syn_dir, tmp_path_factory):
     def make(run_dir):
         shutil.copy(trained_run / "best.pt", run_dir / "best.pt")
         evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(syn_dir), "--explain", "60",
-                       "--figures", str(run_dir / "images")])
+                       "--figures", str(run_dir / "images"), "--threads", str(THREADS)])
     run_dir = made_once(tmp_path_factory, "evaluated_run", make)
     return run_dir, json.loads((run_dir / "metrics.json").read_text())

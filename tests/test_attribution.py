@@ -149,9 +149,9 @@ def test_every_method_and_control_states_every_trait_with_a_known_value():
 
 def test_a_methods_settings_are_the_runs_with_its_own_baseline_and_output():
     run = {**attr.DEFAULT_IG, "baseline": "white"}
-    assert attr.METHODS["ig"].settings(run) == run and attr.METHODS["saliency"].settings(run) == run
-    assert attr.METHODS["ig_black"].settings(run) == {**run, "baseline": "black"}
-    assert attr.METHODS["ig_prob"].settings(run) == {**run, "attribute": "prob"}
+    assert attr.METHODS["ig"].own_ig_settings(run) == run and attr.METHODS["saliency"].own_ig_settings(run) == run
+    assert attr.METHODS["ig_black"].own_ig_settings(run) == {**run, "baseline": "black"}
+    assert attr.METHODS["ig_prob"].own_ig_settings(run) == {**run, "attribute": "prob"}
 
 
 def test_a_method_that_needs_training_images_refuses_to_run_without_them():

@@ -8,11 +8,12 @@ import pytest
 import attribution as attr
 import db
 
-PROVENANCE = {"dataset": "pathmnist-synthetic", "size": 28, "file": "x.npz", "md5": "m", "synthetic": True}
+PROVENANCE = {"dataset": "pathmnist-synthetic", "size": 28, "file": "x.npz", "md5": "m", "synthetic": True,
+              "flag": "pathmnist", "verified": True}
 
 
 def new_run(conn, settings=None):
-    return db.run_id_for(conn, "sha", "ckpt.pt", {"n_classes": 9}, [f"c{i}" for i in range(9)],
+    return db.run_id_for(conn, "sha", "ckpt.pt", {"n_classes": 9, "task": "multi-class"}, [f"c{i}" for i in range(9)],
                          PROVENANCE, settings or {"n_steps": 16})
 
 

@@ -15,8 +15,9 @@ class Split:
 def store(tmp_path):
     """Class a: 6 correct (confidence 0.5-0.75) and 2 wrong (0.6, 0.9); class b: 1 correct; class c: none."""
     conn = db.connect(tmp_path / "e.db")
-    run = db.run_id_for(conn, "sha", "c.pt", {"n_classes": 3}, Split.class_names,
-                        {"dataset": "d", "size": 28, "file": "f", "md5": "m", "synthetic": True}, {})
+    run = db.run_id_for(conn, "sha", "c.pt", {"n_classes": 3, "task": "multi-class"}, Split.class_names,
+                        {"dataset": "d", "size": 28, "file": "f", "md5": "m", "synthetic": True,
+                         "flag": "pathmnist", "verified": True}, {})
     true = [0] * 8 + [1]
     pred, conf = [0] * 6 + [1, 2] + [1], [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.6, 0.9, 0.8]
     probs = np.full((9, 3), 0.0, "<f4")

@@ -15,7 +15,7 @@ import quality as quality_lib
 
 @pytest.fixture(scope="module")
 def quality(trained_run, syn_dir):
-    """Quality measures of default IG for 60 synthetic test images (model trained 4 epochs)."""
+    """Quality measures of default IG for 60 synthetic test images (model trained TRAINED_EPOCHS epochs)."""
     net, meta = model_lib.load_checkpoint(trained_run / "best.pt")
     fused = model_lib.fused_for_inference(net)
     test = data.load_matching(meta["provenance"], syn_dir).test
@@ -334,8 +334,9 @@ def test_model_free_maps_score_what_the_tests_say_they_must(quantus_case):
 
 def test_completeness_summary_covers_every_stored_ig_row_at_the_settings_tolerance(tmp_path):
     conn = db.connect(tmp_path / "e.db")
-    run = db.run_id_for(conn, "sha", "c.pt", {"n_classes": 2}, ["a", "b"],
-                        {"dataset": "d", "size": 28, "file": "f", "md5": "m", "synthetic": True}, {})
+    run = db.run_id_for(conn, "sha", "c.pt", {"n_classes": 2, "task": "multi-class"}, ["a", "b"],
+                        {"dataset": "d", "size": 28, "file": "f", "md5": "m", "synthetic": True,
+                         "flag": "pathmnist", "verified": True}, {})
     n, probs = 4, np.full((4, 2), 0.5, "<f4")
     for method, delta in (("ig", [0.0, 0.05, 0.09, 0.2]), ("gradcam", [None] * n)):
         baseline = [0.5] * n if method == "ig" else [None] * n
@@ -353,8 +354,9 @@ def test_completeness_summary_covers_every_stored_ig_row_at_the_settings_toleran
 
 def stored_quality(tmp_path, detailed):
     conn = db.connect(tmp_path / "q.db")
-    run = db.run_id_for(conn, "sha", "c.pt", {"n_classes": 2}, ["a", "b"],
-                        {"dataset": "d", "size": 28, "file": "f", "md5": "m", "synthetic": True}, {})
+    run = db.run_id_for(conn, "sha", "c.pt", {"n_classes": 2, "task": "multi-class"}, ["a", "b"],
+                        {"dataset": "d", "size": 28, "file": "f", "md5": "m", "synthetic": True,
+                         "flag": "pathmnist", "verified": True}, {})
     rows = []
     for i, full in enumerate((0.2, 0.4)):
         rows.append({"run_id": run, "split": "test", "image_index": i, "method": "ig",
@@ -367,7 +369,7 @@ def stored_quality(tmp_path, detailed):
                                                      "classifier": {"spearman": full / 2, "signed": 0.1, "ssim": 0.2}}}
                      if detailed else None})
     db.insert_quality(conn, rows)
-    return quality_lib.quality_summary(conn, run, "ig", {"tolerance": 0.05})
+    return quality_lib.quality_summary(conn, run, "ig", 0.05)
 
 
 def test_each_randomisation_number_is_in_the_summary_once(tmp_path):

@@ -114,7 +114,7 @@ def test_no_sentence_of_the_card_or_report_is_written_whatever_the_run_measured(
         page, card = rendered(m, m_meta)
         for sentence in HARD_CODED:
             assert sentence not in page and sentence not in card
-        other_centre = flag == "pathmnist" and not synthetic  # shift.OTHER_CENTRE, with its source
+        other_centre = flag == "pathmnist" and not synthetic  # centre_shift.OTHER_CENTRE, with its source
         assert ("CRC-VAL-HE-7K" in page) == other_centre and ("Kather et al." in card) == other_centre
         ig_passes = all(t["pass"] for t in m["trust"]["ig"].values())
         assert ("Integrated Gradients (ig) passes every test" in card) == ig_passes
@@ -201,7 +201,7 @@ def test_the_cards_failure_modes_name_only_classes_recalled_imperfectly(tricky_m
     perfect = json.loads(json.dumps(metrics))
     for c in perfect["per_class"]:
         c["recall"] = 1.0
-    assert "lowest recall" not in report.model_card(perfect, meta).lower()
+    assert "low recall" not in report.model_card(perfect, meta).lower()
     assert "Every class of the test split was recalled perfectly" in report.model_card(perfect, meta)
     one = json.loads(json.dumps(perfect))
     one["per_class"][3]["recall"] = 0.75

@@ -146,9 +146,12 @@ def test_colour_jitter_runs_on_every_training_batch_when_asked(syn_dir, tmp_path
 
 
 def test_evaluation_never_jitters_colours(evaluated_run, syn_dir, jitter_calls, tmp_path):
+    import shutil
+
     import evaluate
     run_dir, _ = evaluated_run
-    evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(syn_dir), "--tta",
+    shutil.copy(run_dir / "best.pt", tmp_path / "best.pt")  # metrics.json goes beside it: not the shared run's
+    evaluate.main(["--checkpoint", str(tmp_path / "best.pt"), "--data-dir", str(syn_dir), "--tta",
                    "--explain", "4", "--quality", "2", "--db", str(tmp_path / "e.db"), "--figures", str(tmp_path)])
     assert jitter_calls == []
 
