@@ -160,7 +160,8 @@ def add_device(p):
 
 
 def add_threads(p):
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default, one per "
+                   "core); where other work keeps cores busy, fewer are faster (docs/RESULTS.md, threads)")
 
 
 def add_data_dir(p, extra=""):
