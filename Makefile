@@ -35,7 +35,7 @@ run: setup
 
 demo: setup
 	$(PY) train.py --synthetic --epochs 8
-	$(PY) evaluate.py --checkpoint runs/pathmnist-synthetic_28/best.pt
+	$(PY) evaluate.py --checkpoint runs/pathmnist-synthetic_28/best.pt --quality 100
 	$(PY) db.py runs/pathmnist-synthetic_28/explanations.db
 	@echo "report: runs/pathmnist-synthetic_28/report.html (open it in a browser)"
 

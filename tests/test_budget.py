@@ -94,7 +94,7 @@ def test_ig_maps_are_the_same_whatever_the_budget_chunks(monkeypatch):
     assert rows <= 5 and torch.allclose(parts, whole, atol=1e-6)
 
 
-def test_a_whole_train_and_evaluate_run_never_hands_the_model_a_whole_split(monkeypatch, tmp_path, train_argv):
+def test_a_whole_train_and_evaluate_run_never_hands_the_model_a_whole_split(monkeypatch, tmp_path, train_argv, threads):
     import datasets
     import evaluate
     import synthetic
@@ -107,6 +107,6 @@ def test_a_whole_train_and_evaluate_run_never_hands_the_model_a_whole_split(monk
     def both():
         train.main(train_argv(data_dir, run, "--size", str(SIZE), "--epochs", "1", "--batch-size", "16"))
         return evaluate.main(["--checkpoint", str(run / "best.pt"), "--data-dir", str(data_dir), "--explain", "6",
-                              "--quality", "0", "--methods", "ig,saliency", "--explain-errors", "0", "--threads", "2"])
+                              "--quality", "0", "--methods", "ig,saliency", "--explain-errors", "0", "--threads", threads])
     rows, metrics = forward_rows(monkeypatch, 4 << 20, both)  # 4 MB: about 10 images' predictions at 64 px
     assert rows < 96 and metrics["effective"]["explain"] == 6  # validation, test, TTA: in parts

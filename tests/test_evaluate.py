@@ -174,10 +174,10 @@ def test_data_with_another_md5_is_refused(trained_run, tmp_path):
         evaluate.main(["--checkpoint", str(trained_run / "best.pt"), "--data-dir", str(tmp_path)])
 
 
-def test_killed_writer_leaves_a_consistent_db_and_resume_completes(trained_run, syn_dir, tmp_path):
+def test_killed_writer_leaves_a_consistent_db_and_resume_completes(trained_run, syn_dir, tmp_path, threads):
     dbp = tmp_path / "e.db"
     cmd = [sys.executable, "evaluate.py", "--checkpoint", str(trained_run / "best.pt"),
-           "--data-dir", str(syn_dir), "--explain", "all", "--db", str(dbp), "--ig-batch", "4",
+           "--data-dir", str(syn_dir), "--explain", "120", "--db", str(dbp), "--ig-batch", "4",
            "--n-steps", "64", "--quality", "0", "--methods", "ig", "--figures", str(tmp_path), "--threads", "1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stored = 0
@@ -197,14 +197,14 @@ def test_killed_writer_leaves_a_consistent_db_and_resume_completes(trained_run, 
     conn = sqlite3.connect(dbp)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     partial = conn.execute("SELECT COUNT(*) FROM explanations").fetchone()[0]
-    assert 12 <= partial < 300 and partial % 4 == 0  # whole batches only
+    assert 12 <= partial < 120 and partial % 4 == 0  # whole batches only
     conn.close()
-    subprocess.run(cmd[:-2] + ["--threads", "2", "--n-steps", "64"], cwd=ROOT, check=True,
+    subprocess.run(cmd[:-2] + ["--threads", threads, "--n-steps", "64"], cwd=ROOT, check=True,
                    capture_output=True, timeout=300)
     conn = sqlite3.connect(dbp)
     total, distinct = conn.execute(
         "SELECT COUNT(*), COUNT(DISTINCT image_index) FROM explanations").fetchone()
-    assert total == distinct == 300
+    assert total == distinct == 120
 
 
 def run_cli(*args):
@@ -363,14 +363,14 @@ def test_an_unknown_method_is_refused_with_the_list():
     assert attr.methods_arg("gradcam,saliency") == ["ig", "saliency", "gradcam"]
 
 
-def test_medmnists_resnet18_trains_and_is_explained_through_the_same_scripts(tmp_path, train_argv):
+def test_medmnists_resnet18_trains_and_is_explained_through_the_same_scripts(tmp_path, train_argv, threads):
     import synthetic
     import train
     small = tmp_path / "data"
     synthetic.write_synthetic(small / "pathmnist_synthetic.npz", 28, counts={"train": 64, "val": 16, "test": 16})
     train.main(train_argv(small, tmp_path / "r18", "--epochs", "1", "--arch", "resnet18", "--batch-size", "32"))
     m = evaluate.main(["--checkpoint", str(tmp_path / "r18" / "best.pt"), "--data-dir", str(small), "--explain", "4",
-                       "--quality", "1", "--methods", "ig,gradcam", "--threads", "2", "--explain-errors", "0"])
+                       "--quality", "1", "--methods", "ig,gradcam", "--threads", threads, "--explain-errors", "0"])
     assert m["params"] == 11_689_512 - 9_408 - 513_000 + 1_728 + 4_617  # see test_bench
     assert m["explanations"]["ig"]["quality"]["completeness_images"] == 4
     assert set(m["explanations"]) == {"ig", "gradcam"} and len(m["controls"]) == len(quality.CONTROLS)

@@ -50,7 +50,7 @@ def test_make_demo_writes_what_the_readme_says(demo):
 
 def test_make_demo_marks_everything_synthetic_and_ends_with_the_reports_path(demo):
     repo, out = demo
-    assert "SYNTHETIC data, not PathMNIST" in out and "quality ig: 200 images" in out
+    assert "SYNTHETIC data, not PathMNIST" in out and "quality ig: 100 images" in out
     last = [line for line in out.strip().splitlines() if not line.startswith("make[")][-1]  # a sub-make's -w lines
     assert last.startswith("report: runs/pathmnist-synthetic_28/report.html")
     assert (repo / "runs/pathmnist-synthetic_28/report.html").is_file()
