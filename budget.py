@@ -14,8 +14,6 @@ import itertools
 import math
 import weakref
 
-import torch
-
 WORK_BYTES = 128 << 20  # working memory of one chunk of a pass over a split, at any image size
 FLOAT = 4  # bytes of a float32 value
 _ACTIVATIONS = weakref.WeakKeyDictionary()  # model -> {image shape: (largest in+out, sum of outputs)}
@@ -30,6 +28,7 @@ def chunk_images(images, bytes_per_value):
 def activations(model, shape):
     """(largest input + output of one layer, sum of every layer's output), in values, for one image
     of `shape` (C, H, W): what a forward holds at once without gradients, and what a backward keeps."""
+    import torch  # here, not at the top: slide.py's ONNX path sizes its batches without torch
     shape = tuple(int(s) for s in shape)
     known = _ACTIVATIONS.setdefault(model, {})
     if shape not in known:
@@ -59,7 +58,14 @@ def activations(model, shape):
 
 
 def on_gpu(device):
+    import torch
     return torch.device(device).type == "cuda"
+
+
+def tile_batch(tile_bytes, requested):
+    """Slide tiles per batch: at most `requested`, as many as WORK_BYTES holds of tiles as read
+    (`tile_bytes` each: a tile read at level 0 of a 0.25 um/px slide is 448 x 448 RGBA, 0.8 MB)."""
+    return max(1, min(requested, WORK_BYTES // max(1, tile_bytes)))
 
 
 def forward_batch(model, shape, requested, device="cpu", copies=1):

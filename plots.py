@@ -22,7 +22,6 @@ import warnings
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
-from captum.attr import visualization as viz
 
 import formats
 from files import atomic_path
@@ -181,6 +180,7 @@ def draw_explanation(fig, axes, image, attribution, title, scale=None):
     +, blue -, on the symmetric colour scale `scale`, shared by every panel of a figure so that
     magnitudes compare; its own 99th percentile if None), and |attribution| over the image.
     Returns the map's image artist (for a colour bar)."""
+    from captum.attr import visualization as viz  # captum imports torch: slide.py's maps need neither
     img = hwc(image)
     attr = hwc(attribution).astype(np.float64)
     show_image(axes[0], image)
@@ -296,6 +296,7 @@ def plot_faithfulness(curves, path, title):
 def plot_randomization_rows(image, rows, path, title):
     """One image and, per row (a method), its trained map and its maps after each randomisation
     stage. rows: [(method, [(stage name, (C, H, W) map)], [Spearman per later map])]."""
+    from captum.attr import visualization as viz
     columns = 1 + max(len(maps) for _, maps, _ in rows)
     lines = max(len(textwrap.wrap(method, 22)) for method, _, _ in rows) + 1  # the image column's title
     height = len(rows) * (1.75 + 0.13 * max(lines, 3)) + 0.6

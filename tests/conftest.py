@@ -159,8 +159,8 @@ def make_npz():
 
 @pytest.fixture(scope="session")
 def evaluated_run(trained_run, syn_dir, tmp_path_factory):
-    """A copy of the trained run after `evaluate.py --explain 60`: (run dir, metrics). Its own
-    folder, so other tests that evaluate the same checkpoint cannot overwrite its outputs."""
+    """A copy of the trained run after `evaluate.py --explain 60 --quality 20`: (run dir, metrics). Its
+    own folder, so other tests that evaluate the same checkpoint cannot overwrite its outputs."""
     import json
 
     import evaluate
@@ -168,6 +168,6 @@ def evaluated_run(trained_run, syn_dir, tmp_path_factory):
     def make(run_dir):
         shutil.copy(trained_run / "best.pt", run_dir / "best.pt")
         evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(syn_dir), "--explain", "60",
-                       "--figures", str(run_dir / "images"), "--threads", str(THREADS)])
+                       "--quality", "20", "--figures", str(run_dir / "images"), "--threads", str(THREADS)])
     run_dir = made_once(tmp_path_factory, "evaluated_run", make)
     return run_dir, json.loads((run_dir / "metrics.json").read_text())

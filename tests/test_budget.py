@@ -107,6 +107,7 @@ def test_a_whole_train_and_evaluate_run_never_hands_the_model_a_whole_split(monk
     def both():
         train.main(train_argv(data_dir, run, "--size", str(SIZE), "--epochs", "1", "--batch-size", "16"))
         return evaluate.main(["--checkpoint", str(run / "best.pt"), "--data-dir", str(data_dir), "--explain", "6",
-                              "--quality", "0", "--methods", "ig,saliency", "--explain-errors", "0", "--threads", threads])
+                              "--quality", "0", "--methods", "ig,saliency", "--explain-errors", "0",
+                              "--threads", threads])
     rows, metrics = forward_rows(monkeypatch, 4 << 20, both)  # 4 MB: about 10 images' predictions at 64 px
     assert rows < 96 and metrics["effective"]["explain"] == 6  # validation, test, TTA: in parts

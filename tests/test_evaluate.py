@@ -32,7 +32,7 @@ DEFAULT_METHODS = list(attr.DEFAULT_METHODS)  # what evaluated_run stores, for e
 
 def explained(metrics):
     """Images explained by evaluated_run: its 60, and the model's errors among the rest (--explain-errors)."""
-    assert metrics["effective"]["explain"] > 60 and metrics["effective"]["quality"] == 60  # errors: not scored
+    assert metrics["effective"]["explain"] > 60 and metrics["effective"]["quality"] == 20  # errors: not scored
     return metrics["effective"]["explain"]
 
 
@@ -71,7 +71,7 @@ def test_igs_completeness_is_in_metrics_once_over_every_stored_map(evaluated_run
         return []
     ig = [k for k in keys(saved["explanations"]["ig"]) if "complete" in k or "relative_error" in k]
     assert sorted(ig) == [".quality.completeness_images", ".quality.completeness_share", ".quality.mean_relative_error"]
-    assert saved["explanations"]["ig"]["quality"]["completeness_images"] == explained(saved) > 60  # not the scored 60
+    assert saved["explanations"]["ig"]["quality"]["completeness_images"] == explained(saved) > 60  # not the scored 20
 
 
 def test_every_misclassified_test_image_is_explained_beside_the_first_60(evaluated_run, syn_dir):
@@ -93,7 +93,7 @@ def test_evaluate_reports_quality_keys_and_draws_both_quality_figures(evaluated_
                 "randomization_spearman", "mask_mass", "mask_area", "completeness_share", "smooth_mprt",
                 "efficient_mprt", "random_logit", "road_morf", "road_lerf"):
         assert np.isfinite(ig[key]), key
-    assert ig["images"] == 60 and set(saved["trust"]["ig"]) >= {"mprt", "smooth_mprt", "road", "completeness"}
+    assert ig["images"] == 20 and set(saved["trust"]["ig"]) >= {"mprt", "smooth_mprt", "road", "completeness"}
     assert saved["recommended"] is None or saved["recommended"] in saved["explanations"]
     assert list(ig["randomization_modes"]["top_down"]) == ["classifier", "conv block 5", "conv block 4",
                                                            "conv block 3", "conv block 2", "conv block 1"]  # as figures
@@ -152,10 +152,10 @@ def test_identical_rerun_computes_no_explanation_and_no_quality(evaluated_run, s
     ig_calls = counting(monkeypatch, attr, "explain_batch")
     quality_calls = counting(monkeypatch, quality, "quality_measures")
     again = evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(syn_dir),
-                           "--explain", "60", "--figures", str(run_dir / "images")])
+                           "--explain", "60", "--quality", "20", "--figures", str(run_dir / "images")])
     assert ig_calls == [] and quality_calls == []
     assert again["store"]["run_id"] == metrics["store"]["run_id"]
-    assert again["explanations"]["ig"]["quality"]["images"] == 60
+    assert again["explanations"]["ig"]["quality"]["images"] == 20
     conn = db.connect(run_dir / "explanations.db", create=False)
     assert conn.execute("SELECT COUNT(*) FROM explanations").fetchone()[0] == explained(metrics) * len(DEFAULT_METHODS)
 
@@ -177,7 +177,7 @@ def test_data_with_another_md5_is_refused(trained_run, tmp_path):
 def test_killed_writer_leaves_a_consistent_db_and_resume_completes(trained_run, syn_dir, tmp_path, threads):
     dbp = tmp_path / "e.db"
     cmd = [sys.executable, "evaluate.py", "--checkpoint", str(trained_run / "best.pt"),
-           "--data-dir", str(syn_dir), "--explain", "120", "--db", str(dbp), "--ig-batch", "4",
+           "--data-dir", str(syn_dir), "--explain", "120", "--explain-errors", "0", "--db", str(dbp), "--ig-batch", "4",
            "--n-steps", "64", "--quality", "0", "--methods", "ig", "--figures", str(tmp_path), "--threads", "1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stored = 0
@@ -241,7 +241,7 @@ def test_db_cli_summarises_a_store(evaluated_run):
     result = subprocess.run([sys.executable, "db.py", str(run_dir / "explanations.db")], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and f"{explained(metrics)} explanations" in result.stdout
-    assert "quality ig: 60 images" in result.stdout
+    assert "quality ig: 20 images" in result.stdout
 
 
 def test_db_cli_refuses_a_file_that_is_not_a_db(tmp_path):

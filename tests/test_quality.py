@@ -110,13 +110,13 @@ def test_quality_rows_are_stored_once_per_image_and_method(evaluated_run, syn_di
     conn = db.connect(run_dir / "explanations.db", create=False)
     count = lambda: conn.execute("SELECT COUNT(*) FROM quality").fetchone()[0]  # noqa: E731
     rows_per_image = len(attr.DEFAULT_METHODS) + len(quality_lib.CONTROLS)  # the default methods and the controls
-    assert count() == 60 * rows_per_image
+    assert count() == 20 * rows_per_image
     evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(syn_dir), "--explain", "60",
-                   "--figures", str(run_dir / "images")])
-    assert count() == 60 * rows_per_image
+                   "--quality", "20", "--figures", str(run_dir / "images")])
+    assert count() == 20 * rows_per_image
     run = metrics["store"]["run_id"]
-    first = db.find(conn, run, limit=1)[0]["image_index"]
-    row = db.quality_rows(conn, run, "test", "ig", [first])[0]
+    scored = [r["image_index"] for r in db.quality_rows(conn, run, "test", "ig")]
+    row = db.quality_rows(conn, run, "test", "ig", scored[:1])[0]
     assert row["deletion_curve"].shape == (quality_lib.CURVE_POINTS,)
     assert list(row["randomization_stages"]) == ["classifier", "conv block 5", "conv block 4", "conv block 3",
                                                  "conv block 2", "conv block 1"]  # as metrics.json and figures say

@@ -1,0 +1,322 @@
+"""slide.py: whole slides mapped tile by tile, on slides the tests write (tiled pyramidal TIFFs that
+OpenSlide reads) with known truth, and on the real slide files of the shared folder."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import colour
+import data
+import model as model_lib
+import slide
+import tissue
+import wsi
+
+ROOT = Path(__file__).resolve().parents[1]
+REGION = 3  # tiles a side of each class's square region
+GAP = 1  # background tiles between regions and around them
+
+
+def write_pyramid(path, image, mpp, downsamples):
+    """A tiled pyramidal TIFF of the (H, W, 3) uint8 `image` at `mpp` um/px with the given levels,
+    as OpenSlide's generic TIFF reader takes it (the scale in the TIFF resolution tags)."""
+    import tifffile
+    h, w, _ = image.shape
+    with tifffile.TiffWriter(path) as tw:
+        for ds in downsamples:
+            level = np.asarray(Image.fromarray(image).resize((w // ds, h // ds), Image.Resampling.BOX))
+            tw.write(level, tile=(256, 256), photometric="rgb", compression="zlib",
+                     resolution=(1e4 / (mpp * ds), 1e4 / (mpp * ds)), resolutionunit="CENTIMETER",
+                     subfiletype=0 if ds == 1 else 1)
+    return path
+
+
+def correctly_classified(checkpoint, syn_dir):
+    """{class: [28 px test images the model gets right, (28, 28, 3) uint8]}: a wrong tile of the
+    slide is then the slide path's fault, not the model's."""
+    net, meta = model_lib.load_checkpoint(checkpoint)
+    test = data.load_matching(meta["provenance"], syn_dir).test
+    with torch.no_grad():
+        pred = net(colour.to_unit(test.images)).argmax(1)
+    right = pred == test.labels
+    return {c: test.images[right & (test.labels == c)].permute(0, 2, 3, 1).numpy() for c in range(9)}
+
+
+def as_read(tile, downsample):
+    """What slide.py makes of a level-0 tile of a slide written by write_pyramid: the level's BOX
+    average (`downsample`), then antialiased bicubic to 28 px (wsi.read_tile); float (28, 28, 3)."""
+    if downsample > 1:
+        tile = np.asarray(Image.fromarray(tile).resize((tile.shape[1] // downsample,) * 2, Image.Resampling.BOX))
+    return np.asarray(Image.fromarray(tile).resize((28, 28), Image.Resampling.BICUBIC, reducing_gap=None), float)
+
+
+def upsampled(image, tile_px, downsample, rounds=12):
+    """The (tile_px, tile_px, 3) uint8 tile that reads back as the 28 px `image`: back-projection
+    (Irani and Peleg, 1991) through as_read. A plain bicubic upsample loses the synthetic classes'
+    pixel-scale evidence in the round trip (the trained test model: 40% ACC instead of 96%)."""
+    k = tile_px // 28
+    target = image.astype(float)
+    up = np.repeat(np.repeat(target, k, 0), k, 1)
+    for _ in range(rounds):
+        error = target - as_read(np.clip(up.round(), 0, 255).astype(np.uint8), downsample)
+        up += np.repeat(np.repeat(error, k, 0), k, 1)
+    return np.clip(up.round(), 0, 255).astype(np.uint8)
+
+
+def truth_image(images, tile_px, downsample):
+    """A slide of 3 x 3 class regions (REGION x REGION tiles of one class each, a different test
+    image per tile, upsampled to `tile_px`) on white glass; (image, {(column, row): class})."""
+    side = 3 * REGION + 4 * GAP
+    canvas = np.full((side * tile_px, side * tile_px, 3), 255, np.uint8)
+    truth = {}
+    for c in range(9):
+        top, left = GAP + (c // 3) * (REGION + GAP), GAP + (c % 3) * (REGION + GAP)
+        for k in range(REGION * REGION):
+            col, row = left + k % REGION, top + k // REGION
+            tile = upsampled(images[c][k % len(images[c])], tile_px, downsample)
+            canvas[row * tile_px:(row + 1) * tile_px, col * tile_px:(col + 1) * tile_px] = tile
+            truth[(col, row)] = c
+    return canvas, truth
+
+
+@pytest.fixture(scope="module")
+def truth_slides(trained_run, syn_dir, tmp_path_factory):
+    """Two known-truth slides: 0.5 um/px with one level (read at level 0, resized 224 -> 28), and
+    0.25 um/px with levels 1, 2, 4 (read at level 2, 1 um/px, resized 112 -> 28); (paths, truth)."""
+    folder = tmp_path_factory.mktemp("slides")
+    images = correctly_classified(trained_run / "best.pt", syn_dir)
+    half, truth = truth_image(images, 224, 1)
+    quarter, _ = truth_image(images, 448, 4)  # read at level 2: 448 level-0 px are 112 there
+    return {"half": write_pyramid(folder / "half.tif", half, 0.5, (1,)),
+            "quarter": write_pyramid(folder / "quarter.tif", quarter, 0.25, (1, 2, 4))}, truth
+
+
+@pytest.fixture(scope="module")
+def mapped(truth_slides, trained_run, tmp_path_factory, threads):
+    """slide.py over both known-truth slides: {name: (output folder, tiles.csv rows, slide.json)}."""
+    paths, _ = truth_slides
+    out = tmp_path_factory.mktemp("mapped")
+    slide.main([str(paths["half"]), str(paths["quarter"]), "--checkpoint", str(trained_run / "best.pt"),
+                "--out", str(out), "--threads", threads])
+    result = {}
+    for name in paths:
+        folder = out / name
+        with open(folder / "tiles.csv") as f:
+            rows = list(csv.DictReader(f))
+        result[name] = (folder, rows, json.loads((folder / "slide.json").read_text()))
+    return result
+
+
+@pytest.mark.parametrize("name", ["half", "quarter"])
+def test_a_slide_of_known_regions_maps_each_to_its_class_and_skips_the_glass(mapped, truth_slides, name):
+    _, truth = truth_slides
+    folder, rows, summary = mapped[name]
+    side = summary["slide"]["tile_px"]
+    found = {(int(r["x"]) // side, int(r["y"]) // side): int(r["pred"]) for r in rows}
+    for c in range(9):
+        region = [t for t, k in truth.items() if k == c]
+        right = sum(found.get(t) == c for t in region)
+        assert right >= 0.95 * len(region), (name, c, right, len(region))
+    columns = rows_ = 3 * REGION + 4 * GAP
+    background = [(i, j) for i in range(columns) for j in range(rows_) if (i, j) not in truth]
+    skipped = sum(t not in found for t in background)
+    assert skipped >= 0.95 * len(background), (name, skipped, len(background))
+
+
+def test_the_level_read_is_the_coarsest_at_least_as_fine_as_the_model_needs(mapped):
+    # 28 px per 112 um needs 4 um/px: the 0.25 um/px slide's levels are 0.25, 0.5 and 1 um/px
+    assert (mapped["quarter"][2]["slide"]["level"], mapped["quarter"][2]["slide"]["read_px"]) == (2, 112)
+    assert (mapped["half"][2]["slide"]["level"], mapped["half"][2]["slide"]["read_px"]) == (0, 224)
+    assert mapped["quarter"][2]["slide"]["tile_px"] == 448 and mapped["half"][2]["slide"]["tile_px"] == 224
+
+
+def test_a_tiles_csv_coordinates_read_back_its_pixels(mapped, truth_slides):
+    paths, _ = truth_slides
+    _, rows, summary = mapped["half"]
+    s = wsi.open_slide(paths["half"])
+    grid = wsi.tile_grid(s, 28)
+    whole = np.asarray(Image.open(paths["half"]).convert("RGB"))
+    for r in rows[::7]:
+        x, y = int(r["x"]), int(r["y"])
+        expected = np.asarray(Image.fromarray(whole[y:y + 224, x:x + 224]).resize(
+            (28, 28), Image.Resampling.BICUBIC, reducing_gap=None))
+        assert np.array_equal(wsi.read_tile(s, grid, x, y), expected), (x, y)
+
+
+def test_the_geojson_is_qupaths_and_every_polygon_lies_within_the_slide(mapped):
+    folder, rows, summary = mapped["quarter"]
+    g = json.loads((folder / "tiles.geojson").read_text())
+    w, h = summary["slide"]["width"], summary["slide"]["height"]
+    assert g["type"] == "FeatureCollection" and len(g["features"]) == len(rows)
+    for f in g["features"]:
+        ring = f["geometry"]["coordinates"][0]
+        assert f["geometry"]["type"] == "Polygon" and ring[0] == ring[-1]
+        assert all(0 <= x <= w and 0 <= y <= h for x, y in ring)
+        props = f["properties"]
+        assert props["objectType"] == "tile" and len(props["classification"]["color"]) == 3
+        assert set(props["measurements"]) == {f"p {n}" for n in slide_names(summary)}
+    assert len({f["id"] for f in g["features"]}) == len(rows)
+
+
+def slide_names(summary):
+    return list(summary["areas"]["per_class"])
+
+
+def test_areas_add_up_to_the_tiles_classified_at_the_tiles_size(mapped):
+    _, rows, summary = mapped["half"]
+    a = summary["areas"]
+    assert sum(v["tiles"] for v in a["per_class"].values()) == len(rows) == 81
+    assert a["tissue_mm2"] == pytest.approx(81 * 0.112 ** 2, rel=1e-5)
+    assert sum(v["share"] for v in a["per_class"].values()) == pytest.approx(1, abs=1e-5)
+
+
+def test_every_output_is_written_and_says_the_slides_md5_and_scale(mapped, truth_slides):
+    paths, _ = truth_slides
+    folder, _, summary = mapped["quarter"]
+    for name in ("tiles.csv", "tiles.geojson", "class_map.png", "overlay.png", "tissue_mask.png", "slide.json",
+                 "slide.html"):
+        assert (folder / name).is_file(), name
+    assert summary["slide"]["md5"] == data.calculate_md5(paths["quarter"])
+    assert summary["slide"]["mpp"] == 0.25 and summary["slide"]["mpp_source"] == "header"
+    page = (folder / "slide.html").read_text()
+    assert summary["slide"]["md5"] in page and "SYNTHETIC" in page and "src=\"data:image/png;base64," in page
+
+
+def test_the_onnx_model_maps_the_same_classes_as_the_checkpoint(mapped, truth_slides, trained_run, syn_dir, tmp_path):
+    import export
+    paths, _ = truth_slides
+    export.main(["--checkpoint", str(trained_run / "best.pt"), "--out", str(tmp_path / "model.onnx"), "--no-int8",
+                 "--data-dir", str(syn_dir)])
+    slide.main([str(paths["half"]), "--onnx", str(tmp_path / "model.onnx"), "--out", str(tmp_path / "o")])
+    with open(tmp_path / "o" / "half" / "tiles.csv") as f:
+        onnx_rows = {(r["x"], r["y"]): r["pred"] for r in csv.DictReader(f)}
+    torch_rows = {(r["x"], r["y"]): r["pred"] for r in mapped["half"][1]}
+    assert onnx_rows.keys() == torch_rows.keys()
+    assert sum(onnx_rows[k] == torch_rows[k] for k in torch_rows) >= 0.99 * len(torch_rows)
+
+
+def test_a_run_killed_mid_slide_and_rerun_writes_the_same_outputs_without_duplicates(truth_slides, trained_run,
+                                                                                     mapped, tmp_path, threads):
+    paths, _ = truth_slides
+    cmd = [sys.executable, "slide.py", str(paths["quarter"]), "--checkpoint", str(trained_run / "best.pt"),
+           "--out", str(tmp_path), "--batch-size", "4", "--threads", threads]
+    store = tmp_path / "quarter" / slide.STORE
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, stored = time.time() + 120, 0
+        while time.time() < deadline and stored < 8:
+            time.sleep(0.05)
+            stored = count_tiles(store)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert 8 <= count_tiles(store) < 81 and not (tmp_path / "quarter" / "tiles.csv").exists()
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    assert count_tiles(store) == 81
+    for name in ("tiles.csv", "tiles.geojson", "slide.json"):
+        assert (tmp_path / "quarter" / name).read_bytes() == (mapped["quarter"][0] / name).read_bytes(), name
+
+
+def count_tiles(store):
+    import sqlite3
+    try:
+        with sqlite3.connect(store) as conn:
+            return conn.execute("SELECT COUNT(*) FROM tiles").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_a_blank_slide_has_no_tissue_and_a_stained_one_all(tmp_path):
+    grid = wsi.Grid(side=10, level=0, read_side=10, size=28, columns=4, rows=3, why="")
+    rng = np.random.default_rng(0)
+    glass = Image.fromarray((245 + rng.integers(0, 6, (300, 400, 3))).astype(np.uint8))
+    stained = Image.fromarray(np.dstack([np.full((300, 400), v, np.uint8) for v in (200, 80, 170)]))
+    assert not tissue.tissue_mask(glass, grid).any()
+    half = np.asarray(glass).copy()
+    half[:, :200] = np.asarray(stained)[:, :200]
+    shares = tissue.tile_shares(tissue.tissue_mask(Image.fromarray(half), grid), grid, (40, 30))
+    assert (shares[:, :2] > 0.9).all() and (shares[:, 2:] < 0.1).all()
+
+
+# ----------------------------------------------------------------------------- errors
+
+def run_slide(*args):
+    return subprocess.run([sys.executable, "slide.py", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_a_slide_without_its_scale_is_refused_and_maps_with_mpp(trained_run, tmp_path):
+    path = tmp_path / "noscale.png"
+    Image.fromarray(np.full((500, 500, 3), 200, np.uint8)).save(path)
+    done = run_slide(path, "--checkpoint", trained_run / "best.pt", "--out", tmp_path)
+    assert done.returncode == 1 and "--mpp" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "noscale").exists()
+    done = run_slide(path, "--checkpoint", trained_run / "best.pt", "--out", tmp_path, "--mpp", "0.5")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "noscale" / "tiles.csv").is_file()
+
+
+def test_a_slide_smaller_than_one_tile_is_refused(trained_run, tmp_path):
+    path = tmp_path / "small.png"
+    Image.fromarray(np.full((100, 100, 3), 200, np.uint8)).save(path)
+    done = run_slide(path, "--checkpoint", trained_run / "best.pt", "--out", tmp_path, "--mpp", "0.5")
+    assert done.returncode == 1 and "smaller than one 112 um tile" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_truncated_slide_is_refused_in_one_paragraph(truth_slides, trained_run, tmp_path):
+    paths, _ = truth_slides
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(paths["quarter"].read_bytes()[:200_000])
+    done = run_slide(cut, "--checkpoint", trained_run / "best.pt", "--out", tmp_path)
+    assert done.returncode == 1 and "truncated or damaged" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "cut" / "tiles.csv").exists()
+
+
+def test_an_unsupported_file_is_refused_in_one_paragraph(trained_run, tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not a slide")
+    done = run_slide(path, "--checkpoint", trained_run / "best.pt", "--out", tmp_path, "--mpp", "0.5")
+    assert done.returncode == 1 and "not a slide format" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_one_channel_checkpoint_is_refused(syn_dir, tmp_path, train_argv):
+    import datasets
+    import synthetic
+    import train
+    data_dir = tmp_path / "data"
+    synthetic.write_synthetic(data_dir / datasets.synthetic_file_name(28, "pneumoniamnist"), 28,
+                              counts={"train": 32, "val": 8, "test": 8}, flag="pneumoniamnist")
+    train.main(train_argv(data_dir, tmp_path / "run", "--flag", "pneumoniamnist", "--epochs", "1"))
+    png = tmp_path / "s.png"
+    Image.fromarray(np.full((500, 500, 3), 200, np.uint8)).save(png)
+    done = run_slide(png, "--checkpoint", tmp_path / "run" / "best.pt", "--mpp", "0.5", "--out", tmp_path)
+    assert done.returncode == 1 and "1-channel" in done.stderr and "Traceback" not in done.stderr
+
+
+# ----------------------------------------------------------------------------- the real slide files
+
+def test_every_real_slide_file_maps_or_says_why(realdata, trained_run, tmp_path, threads):
+    slides = Path(realdata) / "slides"
+    ckpt = str(trained_run / "best.pt")
+    cmu = run_slide(slides / "CMU-1-Small-Region.svs", "--checkpoint", ckpt, "--out", tmp_path, "--threads", threads)
+    assert cmu.returncode == 0, cmu.stderr
+    summary = json.loads((tmp_path / "CMU-1-Small-Region" / "slide.json").read_text())
+    assert summary["slide"]["mpp"] == pytest.approx(0.499) and summary["mask"]["classified"] > 20
+    ome = run_slide(slides / "HE_example_tma.ome.tif", "--checkpoint", ckpt, "--out", tmp_path, "--threads", threads)
+    assert ome.returncode == 0, ome.stderr
+    assert json.loads((tmp_path / "HE_example_tma" / "slide.json").read_text())["slide"]["format"] == "ome-tiff"
+    tcga = slides / "TCGA-CR-7395-01A-01-TS1_histolab-crop.svs"
+    refused = run_slide(tcga, "--checkpoint", ckpt, "--out", tmp_path, "--threads", threads)
+    assert refused.returncode == 1 and "--mpp" in refused.stderr and "Traceback" not in refused.stderr
+    given = run_slide(tcga, "--checkpoint", ckpt, "--out", tmp_path, "--mpp", "0.5", "--threads", threads)
+    assert given.returncode == 0, given.stderr
+    assert (tmp_path / "TCGA-CR-7395-01A-01-TS1_histolab-crop" / "tiles.geojson").is_file()
