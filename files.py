@@ -53,7 +53,8 @@ def disk_full_message(path, needed=None):
     return (f"Writing {path} failed: the disk is full ({human_bytes(free)} free on its file system"
             f"{need}). Nothing half-written was left behind: the previous {Path(path).name}, if any, and "
             f"everything finished before are kept. Free some space and run the same command again "
-            f"(train.py with --resume continues from last.pt; evaluate.py computes only what is missing).")
+            f"(train.py with --resume continues from last.pt; evaluate.py computes only what is missing; slide.py "
+            f"skips the tiles already stored).")
 
 
 def human_bytes(n):

@@ -25,11 +25,11 @@ import numpy as np
 
 import budget
 import cli
+import files
 import predict
 import tissue
 import tissue_map
 import wsi
-from files import sha256_of
 from progress import progress
 
 THUMBNAIL_PX = 2048  # longest side of the thumbnail the tissue mask and the overlay are drawn from
@@ -119,7 +119,7 @@ def load_model(args):
     if model.channels != 3:
         raise cli.UserError(f"{path} is a model of {model.channels}-channel images ({dataset}), and slides are "
                             f"colour (H&E). Map slides with a model trained on an RGB dataset, e.g. pathmnist.")
-    return model, {"file": str(path), "kind": "onnx" if args.onnx else "checkpoint", "sha256": sha256_of(path),
+    return model, {"file": str(path), "kind": "onnx" if args.onnx else "checkpoint", "sha256": files.sha256_of(path),
                    "dataset": dataset, "synthetic": synthetic, "size": model.size, "classes": list(model.classes),
                    "colour_threshold": model.colour_reference["threshold"] if model.colour_reference else None}
 
@@ -171,13 +171,23 @@ def classify(conn, slide, grid, model, corners, batch_size):
             images = np.stack([wsi.read_tile(slide, grid, x, y) for x, y in part])
             probs = model.probabilities(images).astype(np.float32)
             distance = predict.colour_distance(reference, images) if reference else [None] * len(part)
-            conn.executemany("INSERT OR REPLACE INTO tiles VALUES (?, ?, ?, ?, ?, ?)",
-                             [(x, y, int(p.argmax()), float(p.max()), p.astype("<f4").tobytes(),
-                               None if d is None else float(d))
-                              for (x, y), p, d in zip(part, probs, distance, strict=True)])
-            conn.commit()
+            store_batch(conn, [(x, y, int(p.argmax()), float(p.max()), p.astype("<f4").tobytes(),
+                                None if d is None else float(d))
+                               for (x, y), p, d in zip(part, probs, distance, strict=True)])
             bar.update(len(part))
     return len(todo) / (time.perf_counter() - start)
+
+
+def store_batch(conn, rows):
+    """One batch of tile rows in one transaction; a full disk is a FileError (the batches before stay)."""
+    try:
+        with conn:
+            conn.executemany("INSERT OR REPLACE INTO tiles VALUES (?, ?, ?, ?, ?, ?)", rows)
+    except sqlite3.OperationalError as e:
+        if "full" not in str(e):
+            raise
+        path = conn.execute("PRAGMA database_list").fetchone()[2]
+        raise files.FileError(files.disk_full_message(path)) from e
 
 
 def map_slide(path, model, model_info, args):
@@ -201,7 +211,7 @@ def map_slide(path, model, model_info, args):
         rows = tissue_map.stored_rows(conn, keep)
     finally:
         conn.close()
-    mask_info = {"method": "Otsu on median-blurred HSV saturation (tissue.py)", "min_tissue": args.min_tissue,
+    mask_info = {"method": "Li's threshold on median-blurred HSV saturation (tissue.py)", "min_tissue": args.min_tissue,
                  "all_tiles": args.all_tiles, "thumbnail": list(thumb.size), "tiles": len(corners),
                  "tissue_tiles": int((shares >= args.min_tissue).sum()), "classified": len(rows)}
     summary = tissue_map.write_outputs(folder, rows, {"slide": about, "model": model_info, "mask": mask_info},
@@ -214,6 +224,7 @@ def map_slide(path, model, model_info, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    files.check_writable(args.out, "--out")
     model, model_info = load_model(args)
     failed = []
     for path in args.slides:

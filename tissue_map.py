@@ -186,7 +186,7 @@ def write_outputs(folder, rows, provenance, grid, thumb, mask):
     draw_map(folder / "class_map.png", [tiles_img], names, colours, counts, title, extent)
     alpha = np.where((tiles_img == 255).all(2), 0, 110).astype(np.uint8)
     overlay = np.dstack([tiles_img, alpha])
-    draw_overlay(folder / "overlay.png", thumb, overlay, names, colours, counts, title, slide, extent)
+    draw_overlay(folder / "overlay.png", thumb, overlay, (names, colours, counts), title, slide, extent)
     mask_figure(folder / "tissue_mask.png", thumb, mask, rows, grid, (slide["width"], slide["height"]),
                 f"tissue mask; outlined: the {len(rows):,} tiles classified")
     flagged = sum(r["flagged"] for r in table)
@@ -197,9 +197,9 @@ def write_outputs(folder, rows, provenance, grid, thumb, mask):
     return summary
 
 
-def draw_overlay(path, thumb, overlay, names, colours, counts, title, slide, extent):
+def draw_overlay(path, thumb, overlay, classes, title, slide, extent):
     """The classes, translucent, over the thumbnail in true colours (the thumbnail spans the whole
-    slide; the tiles only whole 112 um squares from the top left)."""
+    slide; the tiles only whole 112 um squares from the top left); classes: (names, colours, counts)."""
     width = 7.0
     fig, ax = plt.subplots(figsize=(width, width * slide["height"] / slide["width"] + 0.6))
     ax.imshow(np.asarray(thumb), extent=(0, slide["width"], slide["height"], 0))
@@ -207,7 +207,7 @@ def draw_overlay(path, thumb, overlay, names, colours, counts, title, slide, ext
     ax.set_xlim(0, slide["width"])
     ax.set_ylim(slide["height"], 0)
     ax.set_title(title + " (over the slide)", fontsize=9)
-    legend(ax, names, colours, counts)
+    legend(ax, *classes)
     save(fig, path)
 
 

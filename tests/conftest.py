@@ -67,6 +67,11 @@ def realdata():
 TRAINING_FIXTURES = {"trained_run", "evaluated_run", "untrained_run", "train_argv", "demo"}
 
 
+# The modules that take longest (minutes, each on one worker under --dist loadscope), dealt out first:
+# dealt last, as collection order would, one of them runs alone at the end while the other worker idles.
+LONGEST_FIRST = ("test_readme.py", "test_gpu_check.py", "test_bench.py", "test_distributed.py", "test_flags.py")
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
@@ -74,6 +79,8 @@ def pytest_collection_modifyitems(items):
             item.add_marker("realdata")
         if used & TRAINING_FIXTURES:
             item.add_marker("trains")
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 SKIPPED_REAL = []

@@ -7,9 +7,10 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULES = {p.stem: p for p in ROOT.glob("*.py")}
 # The recipes a user runs; no other recipe imports them (a driver of all of them may: gpu_check,
 # bench_memory, real). Library modules never see an argparse Namespace.
-SCRIPTS = ("train", "evaluate", "explain", "predict", "export", "bench", "bench_memory", "real", "gpu_check")
+SCRIPTS = ("train", "evaluate", "explain", "predict", "export", "bench", "bench_memory", "real", "gpu_check",
+           "slide")
 LIBRARIES = ("explanations", "shards", "engine", "quality", "db", "attribution", "trust", "gallery", "metrics",
-             "report", "plots", "budget", "centre_shift", "model", "formats")
+             "report", "plots", "budget", "centre_shift", "model", "formats", "wsi", "tissue", "tissue_map", "page")
 MAX_PARAMETERS = 8
 
 

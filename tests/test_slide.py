@@ -320,3 +320,26 @@ def test_every_real_slide_file_maps_or_says_why(realdata, trained_run, tmp_path,
     given = run_slide(tcga, "--checkpoint", ckpt, "--out", tmp_path, "--mpp", "0.5", "--threads", threads)
     assert given.returncode == 0, given.stderr
     assert (tmp_path / "TCGA-CR-7395-01A-01-TS1_histolab-crop" / "tiles.geojson").is_file()
+
+
+def test_a_full_disk_mid_slide_keeps_the_stored_batches_and_the_rerun_completes(truth_slides, trained_run, mapped,
+                                                                              monkeypatch, tmp_path, threads):
+    import files
+    paths, _ = truth_slides
+    argv = [str(paths["half"]), "--checkpoint", str(trained_run / "best.pt"), "--out", str(tmp_path),
+            "--batch-size", "16", "--threads", threads]
+    opened = slide.open_store
+
+    def small(folder, key):  # a store that may grow by a few pages only: SQLite's "database or disk is full"
+        conn = opened(folder, key)
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages + 1}")
+        return conn
+    monkeypatch.setattr(slide, "open_store", small)
+    with pytest.raises(files.FileError, match="disk is full"):
+        slide.main(argv)
+    kept = count_tiles(tmp_path / "half" / slide.STORE)
+    assert 0 < kept < 81 and kept % 16 == 0 and not (tmp_path / "half" / "tiles.csv").exists()
+    monkeypatch.setattr(slide, "open_store", opened)
+    slide.main(argv)
+    assert (tmp_path / "half" / "tiles.csv").read_bytes() == (mapped["half"][0] / "tiles.csv").read_bytes()
