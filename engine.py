@@ -88,10 +88,15 @@ def train_epoch(steps, split, batch_size, augmentation, epoch, gen, ctx=distribu
     steps.model.train()
     device = ctx.device
     dtype = amp_dtype(device, steps.amp)
-    loss_sum, correct, count = 0.0, 0, 0
     batches = data.batches(split, batch_size, device, gen, augmentation, (ctx.rank, ctx.world_size), aug_gen)
-    bar = progress(batches, total=math.ceil(len(split) / batch_size), desc=f"epoch {epoch}", unit="batch",
-                   leave=False)
+    with progress(batches, total=math.ceil(len(split) / batch_size), desc=f"epoch {epoch}", unit="batch",
+                  leave=False) as bar:  # closed on errors too: tqdm's monitor thread redraws an open bar
+        return epoch_loop(steps, bar, ctx, dtype, epoch)
+
+
+def epoch_loop(steps, bar, ctx, dtype, epoch):
+    """The steps of train_epoch over the batches `bar` yields: (mean loss, accuracy) over every rank."""
+    loss_sum, correct, count = 0.0, 0, 0
     for x, y in bar:
         logits, loss = forward_loss(steps.model, x, y, steps.task, dtype)
         batch_loss, batch_correct, n = distributed.sum_all(

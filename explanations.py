@@ -72,18 +72,18 @@ def explain_into_db(explaining, indices, conn, run_id):
         print(f"All {len(indices)} explanations are already stored in run {run_id}; nothing to compute.")
         return 0
     print(f"Explaining {len(todo)} test images with IG ({len(indices) - len(todo)} already stored)")
-    bar = progress(total=len(todo), unit="img", desc="IG")
     t0, stored, split = time.perf_counter(), 0, explaining.split
-    for start in range(0, len(todo), explaining.batch):
-        idx = torch.tensor(todo[start:start + explaining.batch])
-        labels = split.labels[idx]
-        probs, targets, result = attr.explain_batch(explaining.model, split.images[idx], labels,
-                                                    explaining.ig_settings, explaining.device)
-        stored += db.insert_explanations(conn, db.explanation_rows(run_id, "test", "ig", {
-            "image_index": idx.numpy(), "true_label": labels.numpy(), "probs": probs.numpy(),
-            "target": targets.numpy(), **result.stored(explaining.attr_dtype)}))
-        bar.update(len(idx))
-    bar.close()
+    # closed on an error too: an open bar is redrawn by tqdm's monitor thread long after the failure
+    with progress(total=len(todo), unit="img", desc="IG") as bar:
+        for start in range(0, len(todo), explaining.batch):
+            idx = torch.tensor(todo[start:start + explaining.batch])
+            labels = split.labels[idx]
+            probs, targets, result = attr.explain_batch(explaining.model, split.images[idx], labels,
+                                                        explaining.ig_settings, explaining.device)
+            stored += db.insert_explanations(conn, db.explanation_rows(run_id, "test", "ig", {
+                "image_index": idx.numpy(), "true_label": labels.numpy(), "probs": probs.numpy(),
+                "target": targets.numpy(), **result.stored(explaining.attr_dtype)}))
+            bar.update(len(idx))
     seconds = time.perf_counter() - t0
     print(f"Stored {stored} explanations in {seconds:.1f}s ({len(todo) / seconds:.1f} attributions/s)"
           + (f"; {len(todo) - stored} were stored meanwhile by another process" if stored < len(todo) else ""))
@@ -97,21 +97,20 @@ def method_into_db(explaining, method, indices, conn, run_id):
     todo = [i for i in indices if i not in done]  # in the given order: the batches a single process makes
     if not todo:
         return 0
-    bar = progress(total=len(todo), unit="img", desc=method)
     t0, stored, split = time.perf_counter(), 0, explaining.split
-    for start in range(0, len(todo), explaining.batch):
-        rows = db.find(conn, run_id, image_indices=todo[start:start + explaining.batch], with_arrays=True)
-        idx = torch.tensor([r["image_index"] for r in rows])
-        x = to_unit(split.images[idx].to(explaining.device))
-        targets = torch.tensor([r["target"] for r in rows], device=explaining.device)
-        with attr.seeded(int(idx[0])):  # noisy methods' draws: the same on every rerun and shard
-            maps = explaining.explainers[method](explaining.model, x, targets).cpu().numpy()
-        stored += db.insert_explanations(conn, db.explanation_rows(run_id, "test", method, {
-            "image_index": idx.numpy(), "true_label": split.labels[idx].numpy(),
-            "probs": np.stack([r["probs"] for r in rows]), "target": targets.cpu().numpy(),
-            "attributions": maps.astype(explaining.attr_dtype), "score": [r["score"] for r in rows]}))
-        bar.update(len(rows))
-    bar.close()
+    with progress(total=len(todo), unit="img", desc=method) as bar:
+        for start in range(0, len(todo), explaining.batch):
+            rows = db.find(conn, run_id, image_indices=todo[start:start + explaining.batch], with_arrays=True)
+            idx = torch.tensor([r["image_index"] for r in rows])
+            x = to_unit(split.images[idx].to(explaining.device))
+            targets = torch.tensor([r["target"] for r in rows], device=explaining.device)
+            with attr.seeded(int(idx[0])):  # noisy methods' draws: the same on every rerun and shard
+                maps = explaining.explainers[method](explaining.model, x, targets).cpu().numpy()
+            stored += db.insert_explanations(conn, db.explanation_rows(run_id, "test", method, {
+                "image_index": idx.numpy(), "true_label": split.labels[idx].numpy(),
+                "probs": np.stack([r["probs"] for r in rows]), "target": targets.cpu().numpy(),
+                "attributions": maps.astype(explaining.attr_dtype), "score": [r["score"] for r in rows]}))
+            bar.update(len(rows))
     print(f"Stored {stored} {method} maps ({len(todo) / (time.perf_counter() - t0):.1f} attributions/s)")
     return stored
 

@@ -445,18 +445,16 @@ def quality_into_db(scoring, indices, conn, run_id):
         todo = [i for i in indices if i not in done]
         if not todo:
             continue
-        bar = progress(total=len(todo), unit="img", desc=f"quality {method}")
-        for start in range(0, len(todo), block):
-            rows = db.find(conn, run_id, image_indices=todo[start:start + block], with_arrays=True)
-            if method in stored_methods:
-                maps = attr.stored_attributions(db.find(conn, run_id, image_indices=[r["image_index"] for r
-                                                                                              in rows],
-                                                        with_arrays=True, method=method))
-            else:
+        with progress(total=len(todo), unit="img", desc=f"quality {method}") as bar:  # closed on errors too
+            for start in range(0, len(todo), block):
+                rows = db.find(conn, run_id, image_indices=todo[start:start + block], with_arrays=True)
                 maps = None
-            db.insert_quality(conn, quality_rows(scoring, method, rows, maps, run_id, todo[start]))
-            bar.update(len(rows))
-        bar.close()
+                if method in stored_methods:
+                    maps = attr.stored_attributions(db.find(conn, run_id, image_indices=[r["image_index"] for r
+                                                                                                  in rows],
+                                                            with_arrays=True, method=method))
+                db.insert_quality(conn, quality_rows(scoring, method, rows, maps, run_id, todo[start]))
+                bar.update(len(rows))
 
 
 def quality_rows(scoring, method, rows, maps, run_id, seed):

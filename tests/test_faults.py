@@ -147,6 +147,8 @@ def test_a_full_disk_mid_explanation_keeps_committed_batches_and_the_rerun_compl
     with pytest.raises(db.DBError, match="disk is full") as failure:
         evaluate.main(argv)
     assert str(store) in str(failure.value) and "MB free" in str(failure.value)
+    from tqdm import tqdm
+    assert not list(tqdm._instances)  # an open bar would be redrawn by tqdm's monitor thread for ever after
     kept, _ = rows_by_method(store)["ig"]
     assert 0 < kept < 100 and kept % 8 == 0  # whole batches only
     assert integrity(store) == "ok"
