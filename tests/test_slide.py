@@ -343,3 +343,28 @@ def test_a_full_disk_mid_slide_keeps_the_stored_batches_and_the_rerun_completes(
     monkeypatch.setattr(slide, "open_store", opened)
     slide.main(argv)
     assert (tmp_path / "half" / "tiles.csv").read_bytes() == (mapped["half"][0] / "tiles.csv").read_bytes()
+
+
+BLOCK_TORCH = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "captum", "torchvision"):
+            raise ImportError(name + " is not installed here")
+sys.meta_path.insert(0, Block())
+import slide
+slide.main(sys.argv[1:])
+print("torch imported:", "torch" in sys.modules)
+"""
+
+
+def test_the_onnx_path_maps_a_slide_where_torch_cannot_be_imported(truth_slides, trained_run, syn_dir, tmp_path):
+    import export
+    paths, _ = truth_slides
+    export.main(["--checkpoint", str(trained_run / "best.pt"), "--out", str(tmp_path / "model.onnx"), "--no-int8",
+                 "--data-dir", str(syn_dir)])
+    argv = [str(paths["half"]), "--onnx", str(tmp_path / "model.onnx"), "--out", str(tmp_path / "o")]
+    done = subprocess.run([sys.executable, "-c", BLOCK_TORCH, *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "torch imported: False" in done.stdout and (tmp_path / "o" / "half" / "tiles.geojson").is_file()
