@@ -95,9 +95,15 @@ def write_csv(path, columns, rows):
     write_text(path, buf.getvalue())
 
 
-def sha256_of(path):
-    h = hashlib.sha256()
+def digest_of(path, algorithm):
+    """The file's hex digest (hashlib's `algorithm`), read a chunk at a time: a slide may be 10 GB."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
+def sha256_of(path):
+    return digest_of(path, "sha256")
+
+
+def md5_of(path):
+    return digest_of(path, "md5")

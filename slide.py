@@ -14,7 +14,6 @@ class map, its overlay on the slide, the tissue mask, slide.json and slide.html.
 everywhere are level-0 pixels, origin top left.
 """
 import argparse
-import hashlib
 import json
 import sqlite3
 import sys
@@ -126,16 +125,8 @@ def load_model(args):
 
 # ----------------------------------------------------------------------------- one slide
 
-def md5_of(path):
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def slide_provenance(slide, grid):
-    return {"file": slide.path.name, "path": str(slide.path), "md5": md5_of(slide.path),
+    return {"file": slide.path.name, "path": str(slide.path), "md5": files.md5_of(slide.path),
             "bytes": slide.path.stat().st_size, "format": slide.format, "width": slide.size[0],
             "height": slide.size[1], "mpp": slide.mpp, "mpp_source": slide.mpp_source, "level": grid.level,
             "level_mpp": slide.mpp * slide.downsamples[grid.level], "level_why": grid.why,

@@ -75,10 +75,10 @@ def class_colours(names):
     return out
 
 
-def areas(rows, names, tile_um):
-    """Tissue area per class in mm2 and as a share of the classified tissue, and the tumour-stroma
-    ratio (stroma area over stroma + tumour) where PathMNIST's two classes are among `names`."""
-    counts = np.bincount([r["pred"] for r in rows], minlength=len(names))
+def areas(counts, names, tile_um):
+    """Tissue area per class (`counts` tiles each) in mm2 and as a share of the classified tissue, and
+    the tumour-stroma ratio (stroma area over stroma + tumour) where PathMNIST's two are among `names`."""
+    counts = np.asarray(counts)
     tile_mm2 = (tile_um / 1000) ** 2
     total = counts.sum()
     per_class = {n: {"tiles": int(c), "mm2": formats.rounded(c * tile_mm2),
@@ -143,15 +143,18 @@ def save(fig, path):
     plt.close(fig)
 
 
-def draw_map(path, picture, names, colours, present, title, extent):
-    """The class map (or its overlay): `picture` drawn over the slide's level-0 extent, a legend beside it."""
+def draw_map(path, layers, classes, title, size):
+    """A class picture: `layers` [(RGB or RGBA image, (width, height) in level-0 px from the top left)]
+    drawn in turn over a slide of level-0 `size`, a legend of classes (names, colours, counts) beside it."""
     width = 7.0
-    fig, ax = plt.subplots(figsize=(width, width * extent[1] / extent[0] + 0.6))
-    for layer in picture:
-        ax.imshow(layer, extent=(0, extent[0], extent[1], 0), interpolation="nearest")
+    fig, ax = plt.subplots(figsize=(width, width * size[1] / size[0] + 0.6))
+    for image, (w, h) in layers:
+        ax.imshow(np.asarray(image), extent=(0, w, h, 0), interpolation="nearest")
+    ax.set_xlim(0, size[0])
+    ax.set_ylim(size[1], 0)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("level-0 px")
-    legend(ax, names, colours, present)
+    legend(ax, *classes)
     save(fig, path)
 
 
@@ -181,34 +184,21 @@ def write_outputs(folder, rows, provenance, grid, thumb, mask):
     counts = np.bincount([r["pred"] for r in rows], minlength=len(names)).tolist()
     synthetic = " - SYNTHETIC model" if model["synthetic"] else ""
     title = f"{slide['file']}: {len(rows):,} tiles of {slide['tile_um']:.0f} um{synthetic}"
-    extent = (grid.columns * side, grid.rows * side)
+    tiled = (grid.columns * side, grid.rows * side)  # whole tiles from the top left; the slide may be larger
     tiles_img = class_grid(rows, grid, colours)
-    draw_map(folder / "class_map.png", [tiles_img], names, colours, counts, title, extent)
-    alpha = np.where((tiles_img == 255).all(2), 0, 110).astype(np.uint8)
-    overlay = np.dstack([tiles_img, alpha])
-    draw_overlay(folder / "overlay.png", thumb, overlay, (names, colours, counts), title, slide, extent)
+    draw_map(folder / "class_map.png", [(tiles_img, tiled)], (names, colours, counts), title, tiled)
+    translucent = np.dstack([tiles_img, np.where((tiles_img == 255).all(2), 0, 110).astype(np.uint8)])
+    whole = (slide["width"], slide["height"])
+    draw_map(folder / "overlay.png", [(thumb, whole), (translucent, tiled)], (names, colours, counts),
+             title + " (over the slide)", whole)
     mask_figure(folder / "tissue_mask.png", thumb, mask, rows, grid, (slide["width"], slide["height"]),
                 f"tissue mask; outlined: the {len(rows):,} tiles classified")
     flagged = sum(r["flagged"] for r in table)
     summary = {**provenance, "counts": {"classified": len(rows), "flagged": flagged},
-               "areas": areas(rows, names, slide["tile_um"])}
+               "areas": areas(counts, names, slide["tile_um"])}
     write_json(folder / "slide.json", summary)
     write_text(folder / "slide.html", render_page(summary, names, folder))
     return summary
-
-
-def draw_overlay(path, thumb, overlay, classes, title, slide, extent):
-    """The classes, translucent, over the thumbnail in true colours (the thumbnail spans the whole
-    slide; the tiles only whole 112 um squares from the top left); classes: (names, colours, counts)."""
-    width = 7.0
-    fig, ax = plt.subplots(figsize=(width, width * slide["height"] / slide["width"] + 0.6))
-    ax.imshow(np.asarray(thumb), extent=(0, slide["width"], slide["height"], 0))
-    ax.imshow(overlay, extent=(0, extent[0], extent[1], 0), interpolation="nearest")
-    ax.set_xlim(0, slide["width"])
-    ax.set_ylim(slide["height"], 0)
-    ax.set_title(title + " (over the slide)", fontsize=9)
-    legend(ax, *classes)
-    save(fig, path)
 
 
 def render_page(summary, names, folder):

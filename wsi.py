@@ -224,8 +224,8 @@ def read_region(slide, corner, level, read_side, side):
         rgba = slide.reader.read_region(corner, level, (read_side, read_side))
     except openslide.OpenSlideError as e:
         raise SlideError(corrupt(slide.path, e)) from e
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert("RGB")
+    # transparent where nothing was scanned: white, as glass looks
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 
 
 def thumbnail(slide, longest):
@@ -236,10 +236,9 @@ def thumbnail(slide, longest):
         return slide.reader.resize(target, Image.Resampling.BILINEAR, reducing_gap=2.0)
     import openslide
     try:
-        rgba = slide.reader.get_thumbnail(target).convert("RGBA")
+        return slide.reader.get_thumbnail(target).convert("RGB")  # OpenSlide composites it on the background
     except openslide.OpenSlideError as e:
         raise SlideError(corrupt(slide.path, e)) from e
-    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 
 
 def corrupt(path, error):
