@@ -5,6 +5,8 @@
     python bench.py --json bench.json    # also write the numbers as JSON
     python bench.py --device cuda        # the same tables on a GPU
     python bench.py --no-memory          # skip the memory section (it writes ~7 GB of temporary files)
+    python bench.py --slide              # only the whole-slide section (bench_slide.py): slide.py on
+                                         # 10,000 and 40,000 tissue tiles against reading them alone
 
 Both sides run in this one process, on synthetic images with PathMNIST's shapes (28x28x3, 9
 classes), so every number comes with a baseline measured beside it and only the ratios count. Each
@@ -35,7 +37,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zipfile
 from pathlib import Path
@@ -46,6 +47,7 @@ import torch
 import attribution as attr
 import augment
 import bench_inference
+import bench_slide
 import cli
 import colour
 import data
@@ -55,6 +57,7 @@ import model as model_lib
 import original
 import synthetic
 from files import atomic_path, write_json
+from rss import AnonPeak
 
 OUR_BATCH = 128
 FULL = {"train_images": 20000, "train_steps": 60, "ig_images_original": 40, "ig_images_ours": 480,
@@ -303,35 +306,6 @@ def write_random_npz(path, size, counts, seed=0, chunk=2048):
                 np.lib.format.write_array(f, rng.integers(0, 9, (n, 1), dtype=np.int64))
 
 
-class AnonPeak(threading.Thread):
-    """Samples this process's RssAnon (anonymous resident memory, not the page cache) every
-    `interval` seconds and keeps the peak, in bytes; None where /proc is missing (not Linux)."""
-
-    def __init__(self, interval=0.002):
-        super().__init__(daemon=True)
-        self.interval, self.peak, self.running = interval, self.current(), True
-
-    @staticmethod
-    def current():
-        try:
-            with open("/proc/self/status") as f:
-                line = next(line for line in f if line.startswith("RssAnon:"))
-        except (OSError, StopIteration):
-            return None
-        return int(line.split()[1]) * 1024
-
-    def run(self):
-        while self.running and self.peak is not None:
-            self.peak = max(self.peak, self.current())
-            time.sleep(self.interval)
-
-    def stop(self):
-        self.running = False
-        self.join()
-        now = self.current()
-        return None if now is None else max(self.peak, now)
-
-
 def probe_memory(path, size, memory, steps, device="cpu"):
     """In this process: load `path` with the in-memory (ram) or mapped (map) loader, then train
     `steps` batches of 128 drawn across the whole train split; with memory "none", train on one
@@ -527,6 +501,14 @@ def main(argv=None):
                    "a few minutes)")
     p.add_argument("--memory-dir", help="folder for the memory section's temporary files (default: a "
                    "new folder in the system's temporary directory, deleted afterwards)")
+    p.add_argument("--slide", action="store_true", help="run only the whole-slide section (bench_slide.py): "
+                   "slide.py on written slides of 10,000 and 40,000 tissue tiles (with --quick, 144)")
+    p.add_argument("--checkpoint", help="with --slide: map with this model (default: a 1-epoch synthetic one "
+                   "trained for the benchmark; speed does not depend on the weights)")
+    p.add_argument("--data-dir", help="with --slide --checkpoint: the model's data folder (the int8 export "
+                   "calibrates on its training images)")
+    p.add_argument("--tiatoolbox", metavar="PYTHON", help="with --slide: also map each slide through TIAToolbox's "
+                   "PatchPredictor, run by this interpreter (an environment with tiatoolbox and medmnist)")
     p.add_argument("--probe", help=argparse.SUPPRESS)  # internal: one memory measurement in this process
     p.add_argument("--probe-size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--probe-memory", help=argparse.SUPPRESS)
@@ -538,6 +520,16 @@ def main(argv=None):
     if args.probe:
         print(json.dumps(probe_memory(args.probe, args.probe_size, args.probe_memory, args.probe_steps, device)))
         return None
+    if args.slide:
+        rows = bench_slide.run(bench_slide.QUICK if args.quick else bench_slide.FULL, args.checkpoint, args.data_dir,
+                               args.tiatoolbox)
+        print(f"Whole slides ({'QUICK mode: too small for conclusions' if args.quick else 'full mode'}): "
+              f"slide.py end to end against only reading and resizing the same tiles; written tiled TIFFs at "
+              f"{bench_slide.MPP:g} um/px, {torch.get_num_threads()} threads")
+        print(bench_slide.format_rows(rows))
+        if args.json:
+            write_json(args.json, {"slide": rows})
+        return {"slide": rows}
     cfg = QUICK if args.quick else FULL
     rows, peer_rows, results = run(cfg, device)
     memory_rows = []

@@ -38,6 +38,7 @@ from schema import (
     QUALITY_VALUES,
     SCHEMA_V1,
     SCHEMA_VERSION,
+    SLIDE_TILE_COLUMNS,
     TRUST_VALUES,
 )
 
@@ -309,6 +310,28 @@ def insert_batch(conn, table, columns, values, on_conflict="DO NOTHING"):
     return cur.rowcount
 
 
+SLIDE_SPLIT = "slide:"  # a whole slide's tiles are stored under the split "slide:<MD5>:<tile px>"
+
+
+def slide_split(slide_md5, side):
+    """The split name a slide's tiles are explained under: its MD5 and the tile side (level-0 px),
+    so the same slide cut at another scale is other images."""
+    return f"{SLIDE_SPLIT}{slide_md5}:{side}"
+
+
+def insert_slide_tiles(conn, rows):
+    """Record where explained slide tiles lie (dicts of SLIDE_TILE_COLUMNS), in one transaction;
+    tiles already recorded are kept. Returns how many were added."""
+    values = [tuple(r[c] for c in SLIDE_TILE_COLUMNS) for r in rows]
+    return insert_batch(conn, "slide_tiles", SLIDE_TILE_COLUMNS, values)
+
+
+def slide_tiles(conn, run_id, split):
+    """{image_index: slide_tiles row dict} of one slide's explained tiles."""
+    return {r["image_index"]: dict(r) for r in conn.execute(
+        "SELECT * FROM slide_tiles WHERE run_id = ? AND split = ? ORDER BY image_index", (run_id, split))}
+
+
 def stored_images(conn, run_id, split="test"):
     """Every image index with an explanation or quality row in the run, ascending."""
     return sorted({r[0] for table in ("explanations", "quality") for r in conn.execute(
@@ -531,7 +554,8 @@ def summary(conn, describe, relative_error):
         stats = conn.execute(
             "SELECT split, COUNT(*), AVG(correct), AVG(ABS(delta)), "
             "AVG(relative_error(delta, score - baseline_score)) FROM explanations "
-            "WHERE run_id = ? AND method = 'ig' GROUP BY split", (run_id,)).fetchall()
+            "WHERE run_id = ? AND method = 'ig' AND split NOT LIKE ? GROUP BY split",
+            (run_id, SLIDE_SPLIT + "%")).fetchall()
         for split, n, acc, mean_delta, rel in stats:
             lines.append(f"  {split}: {formats.count(n)} explanations, accuracy of stored rows {formats.metric(acc)}, "
                          f"mean |delta| {formats.measure(mean_delta)}, mean relative completeness error "
@@ -548,6 +572,11 @@ def summary(conn, describe, relative_error):
             for label, count, class_acc in per_class:
                 name = run["class_names"][label]
                 lines.append(f"    {label} {name:38s} {count:6d} rows  {what} {formats.metric(class_acc)}")
+        slides = conn.execute("SELECT slide_file, COUNT(*) FROM slide_tiles WHERE run_id = ? GROUP BY slide_md5, "
+                              "slide_file ORDER BY slide_file", (run_id,)).fetchall()
+        if slides:  # tiles have no true class: no accuracy
+            lines.append("  slide tiles explained (slide.py): "
+                         + ", ".join(f"{f} {formats.count(n)}" for f, n in slides))
         others = conn.execute("SELECT method, COUNT(*) FROM explanations WHERE run_id = ? AND method != 'ig' "
                               "GROUP BY method ORDER BY method", (run_id,)).fetchall()
         if others:

@@ -26,9 +26,10 @@ EXPLAIN_SEED = 0  # which test images get explained: a fixed shuffle, so reruns 
 
 @dataclass(frozen=True)
 class Explaining:
-    """What an explanation pass computes and how: the BN-folded model, the split, the IG settings,
-    the methods to store ("ig" first) with their explainers, images per batch (ig_block), the
-    storage dtype of the maps, and the device."""
+    """What an explanation pass computes and how: the BN-folded model, the images (a data.Split, or
+    anything whose images and labels index alike, as slide tiles do) and the split name they are stored
+    under, the IG settings, the methods to store ("ig" first) with their explainers, images per batch
+    (ig_block), the storage dtype of the maps, and the device."""
     model: torch.nn.Module
     split: object
     ig_settings: dict
@@ -37,6 +38,7 @@ class Explaining:
     batch: int
     attr_dtype: str
     device: torch.device
+    split_name: str = "test"
 
 
 def explanation_indices(n_images, how_many):
@@ -66,12 +68,14 @@ def ig_block(model, split, requested, device):
 
 def explain_into_db(explaining, indices, conn, run_id):
     """Explain with IG the images not yet stored for this run, one transaction per batch. Returns the count."""
-    done = db.done_indices(conn, run_id, "test")
+    name = explaining.split_name
+    done = db.done_indices(conn, run_id, name)
     todo = [i for i in indices if i not in done]
     if not todo:
         print(f"All {len(indices)} explanations are already stored in run {run_id}; nothing to compute.")
         return 0
-    print(f"Explaining {len(todo)} test images with IG ({len(indices) - len(todo)} already stored)")
+    what = "test images" if name == "test" else "tiles"
+    print(f"Explaining {len(todo)} {what} with IG ({len(indices) - len(todo)} already stored)")
     t0, stored, split = time.perf_counter(), 0, explaining.split
     # closed on an error too: an open bar is redrawn by tqdm's monitor thread long after the failure
     with progress(total=len(todo), unit="img", desc="IG") as bar:
@@ -80,7 +84,7 @@ def explain_into_db(explaining, indices, conn, run_id):
             labels = split.labels[idx]
             probs, targets, result = attr.explain_batch(explaining.model, split.images[idx], labels,
                                                         explaining.ig_settings, explaining.device)
-            stored += db.insert_explanations(conn, db.explanation_rows(run_id, "test", "ig", {
+            stored += db.insert_explanations(conn, db.explanation_rows(run_id, name, "ig", {
                 "image_index": idx.numpy(), "true_label": labels.numpy(), "probs": probs.numpy(),
                 "target": targets.numpy(), **result.stored(explaining.attr_dtype)}))
             bar.update(len(idx))
@@ -93,20 +97,22 @@ def explain_into_db(explaining, indices, conn, run_id):
 def method_into_db(explaining, method, indices, conn, run_id):
     """Maps of another method for the images IG explained, stored under its name, one transaction
     per batch; the prediction and the explained class are IG's rows'. Returns the count."""
-    done = db.done_indices(conn, run_id, "test", method)
+    name = explaining.split_name
+    done = db.done_indices(conn, run_id, name, method)
     todo = [i for i in indices if i not in done]  # in the given order: the batches a single process makes
     if not todo:
         return 0
     t0, stored, split = time.perf_counter(), 0, explaining.split
     with progress(total=len(todo), unit="img", desc=method) as bar:
         for start in range(0, len(todo), explaining.batch):
-            rows = db.find(conn, run_id, image_indices=todo[start:start + explaining.batch], with_arrays=True)
+            rows = db.find(conn, run_id, image_indices=todo[start:start + explaining.batch], with_arrays=True,
+                           split=name)
             idx = torch.tensor([r["image_index"] for r in rows])
             x = to_unit(split.images[idx].to(explaining.device))
             targets = torch.tensor([r["target"] for r in rows], device=explaining.device)
             with attr.seeded(int(idx[0])):  # noisy methods' draws: the same on every rerun and shard
                 maps = explaining.explainers[method](explaining.model, x, targets).cpu().numpy()
-            stored += db.insert_explanations(conn, db.explanation_rows(run_id, "test", method, {
+            stored += db.insert_explanations(conn, db.explanation_rows(run_id, name, method, {
                 "image_index": idx.numpy(), "true_label": split.labels[idx].numpy(),
                 "probs": np.stack([r["probs"] for r in rows]), "target": targets.cpu().numpy(),
                 "attributions": maps.astype(explaining.attr_dtype), "score": [r["score"] for r in rows]}))

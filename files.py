@@ -10,7 +10,6 @@ import contextlib
 import csv
 import errno
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -87,12 +86,11 @@ def write_json(path, obj):
 
 
 def write_csv(path, columns, rows):
-    """Write dict rows as a CSV file with a header, atomically."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buf.getvalue())
+    """Write dict rows (any iterable: they are written as they come) as a CSV file with a header, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def digest_of(path, algorithm):

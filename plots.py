@@ -4,7 +4,8 @@
     confusion matrix       plot_confusion      (evaluate.py -> <run>/images/confusion_matrix.png)
     reliability diagram    plot_reliability    (evaluate.py -> <run>/images/reliability.png)
     IG gallery             explanation_figure  (evaluate.py -> <run>/images/ig_examples.png,
-                                                explain.py --db -> <run>/explain/run<R>_test_<I>_ig.png)
+                                                explain.py --db -> <run>/explain/run<R>_test_<I>_ig.png,
+                                                slide.py -> <run>/slides/<slide>/explanations.png)
     one image file         tile_figure         (explain.py  -> <run>/explain/<name>_ig.png)
     deletion / insertion   plot_faithfulness   (evaluate.py -> <run>/images/faithfulness.png)
     randomisation example  plot_randomization_rows (evaluate.py -> <run>/images/sanity_randomization.png)
@@ -175,11 +176,11 @@ def mark_flat(ax):
             va="center", fontsize=6, transform=ax.transAxes)
 
 
-def draw_explanation(fig, axes, image, attribution, title, scale=None):
+def draw_explanation(fig, axes, image, attribution, title, scale=None, label="IG"):
     """Three panels: the image in true colours, the signed attribution map summed over channels (red
     +, blue -, on the symmetric colour scale `scale`, shared by every panel of a figure so that
-    magnitudes compare; its own 99th percentile if None), and |attribution| over the image.
-    Returns the map's image artist (for a colour bar)."""
+    magnitudes compare; its own 99th percentile if None), and |attribution| over the image; `label`
+    names the method. Returns the map's image artist (for a colour bar)."""
     from captum.attr import visualization as viz  # captum imports torch: slide.py's maps need neither
     img = hwc(image)
     attr = hwc(attribution).astype(np.float64)
@@ -193,8 +194,8 @@ def draw_explanation(fig, axes, image, attribution, title, scale=None):
     else:
         viz.visualize_image_attr(attr, img, method="blended_heat_map", sign="absolute_value",
                                  plt_fig_axis=(fig, axes[2]), alpha_overlay=0.6, use_pyplot=False)
-    axes[1].set_title("IG (red +, blue -)", fontsize=7)  # colour-blind safe, unlike red/green
-    axes[2].set_title("|IG| over the image", fontsize=7)
+    axes[1].set_title(f"{label} (red +, blue -)", fontsize=7)  # colour-blind safe, unlike red/green
+    axes[2].set_title(f"|{label}| over the image", fontsize=7)
     no_ticks(axes)
     return shown
 
@@ -202,9 +203,10 @@ def draw_explanation(fig, axes, image, attribution, title, scale=None):
 PANEL_IN, GAP_IN, TITLE_LINE_IN = 1.5, 0.12, 0.125  # a map panel's side, the gap between panels, a title line
 
 
-def explanation_figure(panels, path, suptitle, per_row=None):
+def explanation_figure(panels, path, suptitle, per_row=None, label="IG"):
     """panels: [(image (C, H, W) in [0, 1], attribution (C, H, W), title) or None for an empty slot],
-    drawn `per_row` to a row (default two, or one for a single panel). Laid out in inches, panel by
+    drawn `per_row` to a row (default two, or one for a single panel), the maps those of the method
+    `label` names. Laid out in inches, panel by
     panel, so the panels fill the figure's width whatever the number of rows and title lines."""
     per_row = per_row or (2 if len(panels) > 1 else 1)
     rows, columns = (len(panels) + per_row - 1) // per_row, 3 * per_row
@@ -231,13 +233,13 @@ def explanation_figure(panels, path, suptitle, per_row=None):
         row_axes = axes[r, 3 * c:3 * c + 3]
         for ax in row_axes:
             ax.axis("on")
-        shown = draw_explanation(fig, row_axes, image, attribution, title, scale)
+        shown = draw_explanation(fig, row_axes, image, attribution, title, scale, label)
     fig.suptitle(text, fontsize=9, y=1 - 0.1 / height, va="top")
     cax = fig.add_axes((0.3, 0.3 / height, 0.4, 0.08 / height))  # ticks below, label above, in 0.8 in
     colorbar = fig.colorbar(shown, cax=cax, orientation="horizontal")
     colorbar.ax.tick_params(labelsize=6)
     colorbar.ax.xaxis.set_label_position("top")
-    colorbar.set_label("IG per pixel (sum over channels), one scale for every panel", fontsize=6)
+    colorbar.set_label(f"{label} per pixel (sum over channels), one scale for every panel", fontsize=6)
     write_figure(fig, path, dpi=130, tight=False)
 
 

@@ -1,4 +1,4 @@
-"""schema.py: the explanation store's tables (version 8) and the migrations from older files.
+"""schema.py: the explanation store's tables (version 9) and the migrations from older files.
 
 db.connect migrates an older file in place, each step in one transaction, keeping every row; each
 step is in MIGRATIONS with a comment on what it changes. SCHEMA_V1 and the migrations are the record
@@ -40,6 +40,9 @@ explanations: one row per explained image and method, keyed by (run_id, split, i
     score, baseline_score REAL  the explained output at the image and at the IG baseline
     n_steps            INTEGER  integration steps used for this image
                                 (delta, baseline_score and n_steps are NULL for methods other than ig)
+    split              TEXT     'train', 'val', 'test', or 'slide:<slide MD5>:<tile side in level-0 px>' for
+                                a whole slide's tiles (slide.py), whose image_index is the tile's index on
+                                the slide's grid, row by row, and whose true_label is -1 (no label: correct 0)
 
 quality (v2): explanation quality per image and method, keyed by (run_id, split, image_index, method).
     method             TEXT     'ig', or 'smoothgrad_ig:n=<samples>,sd=<stdev>'
@@ -61,10 +64,17 @@ quality (v2): explanation quality per image and method, keyed by (run_id, split,
                                 still predicted, most relevant pixels first (MoRF) and least relevant first (LeRF)
     randomization      TEXT     (v5) JSON {"top_down" | "bottom_up" | "single": {layer: {"spearman",
                                 "signed", "ssim"}}}: every randomisation mode, per stage
+
+slide_tiles (v9): where each explained slide tile lies, keyed by (run_id, split, image_index) as its
+explanations are, and unique by (run_id, slide_md5, x, y, size): the slide and the tile's place on it.
+    slide_md5, slide_file TEXT  the slide file's MD5 and name
+    x, y, size         INTEGER  the tile's top-left corner and side, in level-0 px
+    mpp                REAL     level-0 um/px used (the header's or --mpp)
+    level, read_px     INTEGER  the pyramid level read and the tile's side there, before resizing
 """
 import json
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 SCHEMA_V1 = """
 CREATE TABLE runs (
     run_id INTEGER PRIMARY KEY,
@@ -155,7 +165,8 @@ def label_randomization_layers(conn):
 # MedMNIST 2D dataset (runs.flag, task, data_verified; explanations.true_labels, correct); 4->5 keys
 # explanations by method too and adds quality.randomization; 5->6 names IG's settings "rule" and
 # "attribute"; 6->7 adds the published tests' columns (NULL until the next quality pass completes
-# them); 7->8 labels the randomisation stages as metrics.json and the figures do ("conv block 5").
+# them); 7->8 labels the randomisation stages as metrics.json and the figures do ("conv block 5");
+# 8->9 adds slide_tiles, so a whole slide's tiles are explained and stored (slide.py).
 MIGRATIONS = {1: """
 CREATE TABLE quality (
     run_id INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
@@ -206,7 +217,26 @@ CREATE INDEX explanations_by_true ON explanations (run_id, split, method, true_l
 CREATE INDEX explanations_by_pred ON explanations (run_id, split, method, pred_label);
 ALTER TABLE quality ADD COLUMN randomization TEXT;
 """, 5: rename_ig_setting_keys,
-    6: "".join(f"ALTER TABLE quality ADD COLUMN {c} REAL;\n" for c in TRUST_VALUES), 7: label_randomization_layers}
+    6: "".join(f"ALTER TABLE quality ADD COLUMN {c} REAL;\n" for c in TRUST_VALUES), 7: label_randomization_layers,
+    8: """
+CREATE TABLE slide_tiles (
+    run_id INTEGER NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
+    split TEXT NOT NULL,
+    image_index INTEGER NOT NULL,
+    slide_md5 TEXT NOT NULL,
+    slide_file TEXT NOT NULL,
+    x INTEGER NOT NULL,
+    y INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    mpp REAL NOT NULL,
+    level INTEGER NOT NULL,
+    read_px INTEGER NOT NULL,
+    PRIMARY KEY (run_id, split, image_index),
+    UNIQUE (run_id, slide_md5, x, y, size)
+);
+"""}
+SLIDE_TILE_COLUMNS = ("run_id", "split", "image_index", "slide_md5", "slide_file", "x", "y", "size", "mpp", "level",
+                      "read_px")
 EXPLANATION_REALS = ("confidence", "delta", "score", "baseline_score")
 EXPLANATION_COLUMNS = ("run_id", "split", "image_index", "method", "true_label", "pred_label", "target",
                        "confidence", "probs", "attribution", "attr_dtype", "attr_shape", "delta",

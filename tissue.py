@@ -1,7 +1,7 @@
 """tissue.py: which tiles of a slide hold tissue, from its thumbnail, as CLAM and histolab find it.
 
-    mask = tissue.tissue_mask(thumbnail_rgb, grid)         # bool (H, W): stained pixels, MASK_PX a tile
-    share = tissue.tile_shares(mask, grid, slide.size)     # (rows, columns): tissue share per tile
+    thumb, mask, shares = tissue.masked(slide, grid)       # the thumbnail, its mask, tissue share per tile
+    corners = tissue.kept(grid.corners(), shares, 0.5, all_tiles=False)   # the tiles to classify
 
 H&E stains tissue; glass and the slide's white background are unsaturated. As CLAM does, the mask
 thresholds each pixel's saturation (HSV), median-blurred, on the thumbnail shrunk to MASK_PX pixels a
@@ -15,9 +15,24 @@ from being split in two. A tile is tissue when at least slide.py's --min-tissue 
 import numpy as np
 from PIL import Image, ImageFilter
 
+import wsi
+
+THUMBNAIL_PX = 2048  # longest side of the thumbnail the mask (and slide.py's overlay) is drawn from
 MASK_PX = 16  # mask pixels per tile side
 BLUR = 5  # px of the median filter on the mask's saturation (CLAM: 7, at a coarser level)
 FLOOR = 8  # lowest saturation (0..255) the threshold may take (CLAM's fixed sthresh)
+
+
+def masked(slide, grid):
+    """(the slide's thumbnail, its tissue mask, each tile's tissue share as (rows, columns))."""
+    thumb = wsi.thumbnail(slide, THUMBNAIL_PX)
+    mask = tissue_mask(thumb, grid)
+    return thumb, mask, tile_shares(mask, grid, slide.size)
+
+
+def kept(corners, shares, min_tissue, all_tiles):
+    """The corners of the tiles to classify: those at least `min_tissue` tissue, or with all_tiles all."""
+    return [c for c, s in zip(corners, shares.ravel(), strict=True) if all_tiles or s >= min_tissue]
 
 
 def tissue_mask(thumb, grid):

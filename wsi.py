@@ -67,6 +67,14 @@ class Grid:
     def corners(self):
         return [(c * self.side, r * self.side) for r in range(self.rows) for c in range(self.columns)]
 
+    def index(self, x, y):
+        """The tile's place in corners()."""
+        return (y // self.side) * self.columns + x // self.side
+
+    def corner(self, index):
+        row, column = divmod(index, self.columns)
+        return column * self.side, row * self.side
+
 
 def open_slide(path, mpp=None):
     """The Slide at `path`: OpenSlide where it knows the format, else tifffile (OME-TIFF) or Pillow."""

@@ -97,3 +97,13 @@ def test_peer_is_medmnists_resnet18_for_28_px():
     assert params == 11_689_512 - 9_408 - 513_000 + 1_728 + 4_617
     assert net.eval()(bench.torch.rand(2, 3, 28, 28)).shape == (2, 9)
     assert isinstance(net.net.maxpool, bench.torch.nn.Identity) and net.net.conv1.stride == (1, 1)
+
+
+def test_quick_slide_benchmark_maps_its_written_slide_and_reports_the_floor_beside_it(trained_run, syn_dir, tmp_path):
+    result = bench.main(["--slide", "--quick", "--checkpoint", str(trained_run / "best.pt"), "--data-dir", str(syn_dir),
+                         "--json", str(tmp_path / "b.json")])
+    (row,) = result["slide"]
+    assert row["tiles"] == 12 * 12 == row["explained"]  # the square of tissue, every tile explained
+    assert row["bytes_per_map"] == 3 * 28 * 28 * 2 + 9 * 4  # a float16 map and float32 probabilities
+    assert all(row[k] > 0 for k in ("floor_s", "pytorch_s", "onnx_int8_s", "pytorch_peak", "onnx_int8_peak"))
+    assert json.loads((tmp_path / "b.json").read_text())["slide"] == result["slide"]

@@ -169,7 +169,7 @@ def v1_database(path):
 def test_a_version_1_database_is_migrated_keeping_its_rows(tmp_path):
     v1_database(tmp_path / "v1.db").close()
     migrated = db.connect(tmp_path / "v1.db")
-    assert migrated.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION == 8
+    assert migrated.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION == 9
     assert migrated.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1
     assert "quality" in db.table_names(migrated)
 
@@ -208,7 +208,8 @@ def test_version_3_rows_gain_a_correct_flag_and_pathmnist_run_columns(tmp_path):
     assert (run["flag"], run["task"], run["provenance"]["verified"]) == ("pathmnist", "multi-class", True)
 
 
-UNDO_V7 = "".join(f"ALTER TABLE quality DROP COLUMN {c};" for c in db.TRUST_VALUES)  # back to a v6 quality table
+UNDO_V9 = "DROP TABLE slide_tiles;"  # back to a v8 store
+UNDO_V7 = UNDO_V9 + "".join(f"ALTER TABLE quality DROP COLUMN {c};" for c in db.TRUST_VALUES)  # back to v6
 
 
 def test_version_5_ig_settings_are_renamed_and_the_run_is_found_again(tmp_path):
@@ -234,7 +235,7 @@ def test_version_7_randomisation_stages_take_the_names_metrics_and_figures_use(t
     row["randomization"] = {"top_down": {"classifier": {"ssim": 0.5}, "features.0": {"ssim": 0.25}},
                             "single": {"net.layer4": {"ssim": 0.75}}}
     db.insert_quality(conn, [row])
-    conn.execute("PRAGMA user_version = 7")
+    conn.executescript(UNDO_V9 + "PRAGMA user_version = 7;")
     conn.close()
     back = db.quality_rows(db.connect(tmp_path / "v7.db"), run, "test", "ig")[0]
     assert back["randomization_stages"] == {"classifier": 0.5, "conv block 1": 0.25}
@@ -437,6 +438,19 @@ def test_db_cli_on_an_empty_file_exits_1_and_leaves_it_empty(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "is empty" in result.stderr and "no runs yet" not in result.stdout
     assert (tmp_path / "e.db").stat().st_size == 0
+
+
+def test_a_version_8_store_gains_the_slide_tiles_table_keeping_its_rows(tmp_path):
+    conn = sqlite3.connect(tmp_path / "v8.db")
+    for version in range(8):  # the store as the version-8 code left it
+        db.migrate(conn, version)
+    run = new_run(conn, {"n_steps": 8})
+    db.insert_explanations(conn, fake_rows(run, range(3)))
+    before = [tuple(r) for r in conn.execute("SELECT * FROM explanations ORDER BY image_index")]
+    conn.close()
+    migrated = db.connect(tmp_path / "v8.db")
+    assert [tuple(r) for r in migrated.execute("SELECT * FROM explanations ORDER BY image_index")] == before
+    assert "slide_tiles" in db.table_names(migrated) and migrated.execute("PRAGMA user_version").fetchone()[0] == 9
 
 
 def test_a_schema_step_another_process_already_took_is_skipped(tmp_path):

@@ -18,6 +18,7 @@ import colour
 import data
 import model as model_lib
 import slide
+import slide_explanations
 import tissue
 import wsi
 
@@ -106,7 +107,7 @@ def mapped(truth_slides, trained_run, tmp_path_factory, threads):
     paths, _ = truth_slides
     out = tmp_path_factory.mktemp("mapped")
     slide.main([str(paths["half"]), str(paths["quarter"]), "--checkpoint", str(trained_run / "best.pt"),
-                "--out", str(out), "--threads", threads])
+                "--out", str(out), "--threads", threads, "--explain", "0"])
     result = {}
     for name in paths:
         folder = out / name
@@ -197,6 +198,7 @@ def test_the_onnx_model_maps_the_same_classes_as_the_checkpoint(mapped, truth_sl
     export.main(["--checkpoint", str(trained_run / "best.pt"), "--out", str(tmp_path / "model.onnx"), "--no-int8",
                  "--data-dir", str(syn_dir)])
     slide.main([str(paths["half"]), "--onnx", str(tmp_path / "model.onnx"), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o" / "half" / "explanations.png").exists()  # the maps need PyTorch
     with open(tmp_path / "o" / "half" / "tiles.csv") as f:
         onnx_rows = {(r["x"], r["y"]): r["pred"] for r in csv.DictReader(f)}
     torch_rows = {(r["x"], r["y"]): r["pred"] for r in mapped["half"][1]}
@@ -208,7 +210,7 @@ def test_a_run_killed_mid_slide_and_rerun_writes_the_same_outputs_without_duplic
                                                                                      mapped, tmp_path, threads):
     paths, _ = truth_slides
     cmd = [sys.executable, "slide.py", str(paths["quarter"]), "--checkpoint", str(trained_run / "best.pt"),
-           "--out", str(tmp_path), "--batch-size", "4", "--threads", threads]
+           "--out", str(tmp_path), "--batch-size", "4", "--threads", threads, "--explain", "0"]
     store = tmp_path / "quarter" / slide.STORE
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -224,6 +226,39 @@ def test_a_run_killed_mid_slide_and_rerun_writes_the_same_outputs_without_duplic
     assert count_tiles(store) == 81
     for name in ("tiles.csv", "tiles.geojson", "slide.json"):
         assert (tmp_path / "quarter" / name).read_bytes() == (mapped["quarter"][0] / name).read_bytes(), name
+
+
+def test_ctrl_c_mid_slide_exits_130_keeping_whole_batches_and_the_rerun_completes(truth_slides, trained_run, mapped,
+                                                                                tmp_path, threads):
+    paths, _ = truth_slides
+    cmd = [sys.executable, "slide.py", str(paths["half"]), "--checkpoint", str(trained_run / "best.pt"),
+           "--out", str(tmp_path), "--batch-size", "4", "--threads", threads, "--explain", "0"]
+    store = tmp_path / "half" / slide.STORE
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and count_tiles(store) < 8:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert count_tiles(store) % 4 == 0 and not (tmp_path / "half" / "tiles.csv").exists()
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    assert (tmp_path / "half" / "tiles.csv").read_bytes() == (mapped["half"][0] / "tiles.csv").read_bytes()
+
+
+def test_two_torchrun_ranks_share_a_slides_tiles_and_write_what_one_process_writes(truth_slides, trained_run,
+                                                                                   mapped, tmp_path):
+    paths, _ = truth_slides
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "slide.py",
+           str(paths["half"]), "--checkpoint", str(trained_run / "best.pt"), "--out", str(tmp_path), "--explain", "0",
+           "--batch-size", "8", "--shard-dir", str(tmp_path / "shards"), "--threads", "1"]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "41/41 tile" in done.stderr  # rank 0's share: 6 of the 11 batches of 8 (the last holds 1)
+    for name in ("tiles.csv", "tiles.geojson", "slide.json"):
+        assert (tmp_path / "half" / name).read_bytes() == (mapped["half"][0] / name).read_bytes(), name
+    assert not list((tmp_path / "shards").iterdir())  # merged, then deleted
 
 
 def count_tiles(store):
@@ -247,10 +282,112 @@ def test_a_blank_slide_has_no_tissue_and_a_stained_one_all(tmp_path):
     assert (shares[:, :2] > 0.9).all() and (shares[:, 2:] < 0.1).all()
 
 
+# ----------------------------------------------------------------------------- explanations
+
+@pytest.fixture(scope="module")
+def explained(truth_slides, trained_run, tmp_path_factory, threads):
+    """slide.py --explain 2 over the 0.5 um/px known-truth slide, the store in its own folder:
+    (argv, output folder, slide.json, store path)."""
+    paths, _ = truth_slides
+    out = tmp_path_factory.mktemp("explained")
+    argv = [str(paths["half"]), "--checkpoint", str(trained_run / "best.pt"), "--out", str(out), "--threads",
+            threads, "--explain", "2", "--db", str(out / "explanations.db")]
+    slide.main(argv)
+    return argv, out / "half", json.loads((out / "half" / "slide.json").read_text()), out / "explanations.db"
+
+
+def stored(path, sql, *params):
+    import sqlite3
+    with sqlite3.connect(path) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def test_the_two_most_and_two_least_confident_tiles_of_each_class_are_explained(explained):
+    _, folder, _, store = explained
+    tiles = stored(folder / slide.STORE, "SELECT x, y, pred, confidence FROM tiles")
+    expected = set()
+    for c in {t[2] for t in tiles}:
+        ranked = sorted((t for t in tiles if t[2] == c), key=lambda t: (-t[3], t[1], t[0]))
+        expected |= {(x, y) for x, y, _, _ in ranked[:2] + ranked[-2:]}
+    placed = stored(store, "SELECT x, y FROM slide_tiles")
+    assert set(placed) == expected and len(placed) == 36  # 9 classes, 9 tiles each: 4 of each explained
+    counts = stored(store, "SELECT COUNT(*), COUNT(DISTINCT image_index) FROM explanations WHERE method = 'ig'")
+    assert counts == [(36, 36)]
+
+
+def test_a_stored_tile_map_is_found_by_the_slides_md5_and_the_tiles_corner(explained, truth_slides, trained_run):
+    paths, _ = truth_slides
+    _, _, _, store = explained
+    md5 = data.calculate_md5(paths["half"])
+    net, _ = model_lib.load_checkpoint(trained_run / "best.pt")
+    whole = np.asarray(Image.open(paths["half"]).convert("RGB"))
+    rows = stored(store, "SELECT t.x, t.y, t.size, e.probs FROM slide_tiles t JOIN explanations e ON e.run_id = "
+                  "t.run_id AND e.split = t.split AND e.image_index = t.image_index WHERE t.slide_md5 = ? AND "
+                  "e.method = 'ig'", md5)
+    assert len(rows) == 36
+    for x, y, size, probs in rows[::5]:  # the stored prediction is the model's on the pixels at (x, y)
+        tile = np.asarray(Image.fromarray(whole[y:y + size, x:x + size]).resize((28, 28), Image.Resampling.BICUBIC,
+                                                                                 reducing_gap=None))
+        with torch.no_grad():
+            expected = torch.softmax(net(colour.to_unit(torch.tensor(tile).permute(2, 0, 1)[None])), 1)[0]
+        assert np.allclose(np.frombuffer(probs, "<f4"), expected.numpy(), atol=1e-4), (x, y)
+
+
+def test_the_explanations_are_drawn_and_recorded_in_slide_json_and_the_page(explained, truth_slides):
+    paths, _ = truth_slides
+    _, folder, summary, store = explained
+    e = summary["explanations"]
+    assert (e["method"], e["tiles"], e["split"]) == ("ig", 36, f"slide:{data.calculate_md5(paths['half'])}:224")
+    assert e["bytes_per_map"] == 3 * 28 * 28 * 2 + 9 * 4  # float16 map, float32 probabilities
+    assert Image.open(folder / "explanations.png").size[1] > 9 * 2 * 150  # a row per class and end
+    assert "<h2>Explanations</h2>" in (folder / "slide.html").read_text()
+
+
+def test_a_rerun_explains_nothing_again_and_draws_the_same_figure(explained, capsys):
+    argv, folder, _, store = explained
+    before = (folder / "explanations.png").read_bytes(), stored(store, "SELECT COUNT(*) FROM explanations")
+    slide.main(argv)
+    assert "already stored" in capsys.readouterr().out
+    assert ((folder / "explanations.png").read_bytes(), stored(store, "SELECT COUNT(*) FROM explanations")) == before
+
+
+def test_the_runs_recommended_method_is_drawn_with_the_training_images_as_its_baselines(truth_slides, trained_run,
+                                                                                        syn_dir, tmp_path, threads):
+    paths, _ = truth_slides
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes((trained_run / "best.pt").read_bytes())
+    (run / "metrics.json").write_text(json.dumps({"recommended": "expected_gradients"}))
+    slide.main([str(paths["half"]), "--checkpoint", str(run / "best.pt"), "--threads", threads, "--explain", "1",
+                "--data-dir", str(syn_dir)])
+    summary = json.loads((run / "slides" / "half" / "slide.json").read_text())
+    assert summary["explanations"]["method"] == "expected_gradients"
+    methods = stored(run / "explanations.db", "SELECT method, COUNT(*) FROM explanations GROUP BY method")
+    assert dict(methods) == {"expected_gradients": 18, "ig": 18}  # IG always: it fixes each tile's class
+
+
+def test_tiles_are_picked_per_class_most_confident_first_without_repeats():
+    rows = [{"x": i, "y": 0, "pred": p, "confidence": c} for i, (p, c) in enumerate(
+        [(0, 0.9), (0, 0.5), (0, 0.7), (1, 0.6), (1, 0.6), (1, 0.99), (1, 0.2), (1, 0.4)])]
+    picked = [(r["x"], pick) for r, pick in slide_explanations.chosen(rows, 2)]
+    assert picked == [(0, "most"), (2, "most"), (1, "least"), (5, "most"), (3, "most"), (6, "least"), (7, "least")]
+    assert len(slide_explanations.chosen(rows, "all")) == len(rows)
+
+
+def test_the_method_drawn_is_the_runs_recommended_one_else_ig(tmp_path):
+    assert slide_explanations.drawn_method(tmp_path)[0] == "ig"  # no evaluation
+    (tmp_path / "metrics.json").write_text(json.dumps({"recommended": "gradcam"}))
+    assert slide_explanations.drawn_method(tmp_path)[0] == "gradcam"
+    (tmp_path / "metrics.json").write_text(json.dumps({"recommended": "smoothgrad_ig:n=16,sd=0.1"}))
+    assert slide_explanations.drawn_method(tmp_path)[0] == "ig"  # a quality variant, not a stored map method
+
+
 # ----------------------------------------------------------------------------- errors
 
 def run_slide(*args):
-    return subprocess.run([sys.executable, "slide.py", *map(str, args)], cwd=ROOT, capture_output=True,
+    """slide.py in a process of its own; tiles are explained only where the arguments ask (--explain)."""
+    explain = [] if "--explain" in args else ["--explain", "0"]
+    return subprocess.run([sys.executable, "slide.py", *map(str, args), *explain], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -307,10 +444,12 @@ def test_a_one_channel_checkpoint_is_refused(syn_dir, tmp_path, train_argv):
 def test_every_real_slide_file_maps_or_says_why(realdata, trained_run, tmp_path, threads):
     slides = Path(realdata) / "slides"
     ckpt = str(trained_run / "best.pt")
-    cmu = run_slide(slides / "CMU-1-Small-Region.svs", "--checkpoint", ckpt, "--out", tmp_path, "--threads", threads)
+    cmu = run_slide(slides / "CMU-1-Small-Region.svs", "--checkpoint", ckpt, "--out", tmp_path, "--threads", threads,
+                    "--explain", "1", "--db", tmp_path / "explanations.db")
     assert cmu.returncode == 0, cmu.stderr
     summary = json.loads((tmp_path / "CMU-1-Small-Region" / "slide.json").read_text())
     assert summary["slide"]["mpp"] == pytest.approx(0.499) and summary["mask"]["classified"] > 20
+    assert summary["explanations"]["tiles"] >= 2 and (tmp_path / "CMU-1-Small-Region" / "explanations.png").is_file()
     ome = run_slide(slides / "HE_example_tma.ome.tif", "--checkpoint", ckpt, "--out", tmp_path, "--threads", threads)
     assert ome.returncode == 0, ome.stderr
     assert json.loads((tmp_path / "HE_example_tma" / "slide.json").read_text())["slide"]["format"] == "ome-tiff"
@@ -327,11 +466,11 @@ def test_a_full_disk_mid_slide_keeps_the_stored_batches_and_the_rerun_completes(
     import files
     paths, _ = truth_slides
     argv = [str(paths["half"]), "--checkpoint", str(trained_run / "best.pt"), "--out", str(tmp_path),
-            "--batch-size", "16", "--threads", threads]
+            "--batch-size", "16", "--threads", threads, "--explain", "0"]
     opened = slide.open_store
 
-    def small(folder, key):  # a store that may grow by a few pages only: SQLite's "database or disk is full"
-        conn = opened(folder, key)
+    def small(path, key):  # a store that may grow by a few pages only: SQLite's "database or disk is full"
+        conn = opened(path, key)
         pages = conn.execute("PRAGMA page_count").fetchone()[0]
         conn.execute(f"PRAGMA max_page_count = {pages + 1}")
         return conn
