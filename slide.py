@@ -16,6 +16,7 @@ explanations.db, keyed by the slide's MD5 and the tiles' coordinates (slide_expl
 drawn in explanations.png. Coordinates everywhere are level-0 pixels, origin top left.
 """
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
@@ -119,6 +120,17 @@ class CheckpointModel:
         self.colour_reference = meta["colour_reference"]
         self.provenance = meta["provenance"]
 
+    @contextlib.contextmanager
+    def beside_a_reader(self):
+        """torch on one core fewer while classify's thread reads the next batch: on 2 cores, 40,000
+        tiles took 18.6 s instead of 21.0 s (bench_slide.py); the explanations after get them all back."""
+        threads = self.torch.get_num_threads()
+        self.torch.set_num_threads(max(1, threads - 1))
+        try:
+            yield
+        finally:
+            self.torch.set_num_threads(threads)
+
     def probabilities(self, images_u8):
         torch = self.torch
         x = torch.from_numpy(np.ascontiguousarray(images_u8)).permute(0, 3, 1, 2).to(self.device).float() / 255
@@ -139,9 +151,8 @@ def load_model(args, device):
             raise cli.UserError(f"{path} does not exist. Train a model first (python train.py), or pass "
                                 f"--checkpoint with a best.pt, or --onnx with an exported model.")
         import torch
-        # one core of those torch would take reads the next batch meanwhile (classify): 2.4 s less of 21 s
-        # for 40,000 tiles on 2 cores, measured with bench_slide
-        torch.set_num_threads(args.threads or max(1, torch.get_num_threads() - 1))
+        if args.threads:
+            torch.set_num_threads(args.threads)
         model = CheckpointModel(path, device)
         dataset, synthetic = model.provenance["dataset"], bool(model.provenance["synthetic"])
     if model.channels != 3:
@@ -311,10 +322,11 @@ def explain(explainer, slide, grid, rows, about, names, args, folder):
     if computed:
         print(f"  {computed:,} maps of {len(picked):,} tiles computed in {seconds:.1f} s ({computed / seconds:.1f} "
               f"maps/s), {payload:,.0f} bytes a stored map -> {args.db}")
-    label = "IG" if explainer.method == "ig" else explainer.method
-    synthetic = ", SYNTHETIC model" if explainer.run_key[4]["synthetic"] else ""
-    se.draw(shown, names, folder / "explanations.png", f"{about['file']}: {label} maps of the {k} most and {k} least "
-            f"confident tiles of each class, as the model sees them ({grid.size} px){synthetic}", label)
+    label = "IG" if explainer.method == "ig" else "map"  # the title names the method: a panel is too narrow
+    synthetic = ", SYNTHETIC model" if explainer.synthetic else ""
+    title = (f"{about['file']}: {explainer.method} maps of the {k} most and {k} least confident tiles of each class, "
+             f"as the model sees them ({grid.size} px){synthetic}")
+    se.draw(shown, names, folder / "explanations.png", title, label)
     return {"method": explainer.method, "tiles": len(picked), "per_class": args.explain, "store": str(args.db),
             "run_id": run_id, "split": split, "bytes_per_map": round(payload), "figure": "explanations.png"}
 
@@ -336,11 +348,14 @@ def map_slide(path, model, model_info, explainer, args, ctx):
     main = ctx is None or ctx.main
     conn = open_store(folder / STORE, key) if main else None
     try:
-        if ctx is not None and ctx.launched:
-            rate = classify_shards(ctx, conn, (slide, grid, model, key), keep, args.batch_size,
-                                   shard_store(args.shard_dir, folder, ctx.rank))
-        else:
-            rate = classify(conn, slide, grid, model, keep, args.batch_size)
+        # an explicit --threads is the user's; onnxruntime's model has no say in it
+        sharing = getattr(model, "beside_a_reader", None) if not args.threads else None
+        with sharing() if sharing else contextlib.nullcontext():
+            if ctx is not None and ctx.launched:
+                rate = classify_shards(ctx, conn, (slide, grid, model, key), keep, args.batch_size,
+                                       shard_store(args.shard_dir, folder, ctx.rank))
+            else:
+                rate = classify(conn, slide, grid, model, keep, args.batch_size)
         if not main:
             return None
         rows = functools.partial(tissue_map.stored_rows, conn, keep)  # read afresh for each pass: bounded memory

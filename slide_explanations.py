@@ -45,6 +45,7 @@ class TileExplainer:
     explainers: dict
     device: torch.device
     run_key: tuple  # db.run_id_for's arguments after the connection
+    synthetic: bool  # the model was trained on the synthetic dataset: its figures say so
 
 
 def drawn_method(run_dir):
@@ -65,7 +66,8 @@ def tile_explainer(checkpoint, method, references=None):
     explainers = {m: attr.explainer(m, ig_settings, references) for m in ("ig", method)[1:] if m != "ig"}
     run_key = (checkpoint.sha256, str(checkpoint.path), checkpoint.config, list(checkpoint.classes),
                checkpoint.provenance, ig_settings)
-    return TileExplainer(checkpoint.net, ig_settings, method, explainers, checkpoint.device, run_key)
+    return TileExplainer(checkpoint.net, ig_settings, method, explainers, checkpoint.device, run_key,
+                         bool(checkpoint.provenance["synthetic"]))
 
 
 def chosen(rows, k):
@@ -170,7 +172,8 @@ def draw(rows, names, path, title, label):
     for c in classes:
         for pick in ("most", "least"):
             ends = [panel(r, names) for r in rows if r["pred_label"] == c and r["pick"] == pick]
-            panels += ends + [None] * (per_row - len(ends))  # an empty slot keeps one class-end a row
+            if ends:  # a class of at most k tiles has no least confident row
+                panels += ends + [None] * (per_row - len(ends))  # an empty slot keeps one class-end a row
     plots.explanation_figure(panels, path, title, per_row, label)
 
 

@@ -10,7 +10,8 @@ MODULES = {p.stem: p for p in ROOT.glob("*.py")}
 SCRIPTS = ("train", "evaluate", "explain", "predict", "export", "bench", "bench_memory", "real", "gpu_check",
            "slide")
 LIBRARIES = ("explanations", "shards", "engine", "quality", "db", "attribution", "trust", "gallery", "metrics",
-             "report", "plots", "budget", "centre_shift", "model", "formats", "wsi", "tissue", "tissue_map", "page")
+             "report", "plots", "budget", "centre_shift", "model", "formats", "wsi", "tissue", "tissue_map", "page",
+             "slide_explanations", "rss")
 MAX_PARAMETERS = 8
 
 
