@@ -135,7 +135,7 @@ def measured(cmd, env=None):
 
 
 # slide.py's own report of an explanation pass
-MAPS = re.compile(r"([\d,]+) maps of [\d,]+ tiles computed in [\d.]+ s \(([\d.]+) maps/s\), ([\d,]+) bytes a "
+MAPS = re.compile(r"([\d,]+) maps of ([\d,]+) tiles computed in [\d.]+ s \(([\d.]+) maps/s\), ([\d,]+) bytes a "
                   r"stored map")
 
 
@@ -163,9 +163,9 @@ def bench_slide(slide, model, folder, explain, tia_python=None):
     if explain:
         _, explain_peak, out = measured([*run, "--checkpoint", str(checkpoint), "--explain", "all", "--db",
                                          str(folder / "explanations.db")])
-        maps, rate, payload = MAPS.search(out).groups()
-        row.update(explained=int(maps.replace(",", "")), maps_s=float(rate),
-                   bytes_per_map=int(payload.replace(",", "")), explain_peak=explain_peak)
+        maps, tiles, rate, payload = MAPS.search(out).groups()
+        row.update(explained=int(maps.replace(",", "")), explained_tiles=int(tiles.replace(",", "")),
+                   maps_s=float(rate), bytes_per_map=int(payload.replace(",", "")), explain_peak=explain_peak)
     if tia_python:
         row.update(tiatoolbox(tia_python, slide, checkpoint, folder / "tiatoolbox"))
     return row

@@ -122,12 +122,22 @@ def feature(row, names, colours, side, slide_md5):
                                             for n, p in zip(names, row["probs"], strict=True)}}}
 
 
-def write_geojson(path, rows, names, colours, side, slide_md5):
-    """tiles.geojson, a FeatureCollection written a feature at a time, atomically."""
+def stamp(provenance):
+    """The slide and model a picture or file was made from, in one line (PNG metadata, GeoJSON)."""
+    s, m = provenance["slide"], provenance["model"]
+    return (f"slide {s['file']} MD5 {s['md5']}, {s['bytes']:,} bytes, {s['width']} x {s['height']} px at {s['mpp']:g} "
+            f"um/px ({s['mpp_source']}), level {s['level']} read as {s['read_px']} px a {s['tile_px']} px tile; "
+            f"model {m['file']} SHA-256 {m['sha256']}")
+
+
+def write_geojson(path, rows, names, colours, side, provenance):
+    """tiles.geojson, a FeatureCollection written a feature at a time, atomically; its provenance
+    (stamp) rides as a foreign member, which QuPath's import passes over."""
+    md5 = provenance["slide"]["md5"]
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write('{"type": "FeatureCollection", "features": [')
+        f.write('{"type": "FeatureCollection", "provenance": ' + json.dumps(stamp(provenance)) + ', "features": [')
         for i, r in enumerate(rows):
-            f.write((", " if i else "") + json.dumps(feature(r, names, colours, side, slide_md5)))
+            f.write((", " if i else "") + json.dumps(feature(r, names, colours, side, md5)))
         f.write("]}")
 
 
@@ -149,13 +159,14 @@ def legend(ax, names, colours, present):
               title="class (tiles)", title_fontsize=8)
 
 
-def save(fig, path):
+def save(fig, path, about):
+    """The figure as a PNG, `about` (stamp's line) in its Description: no clock, so reruns agree."""
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130, bbox_inches="tight", metadata={"Software": None})
+        fig.savefig(tmp, dpi=130, bbox_inches="tight", metadata={"Software": None, "Description": about})
     plt.close(fig)
 
 
-def draw_map(path, layers, classes, title, size):
+def draw_map(path, layers, classes, title, size, about):
     """A class picture: `layers` [(RGB or RGBA image, (width, height) in level-0 px from the top left)]
     drawn in turn over a slide of level-0 `size`, a legend of classes (names, colours, counts) beside it."""
     width = 7.0
@@ -167,10 +178,10 @@ def draw_map(path, layers, classes, title, size):
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("level-0 px")
     legend(ax, *classes)
-    save(fig, path)
+    save(fig, path, about)
 
 
-def mask_figure(path, thumb, mask, rows, grid, slide_size, title):
+def mask_figure(path, thumb, mask, rows, grid, slide_size, title, about):
     fig, axes = plt.subplots(1, 2, figsize=(10, 5 * slide_size[1] / slide_size[0] + 0.6))
     extent = (0, slide_size[0], slide_size[1], 0)
     axes[0].imshow(thumb, extent=extent)
@@ -181,7 +192,7 @@ def mask_figure(path, thumb, mask, rows, grid, slide_size, title):
     # one artist for all of them: a patch per tile took 45 s at 40,000 tiles
     axes[1].add_collection(PolyCollection(squares, facecolors="none", edgecolors="tab:red", linewidths=0.4))
     axes[1].set_title(title, fontsize=9)
-    save(fig, path)
+    save(fig, path, about)
 
 
 def write_outputs(folder, rows, provenance, grid, thumb, mask):
@@ -194,19 +205,20 @@ def write_outputs(folder, rows, provenance, grid, thumb, mask):
     columns = ["x", "y", "size", "pred", "class", "confidence", *(f"p_{n}" for n in model["classes"]),
                "colour_distance", "flagged"]
     write_csv(folder / "tiles.csv", columns, csv_rows(rows(), names, model["classes"], side, threshold))
-    write_geojson(folder / "tiles.geojson", rows(), names, colours, side, slide["md5"])
+    write_geojson(folder / "tiles.geojson", rows(), names, colours, side, provenance)
+    about = stamp(provenance)
     tiles_img, counts = class_grid(rows(), grid, colours)
     n = sum(counts)
     synthetic = " - SYNTHETIC model" if model["synthetic"] else ""
     title = f"{slide['file']}: {n:,} tiles of {slide['tile_um']:.0f} um{synthetic}"
     tiled = (grid.columns * side, grid.rows * side)  # whole tiles from the top left; the slide may be larger
-    draw_map(folder / "class_map.png", [(tiles_img, tiled)], (names, colours, counts), title, tiled)
+    draw_map(folder / "class_map.png", [(tiles_img, tiled)], (names, colours, counts), title, tiled, about)
     translucent = np.dstack([tiles_img, np.where((tiles_img == 255).all(2), 0, 110).astype(np.uint8)])
     whole = (slide["width"], slide["height"])
     draw_map(folder / "overlay.png", [(thumb, whole), (translucent, tiled)], (names, colours, counts),
-             title + " (over the slide)", whole)
+             title + " (over the slide)", whole, about)
     mask_figure(folder / "tissue_mask.png", thumb, mask, rows(), grid, (slide["width"], slide["height"]),
-                f"tissue mask; outlined: the {n:,} tiles classified")
+                f"tissue mask; outlined: the {n:,} tiles classified", about)
     summary = {**provenance, "counts": {"classified": n, "flagged": sum(flagged(r, threshold) for r in rows())},
                "areas": areas(counts, names, slide["tile_um"])}
     write_json(folder / "slide.json", summary)
