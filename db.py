@@ -572,13 +572,16 @@ def summary(conn, describe, relative_error):
             for label, count, class_acc in per_class:
                 name = run["class_names"][label]
                 lines.append(f"    {label} {name:38s} {count:6d} rows  {what} {formats.metric(class_acc)}")
-        slides = conn.execute("SELECT slide_file, COUNT(*) FROM slide_tiles WHERE run_id = ? GROUP BY slide_md5, "
-                              "slide_file ORDER BY slide_file", (run_id,)).fetchall()
+        slides = conn.execute(  # tiles with a stored map, not only placed (a run stopped before their batch)
+            "SELECT t.slide_file, COUNT(*) FROM slide_tiles t JOIN explanations e ON e.run_id = t.run_id AND "
+            "e.split = t.split AND e.image_index = t.image_index AND e.method = 'ig' WHERE t.run_id = ? "
+            "GROUP BY t.slide_md5, t.slide_file ORDER BY t.slide_file", (run_id,)).fetchall()
         if slides:  # tiles have no true class: no accuracy
             lines.append("  slide tiles explained (slide.py): "
                          + ", ".join(f"{f} {formats.count(n)}" for f, n in slides))
         others = conn.execute("SELECT method, COUNT(*) FROM explanations WHERE run_id = ? AND method != 'ig' "
-                              "GROUP BY method ORDER BY method", (run_id,)).fetchall()
+                              "AND split NOT LIKE ? GROUP BY method ORDER BY method",
+                              (run_id, SLIDE_SPLIT + "%")).fetchall()
         if others:
             lines.append("  other methods' maps: " + ", ".join(f"{m} {n}" for m, n in others))
         quality = conn.execute(

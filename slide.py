@@ -123,7 +123,8 @@ class CheckpointModel:
     @contextlib.contextmanager
     def beside_a_reader(self):
         """torch on one core fewer while classify's thread reads the next batch: on 2 cores, 40,000
-        tiles took 18.6 s instead of 21.0 s (bench_slide.py); the explanations after get them all back."""
+        tiles took 18.6 s instead of 21.0 s in one side-by-side measurement; the explanations after get
+        every core back."""
         threads = self.torch.get_num_threads()
         self.torch.set_num_threads(max(1, threads - 1))
         try:
@@ -267,10 +268,11 @@ def classify_shards(ctx, conn, tiling, corners, batch_size, shard):
     mine = distributed.blocks(todo, tile_batch(grid, batch_size), ctx.rank, ctx.world_size)
     own = open_store(shard, key)
     rate = classify(own, slide, grid, model, mine, batch_size)
-    rows = own.execute("SELECT * FROM tiles ORDER BY y, x").fetchall()
-    for k in range(math.ceil(distributed.max_all(len(rows), ctx) / MERGE_ROWS)):
-        for part in distributed.gather(rows[k * MERGE_ROWS:(k + 1) * MERGE_ROWS], ctx) or []:
-            store_batch(conn, part)
+    count = own.execute("SELECT COUNT(*) FROM tiles").fetchone()[0]
+    for k in range(math.ceil(distributed.max_all(count, ctx) / MERGE_ROWS)):  # a round at a time: bounded memory
+        part = own.execute("SELECT * FROM tiles ORDER BY y, x LIMIT ? OFFSET ?", (MERGE_ROWS, k * MERGE_ROWS))
+        for rows in distributed.gather(part.fetchall(), ctx) or []:
+            store_batch(conn, rows)
     distributed.barrier(ctx)  # every shard is in the store: the shards can go
     own.close()
     for suffix in ("", "-journal"):
@@ -360,15 +362,18 @@ def map_slide(path, model, model_info, explainer, args, ctx):
             return None
         rows = functools.partial(tissue_map.stored_rows, conn, keep)  # read afresh for each pass: bounded memory
         classified = sum(1 for _ in rows())
-        provenance = {"slide": about, "model": model_info}
-        if explainer and classified:
-            names = tissue_map.display_names(model_info)
-            provenance["explanations"] = explain(explainer, slide, grid, rows, about, names, args, folder)
         mask_info = {"method": "Li's threshold on median-blurred HSV saturation (tissue.py)",
                      "min_tissue": args.min_tissue, "all_tiles": args.all_tiles, "thumbnail": list(thumb.size),
                      "tiles": len(corners), "tissue_tiles": int((shares >= args.min_tissue).sum()),
                      "classified": classified}
-        summary = tissue_map.write_outputs(folder, rows, {**provenance, "mask": mask_info}, grid, thumb, mask)
+        # the map first: an explanation that fails (a store of newer code, a full disk) leaves it whole
+        (folder / "explanations.png").unlink(missing_ok=True)  # a figure of an earlier run is not this one's
+        summary = tissue_map.write_outputs(folder, rows, {"slide": about, "model": model_info, "mask": mask_info},
+                                           grid, thumb, mask)
+        if explainer and classified:
+            names = tissue_map.display_names(model_info)
+            summary["explanations"] = explain(explainer, slide, grid, rows, about, names, args, folder)
+            tissue_map.write_summary(folder, summary, names)
     finally:
         if conn is not None:
             conn.close()
@@ -394,6 +399,8 @@ def map_slides(args, ctx):
         try:
             map_slide(path, model, model_info, explainer, args, ctx)
         except wsi.SlideError as e:
+            if ctx is not None and ctx.launched:
+                raise  # one rank alone going on to the next slide would pair the ranks' collectives wrongly
             print(f"error: {e}", file=sys.stderr)
             failed.append(path)
     if failed:

@@ -1,7 +1,7 @@
 """slide_explanations.py: attribution maps of a mapped slide's tiles, in the run's explanation store.
 
-    picked = slide_explanations.chosen(rows, k)              # per class, the k most and k least confident
-    explained = slide_explanations.explain_tiles(explainer, slide, grid, picked, store)
+    picked = slide_explanations.chosen(rows, k)     # per class, the k most and k least confident
+    run_id, split, computed = slide_explanations.explain_tiles(explainer, slide, grid, picked, store, slide_md5)
 
 The tiles are explained as evaluate.py explains test images (explanations.py: IG first, with its
 completeness terms, then the drawn method for the same tiles and classes), no attribution code of

@@ -221,9 +221,14 @@ def write_outputs(folder, rows, provenance, grid, thumb, mask):
                 f"tissue mask; outlined: the {n:,} tiles classified", about)
     summary = {**provenance, "counts": {"classified": n, "flagged": sum(flagged(r, threshold) for r in rows())},
                "areas": areas(counts, names, slide["tile_um"])}
+    write_summary(folder, summary, names)
+    return summary
+
+
+def write_summary(folder, summary, names):
+    """slide.json and slide.html of a summary (write_outputs', then with slide.py's explanations)."""
     write_json(folder / "slide.json", summary)
     write_text(folder / "slide.html", render_page(summary, names, folder))
-    return summary
 
 
 def explanations_section(explained, folder):

@@ -234,8 +234,11 @@ def test_a_run_killed_mid_slide_and_rerun_writes_the_same_outputs_without_duplic
 
 
 SLOW_BATCHES = """
-import sys, time
+import signal, sys, time
 import cli, slide
+# Ctrl-C as a terminal delivers it: a job started in the background (nohup, a CI runner) hands its
+# children SIGINT ignored, and Python then never raises KeyboardInterrupt
+signal.signal(signal.SIGINT, signal.default_int_handler)
 stored = slide.store_batch
 def slowly(conn, rows):  # each batch committed, then a pause: Ctrl-C lands mid-slide on any machine
     stored(conn, rows)
@@ -363,6 +366,16 @@ def test_the_explanations_are_drawn_and_recorded_in_slide_json_and_the_page(expl
     assert e["bytes_per_map"] == 3 * 28 * 28 * 2 + 9 * 4  # float16 map, float32 probabilities
     assert Image.open(folder / "explanations.png").size[1] > 9 * 2 * 150  # a row per class and end
     assert "<h2>Explanations</h2>" in (folder / "slide.html").read_text()
+
+
+def test_the_stores_summary_lists_a_slides_explained_tiles_apart_without_an_accuracy(explained):
+    import attribution
+    import datasets
+    import db
+    conn = db.connect(explained[3], create=False)
+    text = db.summary(conn, datasets.describe, attribution.relative_completeness_error)
+    assert "slide tiles explained (slide.py): half.tif 36" in text
+    assert "slide:" not in text  # no accuracy line for a split of tiles without truth
 
 
 def test_a_rerun_explains_nothing_again_and_draws_the_same_figure(explained, capsys):
