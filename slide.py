@@ -202,8 +202,14 @@ def open_store(path, key):
     grid) is what made them."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path)
-    conn.executescript(STORE_SQL)
-    row = conn.execute("SELECT value FROM settings WHERE key = 'key'").fetchone()
+    try:
+        conn.executescript(STORE_SQL)
+        row = conn.execute("SELECT value FROM settings WHERE key = 'key'").fetchone()
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        raise files.FileError(f"{path} is not a tile store this code can read ({e}). It holds only tiles a run "
+                              f"can classify again: delete it (or pick another --out) and run the same command; "
+                              f"it maps the slide afresh.") from e
     if row and json.loads(row[0]) != key:
         print(f"  {path} holds tiles of another slide, model or scale: starting over")
         conn.execute("DELETE FROM tiles")

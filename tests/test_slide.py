@@ -453,6 +453,14 @@ def test_a_truncated_slide_is_refused_in_one_paragraph(truth_slides, trained_run
     assert not (tmp_path / "cut" / "tiles.csv").exists()
 
 
+def test_a_damaged_tile_store_is_refused_in_one_paragraph_naming_it(truth_slides, trained_run, tmp_path):
+    paths, _ = truth_slides
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / slide.STORE).write_bytes(b"not an SQLite file, " * 100)
+    done = run_slide(paths["half"], "--checkpoint", trained_run / "best.pt", "--out", tmp_path)
+    assert done.returncode == 1 and "tiles.db is not a tile store" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_an_unsupported_file_is_refused_in_one_paragraph(trained_run, tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("not a slide")
