@@ -326,12 +326,6 @@ def insert_slide_tiles(conn, rows):
     return insert_batch(conn, "slide_tiles", SLIDE_TILE_COLUMNS, values)
 
 
-def slide_tiles(conn, run_id, split):
-    """{image_index: slide_tiles row dict} of one slide's explained tiles."""
-    return {r["image_index"]: dict(r) for r in conn.execute(
-        "SELECT * FROM slide_tiles WHERE run_id = ? AND split = ? ORDER BY image_index", (run_id, split))}
-
-
 def stored_images(conn, run_id, split="test"):
     """Every image index with an explanation or quality row in the run, ascending."""
     return sorted({r[0] for table in ("explanations", "quality") for r in conn.execute(

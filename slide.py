@@ -229,11 +229,6 @@ def tile_batch(grid, batch_size):
     return budget.tile_batch(4 * grid.read_side ** 2 + 4 * grid.size ** 2, batch_size)
 
 
-def read_tiles(slide, grid, corners):
-    """uint8 (N, size, size, 3): the tiles at `corners`, as the model takes them."""
-    return np.stack([wsi.read_tile(slide, grid, x, y) for x, y in corners])
-
-
 def classify(conn, slide, grid, model, corners, batch_size):
     """Classify the tiles at `corners` not yet in the store, a batch per transaction; tiles/s."""
     todo = lacking(conn, corners)
@@ -246,11 +241,11 @@ def classify(conn, slide, grid, model, corners, batch_size):
     # the next batch is read while the model classifies this one: reading (OpenSlide, the resize) and
     # the model take about as long, and each leaves a core idle alone
     with progress(total=len(todo), desc=f"  {slide.path.name}", unit="tile") as bar, ThreadPoolExecutor(1) as reader:
-        ahead = reader.submit(read_tiles, slide, grid, parts[0])
+        ahead = reader.submit(wsi.read_tiles, slide, grid, parts[0])
         for i, part in enumerate(parts):
             images = ahead.result()
             if i + 1 < len(parts):
-                ahead = reader.submit(read_tiles, slide, grid, parts[i + 1])
+                ahead = reader.submit(wsi.read_tiles, slide, grid, parts[i + 1])
             probs = model.probabilities(images).astype(np.float32)
             distance = predict.colour_distance(reference, images) if reference else [None] * len(part)
             store_batch(conn, [(x, y, int(p.argmax()), float(p.max()), p.astype("<f4").tobytes(),

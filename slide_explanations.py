@@ -63,7 +63,7 @@ def tile_explainer(checkpoint, method, references=None):
     that draws its baselines from them."""
     ig_settings = {**attr.ig_settings(dict(attr.DEFAULT_IG), checkpoint.classes, labels_known=False),
                    "attr_dtype": ATTR_DTYPE}
-    explainers = {m: attr.explainer(m, ig_settings, references) for m in ("ig", method)[1:] if m != "ig"}
+    explainers = {} if method == "ig" else {method: attr.explainer(method, ig_settings, references)}  # IG: always
     run_key = (checkpoint.sha256, str(checkpoint.path), checkpoint.config, list(checkpoint.classes),
                checkpoint.provenance, ig_settings)
     return TileExplainer(checkpoint.net, ig_settings, method, explainers, checkpoint.device, run_key,
@@ -103,8 +103,8 @@ class TileImages:
         self.slide, self.grid = slide, grid
 
     def __getitem__(self, indices):
-        tiles = [wsi.read_tile(self.slide, self.grid, *self.grid.corner(int(i))) for i in torch.as_tensor(indices)]
-        return torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous()
+        corners = [self.grid.corner(int(i)) for i in torch.as_tensor(indices)]
+        return torch.from_numpy(wsi.read_tiles(self.slide, self.grid, corners)).permute(0, 3, 1, 2).contiguous()
 
 
 @dataclass(frozen=True)

@@ -222,6 +222,11 @@ def read_tile(slide, grid, x, y):
     return np.asarray(region, dtype=np.uint8)
 
 
+def read_tiles(slide, grid, corners):
+    """uint8 (N, size, size, 3): the tiles at level-0 `corners`, as the model takes them (read_tile)."""
+    return np.stack([read_tile(slide, grid, x, y) for x, y in corners])
+
+
 def read_region(slide, corner, level, read_side, side):
     """A square of `read_side` px at `level` with level-0 corner `corner` (covering `side` level-0 px), as RGB."""
     if isinstance(slide.reader, Image.Image):
