@@ -40,10 +40,10 @@ demo: setup
 	@echo "report: runs/pathmnist-synthetic_28/report.html (open it in a browser)"
 
 test: setup
-	$(PY) -m pytest -q -rs -n auto --dist loadscope
+	$(PY) -m pytest -q -rs -n auto --dist loadscope --no-loadscope-reorder
 
 test-fast: setup
-	$(PY) -m pytest -q -rs -n auto --dist loadscope -m "not trains"
+	$(PY) -m pytest -q -rs -n auto --dist loadscope --no-loadscope-reorder -m "not trains"
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -48,8 +48,8 @@ ROOT = Path(__file__).resolve().parent
 PATHMNIST_COUNTS = {"train": 89996, "val": 10004, "test": 7180}
 FULL = {"small": synthetic.COUNTS, "sizes": (28, 64), "compile": (False, True), "epochs": 2,
         "big": PATHMNIST_COUNTS, "share_224": 0.10, "size_224": 224, "quality": 200, "torchrun": (64, 16)}
-DRY = {"small": {"train": 256, "val": 64, "test": 64}, "sizes": (28, 64), "compile": (False,), "epochs": 1,
-       "big": {"train": 512, "val": 64, "test": 96}, "share_224": 0.5, "size_224": 64, "quality": 8,
+DRY = {"small": {"train": 128, "val": 32, "test": 32}, "sizes": (28, 64), "compile": (False,), "epochs": 1,
+       "big": {"train": 512, "val": 64, "test": 48}, "share_224": 0.5, "size_224": 64, "quality": 8,
        "torchrun": (16, 4)}  # torchrun: images explained, and scored, by both stores
 TARGETS = {"train_img_s_28": 100_000, "ig_attr_s": 20_000}  # the GPU speed goals, reported beside the numbers
 METHODS = attr.DEFAULT_METHODS  # evaluate.py's default methods, each timed

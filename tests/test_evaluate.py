@@ -339,7 +339,7 @@ def test_tta_is_refused_for_a_model_trained_without_flips(syn_dir, tmp_path, tra
 
 def test_methods_all_stores_scores_and_draws_every_method_beside_the_controls(trained_run, syn_dir, tmp_path, capsys):
     m = evaluate.main(["--checkpoint", str(trained_run / "best.pt"), "--data-dir", str(syn_dir),
-                       "--explain", "8", "--quality", "4", "--methods", "all", "--explain-errors", "0",
+                       "--explain", "8", "--quality", "2", "--methods", "all", "--explain-errors", "0",
                        "--db", str(tmp_path / "e.db"),
                        "--figures", str(tmp_path)])
     conn = db.connect(tmp_path / "e.db", create=False)
@@ -349,7 +349,7 @@ def test_methods_all_stores_scores_and_draws_every_method_beside_the_controls(tr
     assert sorted(m["explanations"]) == sorted(attr.METHODS)
     assert sorted(m["controls"]) == ["control:edge", "control:ig_1step", "control:input", "control:random"]
     scored = [e["quality"] for e in m["explanations"].values()] + list(m["controls"].values())
-    assert all(q["images"] == 4 and set(q["randomization_modes"]) == {"top_down", "bottom_up", "single"}
+    assert all(q["images"] == 2 and set(q["randomization_modes"]) == {"top_down", "bottom_up", "single"}
                for q in scored)
     assert sorted(m["trust"]) == sorted([*attr.METHODS, *m["controls"]])
     table = capsys.readouterr().out

@@ -26,7 +26,7 @@ def run_flag(flag, root, threads):
     train.main(["--flag", flag, "--synthetic", "--data-dir", str(data_dir), "--out", str(run_dir),
                 "--epochs", "8", "--batch-size", "32", "--threads", threads])
     metrics = evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(data_dir),
-                             "--explain", "24", "--quality", "8", "--methods", "ig",
+                             "--explain", "24", "--quality", "2", "--methods", "ig",
                              "--explain-errors", "0", "--threads", threads])
     return run_dir, data_dir, metrics
 

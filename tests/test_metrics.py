@@ -125,6 +125,19 @@ def test_rank_auc_equals_medmnists_get_auc_ties_included(task, shape):
     assert metrics.rank_auc(labels, scores, task) == pytest.approx(getAUC(labels, scores, task), abs=1e-12)
 
 
+@pytest.mark.parametrize("task, shape", [("multi-class", 9), ("ordinal-regression", 5), ("binary-class", 2),
+                                         ("binary-class", 1), ("multi-label, binary-class", 14)])
+def test_plain_acc_equals_medmnists_get_acc(task, shape):
+    from medmnist.evaluator import getACC
+    rng = np.random.default_rng(2)
+    n = 300
+    scores = rng.random((n, shape))
+    scores[:7, -1] = 0.5  # at the threshold: not above it, in both
+    labels = (rng.random((n, shape)) < 0.3).astype(int) if task.startswith("multi-label") else \
+        rng.integers(0, max(shape, 2), (n, 1))
+    assert metrics.plain_acc(labels, scores, task) == pytest.approx(getACC(labels, scores, task), abs=1e-12)
+
+
 def test_rank_auc_has_no_value_where_a_class_is_missing():
     labels, scores = np.array([0, 0, 1, 1]), np.random.default_rng(0).random((4, 3))  # class 2 absent
     assert metrics.rank_auc(labels, scores, "multi-class") is None
