@@ -75,6 +75,11 @@ def bootstrap_intervals(labels, probs, task, n=BOOTSTRAP, seed=0):
     return {"acc_ci95": ci(accs), "auc_ci95": ci(aucs), "ece_ci95": ci(eces), "bootstrap": n}
 
 
+def positive_score(y_score):
+    """A binary task's score of the positive class, as getACC and getAUC take it: the last column."""
+    return y_score[:, -1] if y_score.ndim == 2 else y_score
+
+
 def plain_acc(y_true, y_score, task, threshold=0.5):
     """MedMNIST's getACC for `task` in numpy: the share of right decisions (argmax for one label per
     image; score above `threshold` for binary and multi-label data, averaged over the labels as getACC
@@ -84,7 +89,7 @@ def plain_acc(y_true, y_score, task, threshold=0.5):
     if task == MULTI_LABEL:
         return float(((y_score > threshold) == y_true.astype(bool)).mean(0).mean())
     if task == "binary-class":
-        return float(np.mean((y_true == 1) == ((y_score[:, -1] if y_score.ndim == 2 else y_score) > threshold)))
+        return float(np.mean((y_true == 1) == (positive_score(y_score) > threshold)))
     return float(np.mean(y_true == y_score.argmax(-1)))
 
 
@@ -99,7 +104,7 @@ def rank_auc(y_true, y_score, task):
     if task == MULTI_LABEL:
         positives, scores = y_true.astype(bool), y_score
     elif task == "binary-class":
-        positives, scores = (y_true == 1)[:, None], (y_score[:, -1] if y_score.ndim == 2 else y_score)[:, None]
+        positives, scores = (y_true == 1)[:, None], positive_score(y_score)[:, None]
     else:
         positives, scores = y_true[:, None] == np.arange(y_score.shape[1]), y_score
     n_pos = positives.sum(0)

@@ -67,11 +67,11 @@ def realdata():
 TRAINING_FIXTURES = {"trained_run", "evaluated_run", "untrained_run", "train_argv", "demo"}
 
 
-# The modules that take longest (minutes, each on one worker under --dist loadscope), dealt out first:
-# dealt last, as collection order would, one of them runs alone at the end while the other worker idles.
-# make test passes --no-loadscope-reorder: pytest-xdist 3.8 otherwise deals modules by their number of
-# tests, which put make demo's module last (seen: it started 11 minutes into a 21-minute run).
-# Longest first, by the modules' measured totals (setup + call, --durations=0, 2026-12-05: 350 s down to 120 s).
+# The modules that take longest (minutes, each on one worker under --dist loadscope), dealt out first, by
+# their measured totals (setup + call, --durations=0, 2026-12-05: 350 s down to 120 s): dealt last, one of
+# them runs alone at the end while the other worker idles. make test passes --no-loadscope-reorder, as
+# pytest-xdist 3.8 otherwise deals modules by their number of tests (seen: make demo's module started 11
+# minutes into a 21-minute run).
 LONGEST_FIRST = ("test_flags.py", "test_readme.py", "test_evaluate.py", "test_train.py", "test_gpu_check.py",
                  "test_distributed.py", "test_bench.py", "test_faults.py", "test_quality.py", "test_slide.py")
 
