@@ -29,6 +29,7 @@ from captum.metrics import infidelity, sensitivity_max
 
 import attribution as attr
 import budget
+import cli
 import db
 import formats
 import model as model_lib
@@ -217,6 +218,17 @@ def road_curves(model, x, target, attributions, generator, percentages=ROAD_PERC
             curve.append((model(filled).argmax(1) == target).float().cpu())
         out[name] = torch.stack(curve, 1)
     return out
+
+
+def quantus_refusal(summed):
+    """Why Quantus refuses a batch of channel-summed maps for eMPRT and RandomLogit (its
+    assert_attributions, over the whole batch at once), or None: every value negative, or one value
+    throughout (all zero, all one)."""
+    if (summed < 0).all():
+        return "every value is negative"
+    if (summed == summed.flatten()[0]).all():
+        return f"every value is {float(summed.flatten()[0]):g}"
+    return None
 
 
 def quantus_scores(metric, model, x, target, attributions, explainer):
@@ -468,6 +480,15 @@ def quality_rows(scoring, method, rows, maps, run_id, seed):
     if maps is None:
         with attr.seeded(seed):
             maps = explainer(scoring.model, x, target).cpu()
+    refused = quantus_refusal(maps.sum(1)) if "bottom_up" in scoring.stages else None
+    if refused:
+        raise cli.UserError(
+            f"The quality pass cannot score {method} on test images {idx.tolist()}: in their maps {refused}, and "
+            f"Quantus refuses such a batch for eMPRT and RandomLogit. A model that has barely learned gives such "
+            f"maps (seen: Grad-CAM after one epoch on 128 synthetic images, negative everywhere for 12 of 32); "
+            f"a trained one does not. Train longer (the run's history.csv has its validation accuracy)"
+            f"{f', leave {method} out of --methods' if method in attr.METHODS else ''} or evaluate with "
+            f"--quality 0. The quality rows stored before this batch are kept.")
     masks = None if scoring.split.masks is None else scoring.split.masks[idx]
     q = quality_measures(scoring.model, x, target, maps, explainer, scoring.ig_settings, scoring.stages, masks)
     gap = completeness_gap(scoring, scoring.records[method], x, target, rows)

@@ -5,6 +5,7 @@ import torch
 from captum.metrics import infidelity
 
 import attribution as attr
+import cli
 import colour
 import data
 import db
@@ -385,3 +386,34 @@ def test_rows_stored_before_every_mode_was_kept_still_give_the_top_down_stages(t
     assert s["randomization_modes"] == {"top_down": {"classifier": {"spearman": pytest.approx(0.9)},
                                                      "conv block 1": {"spearman": pytest.approx(0.3)}}}
     assert s["randomization_spearman"] == pytest.approx(0.3) and "randomization_ssim" not in s
+
+
+def scoring_of_one_method(n):
+    """A Scoring of one method ("signed": x - 0.5) on an untrained model and n random images, with the
+    rows quality_rows reads (target, score, baseline score) for them."""
+    torch.manual_seed(0)
+    net = model_lib.build().eval()
+    split = data.Split(torch.randint(0, 256, (n, 3, 28, 28), dtype=torch.uint8), torch.zeros(n).long())
+    method = attr.Method("signed", lambda model, x, target, ig_settings, references=None: x - 0.5, "control",
+                         "none", False, None, None)
+    scoring = quality_lib.scoring(model_lib.fused_for_inference(net), quality_lib.all_randomized_models(net), split,
+                                  attr.DEFAULT_IG, [method])
+    return scoring, [{"image_index": i, "target": 0, "score": 1.0, "baseline_score": 0.0} for i in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["negative", "zero"])
+def test_maps_quantus_refuses_stop_the_pass_with_a_paragraph_naming_the_method_and_images(kind):
+    # Quantus's eMPRT and RandomLogit assert that a batch's maps are neither all negative nor one
+    # value throughout; the pass says so and what to do, instead of Quantus's AssertionError
+    maps = -1 - torch.rand(2, 3, 28, 28) if kind == "negative" else torch.zeros(2, 3, 28, 28)
+    scoring, rows = scoring_of_one_method(2)
+    with pytest.raises(cli.UserError, match=r"cannot score signed on test images \[0, 1\].*Train longer"):
+        quality_lib.quality_rows(scoring, "signed", rows, maps, 1, 0)
+
+
+def test_a_batch_with_one_map_quantus_would_refuse_alone_is_scored():
+    maps = torch.rand(2, 3, 28, 28) - 0.5
+    maps[0] = -1 - torch.rand(3, 28, 28)  # all negative, beside a signed map: Quantus takes the batch
+    scoring, rows = scoring_of_one_method(2)
+    out = quality_lib.quality_rows(scoring, "signed", rows, maps, 1, 0)
+    assert [np.isfinite(r["efficient_mprt"]) and np.isfinite(r["random_logit"]) for r in out] == [True, True]
