@@ -20,6 +20,7 @@ or mask mass, so they are written here; eMPRT and RandomLogit are Quantus's own.
 trust.py turns the summaries into verdicts.
 """
 import copy
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,15 +221,9 @@ def road_curves(model, x, target, attributions, generator, percentages=ROAD_PERC
     return out
 
 
-def quantus_refusal(summed):
-    """Why Quantus refuses a batch of channel-summed maps for eMPRT and RandomLogit (its
-    assert_attributions, over the whole batch at once), or None: every value negative, or one value
-    throughout (all zero, all one)."""
-    if (summed < 0).all():
-        return "every value is negative"
-    if (summed == summed.flatten()[0]).all():
-        return f"every value is {float(summed.flatten()[0]):g}"
-    return None
+class Refused(Exception):
+    """Quantus refused a batch's maps for eMPRT or RandomLogit (its assert_attributions): the maps it
+    was given or those it made itself, of another class or of its randomised model."""
 
 
 def quantus_scores(metric, model, x, target, attributions, explainer):
@@ -238,8 +233,14 @@ def quantus_scores(metric, model, x, target, attributions, explainer):
         inputs = torch.as_tensor(inputs, device=x.device, dtype=x.dtype)
         maps = explainer(model, inputs, torch.as_tensor(targets, device=x.device).long())
         return maps.sum(1, keepdim=True).cpu().numpy()
-    scores = metric(model=model, x_batch=x.cpu().numpy(), y_batch=target.cpu().numpy(),
-                    a_batch=attributions.sum(1, keepdim=True).cpu().numpy(), explain_func=explain, device=str(x.device))
+    try:
+        scores = metric(model=model, x_batch=x.cpu().numpy(), y_batch=target.cpu().numpy(),
+                        a_batch=attributions.sum(1, keepdim=True).cpu().numpy(), explain_func=explain,
+                        device=str(x.device))
+    except AssertionError as e:  # how Quantus checks the maps it is given and those it makes
+        if "quantus" not in Path(traceback.extract_tb(e.__traceback__)[-1].filename).parts:
+            raise  # an assert of another library, not Quantus's check of the maps
+        raise Refused(str(e)) from e
     return torch.tensor(np.asarray(scores, dtype=np.float64)).float()
 
 
@@ -480,17 +481,11 @@ def quality_rows(scoring, method, rows, maps, run_id, seed):
     if maps is None:
         with attr.seeded(seed):
             maps = explainer(scoring.model, x, target).cpu()
-    refused = quantus_refusal(maps.sum(1)) if "bottom_up" in scoring.stages else None
-    if refused:
-        raise cli.UserError(
-            f"The quality pass cannot score {method} on test images {idx.tolist()}: in their maps {refused}, and "
-            f"Quantus refuses such a batch for eMPRT and RandomLogit. A model that has barely learned gives such "
-            f"maps (seen: Grad-CAM after one epoch on 128 synthetic images, negative everywhere for 12 of 32); "
-            f"a trained one does not. Train longer (the run's history.csv has its validation accuracy)"
-            f"{f', leave {method} out of --methods' if method in attr.METHODS else ''} or evaluate with "
-            f"--quality 0. The quality rows stored before this batch are kept.")
     masks = None if scoring.split.masks is None else scoring.split.masks[idx]
-    q = quality_measures(scoring.model, x, target, maps, explainer, scoring.ig_settings, scoring.stages, masks)
+    try:
+        q = quality_measures(scoring.model, x, target, maps, explainer, scoring.ig_settings, scoring.stages, masks)
+    except Refused as e:
+        raise cli.UserError(refusal_message(method, idx.tolist(), e)) from e
     gap = completeness_gap(scoring, scoring.records[method], x, target, rows)
     q["relative_error"] = attr.relative_completeness_error(maps.sum((1, 2, 3)) - gap, gap)
     by_stage, detail = q.pop("randomization_stages"), q.pop("randomization")
@@ -500,6 +495,24 @@ def quality_rows(scoring, method, rows, maps, run_id, seed):
              "randomization_stages": dict(zip(stage_names, by_stage[j].tolist(), strict=True)),
              "randomization": detail[j]}
             for j, i in enumerate(idx.tolist())]
+
+
+def refusal_message(method, indices, reason):
+    """The paragraph for a batch whose maps Quantus refused: which method and images, why, what to do."""
+    shown = ", ".join(map(str, indices[:5])) + (f" and {len(indices) - 5} more" if len(indices) > 5 else "")
+    if method.startswith(SMOOTHGRAD_IG):
+        drop = ", evaluate without --smooth"
+    elif method in attr.METHODS and method != "ig":  # ig is always explained; a control always scored
+        drop = f", leave {method} out of --methods"
+    else:
+        drop = ""
+    return (f"The quality pass cannot score {method} on test images {shown}: Quantus refused the maps of this "
+            f"batch for eMPRT or RandomLogit ({str(reason).rstrip('.')}). It refuses a batch of maps that are "
+            f"all negative or one value throughout, its own maps of another class or of its randomised model "
+            f"included; a small batch "
+            f"(a --quality of 1 or 2, or a pass's last batch) and a model that has barely learned meet that most. "
+            f"Score more images a batch (--quality; up to {QUALITY_BATCH} a batch, the last with what is left)"
+            f"{drop}, or evaluate with --quality 0. The quality rows stored before this batch are kept.")
 
 
 def completeness_gap(scoring, method, x, target, rows):

@@ -388,14 +388,13 @@ def test_rows_stored_before_every_mode_was_kept_still_give_the_top_down_stages(t
     assert s["randomization_spearman"] == pytest.approx(0.3) and "randomization_ssim" not in s
 
 
-def scoring_of_one_method(n):
-    """A Scoring of one method ("signed": x - 0.5) on an untrained model and n random images, with the
-    rows quality_rows reads (target, score, baseline score) for them."""
+def scoring_of_one_method(n, explain=lambda model, x, target, ig_settings, references=None: x - 0.5):
+    """A Scoring of one method, "fixed" (`explain`: signed maps by default), on an untrained model and n
+    random images, with the rows quality_rows reads (target, score, baseline score) for them."""
     torch.manual_seed(0)
     net = model_lib.build().eval()
     split = data.Split(torch.randint(0, 256, (n, 3, 28, 28), dtype=torch.uint8), torch.zeros(n).long())
-    method = attr.Method("signed", lambda model, x, target, ig_settings, references=None: x - 0.5, "control",
-                         "none", False, None, None)
+    method = attr.Method("fixed", explain, "control", "none", False, None, None)
     scoring = quality_lib.scoring(model_lib.fused_for_inference(net), quality_lib.all_randomized_models(net), split,
                                   attr.DEFAULT_IG, [method])
     return scoring, [{"image_index": i, "target": 0, "score": 1.0, "baseline_score": 0.0} for i in range(n)]
@@ -407,13 +406,45 @@ def test_maps_quantus_refuses_stop_the_pass_with_a_paragraph_naming_the_method_a
     # value throughout; the pass says so and what to do, instead of Quantus's AssertionError
     maps = -1 - torch.rand(2, 3, 28, 28) if kind == "negative" else torch.zeros(2, 3, 28, 28)
     scoring, rows = scoring_of_one_method(2)
-    with pytest.raises(cli.UserError, match=r"cannot score signed on test images \[0, 1\].*Train longer"):
-        quality_lib.quality_rows(scoring, "signed", rows, maps, 1, 0)
+    with pytest.raises(cli.UserError, match=r"cannot score fixed on test images 0, 1: Quantus refused"):
+        quality_lib.quality_rows(scoring, "fixed", rows, maps, 1, 0)
+
+
+def test_maps_quantus_makes_itself_and_refuses_stop_the_pass_with_a_paragraph_too():
+    # the stored maps are signed, but the maps of the randomised model and of another class (which
+    # Quantus asks the explainer for) are negative everywhere
+    scoring, rows = scoring_of_one_method(2, lambda model, x, target, ig_settings, references=None: -1 - x)
+    with pytest.raises(cli.UserError, match=r"cannot score fixed on test images 0, 1: Quantus refused"):
+        quality_lib.quality_rows(scoring, "fixed", rows, torch.rand(2, 3, 28, 28) - 0.5, 1, 0)
 
 
 def test_a_batch_with_one_map_quantus_would_refuse_alone_is_scored():
     maps = torch.rand(2, 3, 28, 28) - 0.5
     maps[0] = -1 - torch.rand(3, 28, 28)  # all negative, beside a signed map: Quantus takes the batch
     scoring, rows = scoring_of_one_method(2)
-    out = quality_lib.quality_rows(scoring, "signed", rows, maps, 1, 0)
+    out = quality_lib.quality_rows(scoring, "fixed", rows, maps, 1, 0)
     assert [np.isfinite(r["efficient_mprt"]) and np.isfinite(r["random_logit"]) for r in out] == [True, True]
+
+
+@pytest.mark.parametrize("method, advice", [("gradcam", "leave gradcam out of --methods"),
+                                            ("smoothgrad_ig:n=8,sd=0.1", "without --smooth"),
+                                            ("ig", None), ("control:random", None)])
+def test_the_refusal_paragraph_advises_leaving_out_only_a_method_the_user_chose(method, advice):
+    text = quality_lib.refusal_message(method, list(range(50)), "all negative")
+    assert "test images 0, 1, 2, 3, 4 and 45 more" in text
+    assert (advice in text) if advice else ("leave" not in text and "--smooth" not in text)
+
+
+def test_only_quantus_own_check_of_the_maps_counts_as_a_refusal():
+    from quantus.helpers import asserts
+
+    def refusing(**kwargs):  # Quantus's check, as its metrics call it
+        asserts.assert_attributions(x_batch=kwargs["x_batch"], a_batch=-1 - kwargs["a_batch"])
+
+    def failing(**kwargs):  # any other assert stays what it is
+        raise AssertionError("not a check of the maps")
+    x, target, maps = torch.rand(2, 3, 28, 28), torch.zeros(2).long(), torch.rand(2, 3, 28, 28)
+    with pytest.raises(quality_lib.Refused, match="less than zero"):
+        quality_lib.quantus_scores(refusing, None, x, target, maps, None)
+    with pytest.raises(AssertionError, match="not a check of the maps"):
+        quality_lib.quantus_scores(failing, None, x, target, maps, None)
