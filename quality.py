@@ -303,6 +303,11 @@ CONTROLS = {m.name: m for m in (
 SMOOTHGRAD_IG = "smoothgrad_ig"
 
 
+def is_smoothgrad(name):
+    """Whether a scored name is SmoothGrad over IG (smoothgrad_method's names)."""
+    return name.startswith(f"{SMOOTHGRAD_IG}:")
+
+
 def smoothgrad_method(samples, sd):
     """SmoothGrad over IG with `samples` noisy copies of noise s.d. `sd` (evaluate.py --smooth), as a
     Method named with its settings."""
@@ -317,7 +322,7 @@ def record(name):
         return attr.METHODS[name]
     if name in CONTROLS:
         return CONTROLS[name]
-    if name.startswith(f"{SMOOTHGRAD_IG}:"):
+    if is_smoothgrad(name):
         n, sd = (part.split("=")[1] for part in name.split(":", 1)[1].split(","))
         return smoothgrad_method(int(n), float(sd))
     raise KeyError(f"{name!r} is not an attribution method, a control or SmoothGrad over IG")
@@ -500,7 +505,7 @@ def quality_rows(scoring, method, rows, maps, run_id, seed):
 def refusal_message(method, indices, reason):
     """The paragraph for a batch whose maps Quantus refused: which method and images, why, what to do."""
     shown = ", ".join(map(str, indices[:5])) + (f" and {len(indices) - 5} more" if len(indices) > 5 else "")
-    if method.startswith(SMOOTHGRAD_IG):
+    if is_smoothgrad(method):
         drop = ", evaluate without --smooth"
     elif method in attr.METHODS and method != "ig":  # ig is always explained; a control always scored
         drop = f", leave {method} out of --methods"
@@ -509,8 +514,8 @@ def refusal_message(method, indices, reason):
     return (f"The quality pass cannot score {method} on test images {shown}: Quantus refused the maps of this "
             f"batch for eMPRT or RandomLogit ({str(reason).rstrip('.')}). It refuses a batch of maps that are "
             f"all negative or one value throughout, its own maps of another class or of its randomised model "
-            f"included; a small batch "
-            f"(a --quality of 1 or 2, or a pass's last batch) and a model that has barely learned meet that most. "
+            f"included; a small batch (a --quality of 1 or 2, or a pass's last batch) and a model that has "
+            f"barely learned meet that most. "
             f"Score more images a batch (--quality; up to {QUALITY_BATCH} a batch, the last with what is left)"
             f"{drop}, or evaluate with --quality 0. The quality rows stored before this batch are kept.")
 
